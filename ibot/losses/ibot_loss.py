@@ -1,0 +1,103 @@
+"""``iBOTLoss`` with the official constructor and forward signature (bytedance/ibot main_ibot.py).
+
+A drop-in for code written against the official loss: it takes the full head outputs (every
+patch token of every global view), applies the official per-epoch temperature schedules and
+centering, and updates both centers after the loss. Built from the pure functions of
+:mod:`ibot.losses.distillation` and :mod:`ibot.losses.teacher`; the training step of
+:class:`ibot.iBOT` uses the same functions on masked tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ibot.losses.distillation import cls_distillation_loss, dense_patch_loss
+from ibot.losses.teacher import Center, teacher_temperature
+
+
+class iBOTLoss(nn.Module):  # noqa: N801
+    """Official-signature iBOT loss.
+
+    Args follow the official code: prototypes ``out_dim`` / ``patch_out_dim``, crop counts
+    ``ngcrops`` / ``nlcrops``, the CLS (``warmup_teacher_temp`` -> ``teacher_temp``) and patch
+    (``warmup_teacher_temp2`` -> ``teacher_temp2``) temperatures warmed up over
+    ``warmup_teacher_temp_epochs``, ``student_temp``, center momenta, ``lambda1`` / ``lambda2``
+    and ``mim_start_epoch``. ``nepochs`` is kept for signature compatibility and validated.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        patch_out_dim: int,
+        ngcrops: int,
+        nlcrops: int,
+        warmup_teacher_temp: float,
+        teacher_temp: float,
+        warmup_teacher_temp2: float,
+        teacher_temp2: float,
+        warmup_teacher_temp_epochs: int,
+        nepochs: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        center_momentum2: float = 0.9,
+        lambda1: float = 1.0,
+        lambda2: float = 1.0,
+        mim_start_epoch: int = 0,
+    ) -> None:
+        super().__init__()
+        if nepochs < warmup_teacher_temp_epochs + mim_start_epoch:
+            raise ValueError(
+                f"nepochs={nepochs} < warmup_teacher_temp_epochs + mim_start_epoch = "
+                f"{warmup_teacher_temp_epochs + mim_start_epoch}; shorten the warm-up or train longer"
+            )
+        self.ngcrops, self.nlcrops = ngcrops, nlcrops
+        self.student_temp = student_temp
+        self.lambda1, self.lambda2 = lambda1, lambda2
+        self.temps = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
+        self.temps2 = (warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, mim_start_epoch)
+        self.cls_center = Center(out_dim, center_momentum)
+        self.patch_center = Center(patch_out_dim, center_momentum2)
+
+    @property
+    def center(self) -> torch.Tensor:
+        return self.cls_center.center
+
+    @property
+    def center2(self) -> torch.Tensor:
+        return self.patch_center.center.unsqueeze(0)
+
+    def forward(self, student_output, teacher_output, student_local_cls, student_mask, epoch: int) -> dict:
+        """Official forward.
+
+        Args:
+            student_output: (s_cls (G*B, K), s_patch (G*B, N, K_p)) on masked global crops.
+            teacher_output: (t_cls (G*B, K), t_patch (G*B, N, K_p)) on unmasked global crops.
+            student_local_cls: (L*B, K) or None.
+            student_mask: list of V bool masks (B, h, w); only the first G are read.
+            epoch: current epoch (temperature schedules).
+
+        Returns:
+            dict with scalars ``cls``, ``patch`` and ``loss``.
+        """
+        s_cls, s_patch = student_output
+        t_cls, t_patch = teacher_output
+        g = self.ngcrops
+        b = t_cls.shape[0] // g
+        if student_local_cls is not None:
+            s_cls = torch.cat([s_cls, student_local_cls])
+        temp = teacher_temperature(epoch, *self.temps)
+        temp2 = teacher_temperature(epoch, *self.temps2[:3], start_epoch=self.temps2[3])
+        t_probs = self.cls_center.softmax(t_cls, temp).reshape(g, b, -1)
+        tp_probs = self.patch_center.softmax(t_patch, temp2)
+        masks = torch.cat([m.reshape(m.shape[0], -1) for m in student_mask[:g]])
+        loss_cls = cls_distillation_loss(s_cls.reshape(-1, b, s_cls.shape[-1]), t_probs, self.student_temp)
+        loss_patch = dense_patch_loss(s_patch, tp_probs, masks, g, self.student_temp)
+        loss_cls, loss_patch = self.lambda1 * loss_cls, self.lambda2 * loss_patch
+        self.update_center(t_cls, t_patch)
+        return {"cls": loss_cls, "patch": loss_patch, "loss": loss_cls + loss_patch}
+
+    @torch.no_grad()
+    def update_center(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:
+        self.cls_center.update(teacher_cls.float().sum(0), teacher_cls.shape[0])
+        self.patch_center.update(teacher_patch.float().mean(1).sum(0), teacher_patch.shape[0])

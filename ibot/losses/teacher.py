@@ -1,0 +1,87 @@
+"""Teacher targets: temperature schedules, EMA centering, Sinkhorn-Knopp.
+
+All softmax work is done in fp32 with max subtraction, whatever the logits' dtype.
+Shapes: R rows (samples or tokens), K prototypes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ibot.distributed import all_reduce_max, all_reduce_sum
+
+
+def teacher_temperature(
+    epoch: int, warmup_temp: float, temp: float, warmup_epochs: int, start_epoch: int = 0
+) -> float:
+    """Per-epoch teacher temperature of the official schedule.
+
+    ``start_epoch`` epochs at ``warmup_temp``, then ``linspace(warmup_temp, temp, warmup_epochs)``
+    (endpoint included, so the last warm-up epoch already uses ``temp``), then ``temp``.
+    """
+    e = epoch - start_epoch
+    if e < 0:
+        return warmup_temp
+    if e >= warmup_epochs:
+        return temp
+    if warmup_epochs == 1:
+        return warmup_temp
+    return warmup_temp + (temp - warmup_temp) * e / (warmup_epochs - 1)
+
+
+class Center(nn.Module):
+    """EMA center of raw teacher logits (official momentum 0.9), all-reduced over ranks.
+
+    ``center`` has shape (1, K). ``softmax`` uses the current value; call ``update`` after the
+    loss so that a step uses the center of the previous steps, as the official code does.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, dim))
+
+    def softmax(self, logits: torch.Tensor, temp: float) -> torch.Tensor:
+        """(*, K) logits -> (*, K) fp32 probabilities ``softmax((logits - center) / temp)``."""
+        return torch.softmax((logits.float() - self.center) / temp, dim=-1)
+
+    @torch.no_grad()
+    def update(self, row_sum: torch.Tensor, n_rows: int | torch.Tensor) -> None:
+        """EMA toward the mean row. ``row_sum`` (K,) is this rank's sum over its ``n_rows`` rows."""
+        stats = torch.cat([row_sum.float().reshape(-1), torch.as_tensor([n_rows], dtype=torch.float32, device=row_sum.device)])
+        all_reduce_sum(stats)
+        count = stats[-1]
+        mean = stats[:-1] / count.clamp(min=1)
+        new = self.center * self.momentum + mean.unsqueeze(0) * (1 - self.momentum)
+        # no rows anywhere (e.g. no masked token): keep the center as it is
+        self.center.copy_(torch.where(count > 0, new, self.center))
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp teacher targets (SwAV / DINOv2), distributed-aware.
+
+    Args:
+        logits: (R, K) teacher logits of this rank.
+        temp: teacher temperature.
+        n_iterations: alternating normalisations.
+
+    Returns:
+        (R, K) fp32 assignments whose rows sum to 1 and whose columns, summed over every rank,
+        are equal. The global max is subtracted before ``exp`` (it cancels in the first
+        normalisation), so large logits cannot overflow.
+    """
+    scores = logits.float() / temp
+    peak = scores.max().reshape(1).clone() if scores.numel() else scores.new_zeros(1)
+    all_reduce_max(peak)
+    q = torch.exp(scores - peak).t()  # (K, R)
+    k = q.shape[0]
+    n = all_reduce_sum(torch.tensor([float(q.shape[1])], device=q.device))
+    total = all_reduce_sum(q.sum().reshape(1))
+    q = q / total.clamp(min=torch.finfo(torch.float32).tiny)
+    for _ in range(n_iterations):
+        rows = all_reduce_sum(q.sum(dim=1, keepdim=True))
+        q = q / rows.clamp(min=torch.finfo(torch.float32).tiny) / k
+        q = q / q.sum(dim=0, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / n
+    return (q * n).t()

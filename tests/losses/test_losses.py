@@ -1,0 +1,135 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import ref_ibot_loss, ref_sinkhorn
+
+from ibot.losses import (
+    Center,
+    cls_distillation_loss,
+    iBOTLoss,
+    koleo_loss,
+    masked_patch_loss,
+    patch_loss_weights,
+    sinkhorn_knopp,
+    teacher_temperature,
+)
+
+
+def _inputs(g, l, b=4, n=9, k=16, kp=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen) * 3  # noqa: E731
+    s_cls, s_patch = r(g * b, k), r(g * b, n, kp)
+    t_cls, t_patch = r(g * b, k), r(g * b, n, kp)
+    s_local = r(l * b, k) if l else None
+    masks = [torch.rand(b, 3, 3, generator=gen) < 0.4 for _ in range(g + l)]
+    masks[0][0] = False  # an image with an empty mask
+    masks[0][1] = True
+    center, center2 = r(1, k) * 0.1, r(1, 1, kp) * 0.1
+    return s_cls, s_patch, t_cls, t_patch, s_local, masks, center, center2
+
+
+@pytest.mark.parametrize("g,l", [(2, 10), (2, 0), (3, 4)])
+def test_official_signature_loss_matches_reference(g, l):
+    s_cls, s_patch, t_cls, t_patch, s_local, masks, center, center2 = _inputs(g, l)
+    loss = iBOTLoss(16, 12, g, l, 0.04, 0.07, 0.04, 0.07, 30, 100, lambda1=0.7, lambda2=1.3)
+    loss.cls_center.center.copy_(center)
+    loss.patch_center.center.copy_(center2.reshape(1, -1))
+    epoch = 7
+    temp = 0.04 + (0.07 - 0.04) * epoch / 29
+    out = loss((s_cls, s_patch), (t_cls, t_patch), s_local, masks, epoch)
+    ref_cls, ref_patch, ref_c, ref_c2 = ref_ibot_loss(
+        s_cls, s_patch, t_cls, t_patch, s_local, masks, center, center2, temp, temp, g, 0.7, 1.3
+    )
+    torch.testing.assert_close(out["cls"], ref_cls, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["patch"], ref_patch, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], ref_cls + ref_patch, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.center, ref_c, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.center2, ref_c2, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_gradients_match_reference():
+    s_cls, s_patch, t_cls, t_patch, s_local, masks, center, center2 = _inputs(2, 3)
+    s_cls.requires_grad_(True)
+    s_patch.requires_grad_(True)
+    loss = iBOTLoss(16, 12, 2, 3, 0.04, 0.04, 0.04, 0.07, 30, 100)
+    loss((s_cls, s_patch), (t_cls, t_patch), s_local, masks, 0)["loss"].backward()
+    g1, g2 = s_cls.grad.clone(), s_patch.grad.clone()
+    s_cls.grad = s_patch.grad = None
+    zc, zc2 = torch.zeros(1, 16), torch.zeros(1, 1, 12)
+    ref = ref_ibot_loss(s_cls, s_patch, t_cls, t_patch, s_local, masks, zc, zc2, 0.04, 0.04, 2)
+    (ref[0] + ref[1]).backward()
+    torch.testing.assert_close(g1, s_cls.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g2, s_patch.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_cls_loss_pairs_exclude_same_view_only():
+    # teacher one-hot on view 0, student views all identical -> known closed form
+    b, k = 3, 5
+    s = torch.randn(4, b, k)
+    t = F.softmax(torch.randn(2, b, k), -1)
+    expected = 0.0
+    for q in range(2):
+        for v in range(4):
+            if v != q:
+                expected += (-(t[q] * F.log_softmax(s[v] / 0.1, -1)).sum(-1)).mean()
+    torch.testing.assert_close(cls_distillation_loss(s, t), expected / 6)
+
+
+def test_cls_loss_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="expected student"):
+        cls_distillation_loss(torch.randn(4, 3, 5), torch.randn(2, 3, 6))
+
+
+def test_patch_weights_empty_mask_counts_in_mean():
+    masks = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)  # G=1, B=2
+    w = patch_loss_weights(masks, 1)
+    assert w[0].tolist() == [0.25, 0.25, 0.0, 0.0]  # 1 / (2 masked * B=2)
+    assert w[1].sum() == 0
+    ce_s = torch.zeros(2, 3)
+    t = torch.full((2, 3), 1 / 3)
+    loss = masked_patch_loss(ce_s, t, w[0, :2])
+    torch.testing.assert_close(loss, torch.log(torch.tensor(3.0)) / 2)  # mean over B=2 counts the empty image
+
+
+def test_teacher_temperature_schedule_official_values():
+    vals = [teacher_temperature(e, 0.04, 0.07, 30) for e in range(40)]
+    assert vals[0] == pytest.approx(0.04)
+    assert vals[1] == pytest.approx(0.04103448, rel=1e-5)
+    assert vals[29] == pytest.approx(0.07) and vals[39] == pytest.approx(0.07)
+    shifted = [teacher_temperature(e, 0.04, 0.07, 30, start_epoch=50) for e in (0, 49, 50, 79, 80)]
+    assert shifted == pytest.approx([0.04, 0.04, 0.04, 0.07, 0.07])
+    assert teacher_temperature(0, 0.04, 0.07, 1) == pytest.approx(0.04)  # np.linspace(a, b, 1) == [a]
+
+
+def test_sinkhorn_marginals_and_reference():
+    logits = torch.randn(64, 10) * 4
+    q = sinkhorn_knopp(logits, 0.5, n_iterations=3)
+    torch.testing.assert_close(q, ref_sinkhorn(logits.double(), 0.5).float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(q.sum(1), torch.ones(64), rtol=1e-5, atol=1e-5)
+    converged = sinkhorn_knopp(logits, 0.5, n_iterations=200)  # prototype marginals equalise
+    torch.testing.assert_close(converged.sum(0), torch.full((10,), 6.4), rtol=1e-3, atol=1e-3)
+
+
+def test_sinkhorn_stable_for_large_logits():
+    logits = torch.randn(32, 8) + 1e3  # exp(logits / 0.04) overflows without the max subtraction
+    q = sinkhorn_knopp(logits, 0.04)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(32), rtol=1e-4, atol=1e-4)
+
+
+def test_center_update_and_empty_update_keeps_center():
+    c = Center(4, momentum=0.9)
+    x = torch.arange(8.0).reshape(2, 4)
+    c.update(x.sum(0), 2)
+    torch.testing.assert_close(c.center, 0.1 * x.mean(0, keepdim=True))
+    before = c.center.clone()
+    c.update(torch.zeros(4), 0)
+    torch.testing.assert_close(c.center, before)
+
+
+def test_koleo_guards_and_value():
+    x = torch.randn(1, 8, requires_grad=True)
+    assert koleo_loss(x).item() == 0.0
+    pts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    expected = -torch.log(torch.tensor(2.0).sqrt() + 1e-8)
+    torch.testing.assert_close(koleo_loss(pts), expected)

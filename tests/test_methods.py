@@ -1,0 +1,173 @@
+import inspect
+import random
+
+import pytest
+import torch
+from conftest import tiny_ibot
+from reference import ref_ibot_loss
+
+from ibot import DINO, iBOT
+from ibot.data.masking import MaskBatch, MaskGenerator
+
+
+def _views(b=4, n_local=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    g = [torch.randn(b, 3, 32, 32, generator=gen) for _ in range(2)]
+    loc = [torch.randn(b, 3, 16, 16, generator=gen) for _ in range(n_local)]
+    masks = MaskGenerator("block", [0.0, 0.3], [0.0, 0.2])(2 * b, 4, 4, random.Random(seed))
+    masks[0] = False  # guarantee one empty mask
+    masks[1, :2] = True
+    return g, loc, masks
+
+
+def _reference_loss(model, g, loc, masks, epoch):
+    """Faithful official computation: heads on every token of every crop, loop over view pairs."""
+    b = g[0].shape[0]
+    gi = torch.cat(g)
+    with torch.no_grad():
+        t_tok = torch.cat([t.unsqueeze(1) if t.ndim == 2 else t for t in model.teacher["backbone"](gi)], 1)
+        t_cls, t_patch = model.teacher["head"](t_tok)
+    s_tok = torch.cat([t.unsqueeze(1) if t.ndim == 2 else t for t in model.student["backbone"](gi, mask=masks)], 1)
+    s_cls, s_patch = model.student["head"](s_tok)
+    s_local = None
+    if loc:
+        l_tok = torch.cat([t.unsqueeze(1) if t.ndim == 2 else t for t in model.student["backbone"](torch.cat(loc))], 1)
+        s_local = model.student["head"](l_tok)[0]
+    temp, temp2 = model.teacher_temperatures(epoch)
+    mask_list = list(masks.reshape(2, b, 4, 4))
+    return ref_ibot_loss(
+        s_cls, s_patch, t_cls, t_patch, s_local, mask_list,
+        model.cls_center.center.clone(), model.patch_center_ema.center.clone().unsqueeze(0), temp, temp2, 2,
+        model.lambda1, model.lambda2,
+    )
+
+
+@pytest.mark.parametrize("n_local,shared", [(3, False), (0, True)])
+def test_lean_step_equals_faithful_reference(n_local, shared):
+    torch.manual_seed(0)
+    model = tiny_ibot(drop_path_rate=0.0, shared_head=shared, cls_loss_weight=0.8, patch_loss_weight=1.2)
+    with torch.no_grad():  # non-trivial centers and a teacher different from the student
+        model.cls_center.center.normal_()
+        model.patch_center_ema.center.normal_()
+        for p in model.teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    g, loc, masks = _views(n_local=n_local)
+    epoch = 3
+    ref_cls, ref_patch, ref_c, ref_c2 = _reference_loss(model, g, loc, masks, epoch)
+    out = model(global_views=g, local_views=loc, masks=masks, epoch=epoch)
+    torch.testing.assert_close(out.loss_cls, ref_cls, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss_patch, ref_patch, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.cls_center.center, ref_c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.patch_center_ema.center, ref_c2.reshape(1, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_lean_gradients_equal_faithful_gradients():
+    torch.manual_seed(1)
+    model = tiny_ibot(drop_path_rate=0.0)
+    g, loc, masks = _views()
+    centers = (model.cls_center.center.clone(), model.patch_center_ema.center.clone())
+    out = model(global_views=g, local_views=loc, masks=masks)
+    out.loss.backward()
+    lean = {n: p.grad.clone() for n, p in model.student.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.cls_center.center.copy_(centers[0])
+    model.patch_center_ema.center.copy_(centers[1])
+    ref_cls, ref_patch, _, _ = _reference_loss(model, g, loc, masks, 0)
+    (ref_cls + ref_patch).backward()
+    for n, p in model.student.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(lean[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_every_trainable_student_parameter_gets_a_gradient_teacher_none():
+    torch.manual_seed(0)
+    model = tiny_ibot(norm_last_layer=False)
+    g, loc, masks = _views()
+    model(global_views=g, local_views=loc, masks=masks).loss.backward()
+    trainable = [n for n, p in model.student.named_parameters() if p.requires_grad]
+    missing = [n for n, p in model.student.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert trainable and not missing
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+
+
+def test_ema_update_is_exact():
+    torch.manual_seed(0)
+    model = tiny_ibot()
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    before_t = {n: p.clone() for n, p in model.teacher.named_parameters()}
+    student = dict(model.student.named_parameters())
+    model.update_teacher(0.9)
+    for n, p in model.teacher.named_parameters():
+        torch.testing.assert_close(p, 0.9 * before_t[n] + 0.1 * student[n])
+    assert model.ema_momentum(0, 100) == pytest.approx(0.996)
+    assert model.ema_momentum(100, 100) == pytest.approx(1.0)
+
+
+def test_same_seed_same_loss_and_self_sampled_masks():
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        model = tiny_ibot(mask_shape="rand")
+        g, loc, _ = _views()
+        torch.manual_seed(4)
+        losses.append(model(global_views=g, local_views=loc).loss.item())
+    assert losses[0] == losses[1]
+
+
+def test_sinkhorn_and_masked_center_options_run():
+    torch.manual_seed(0)
+    g, loc, masks = _views()
+    for kw in ({"centering": "sinkhorn"}, {"patch_center": "masked"}, {"koleo_loss_weight": 0.1}):
+        model = tiny_ibot(**kw)
+        out = model(global_views=g, local_views=loc, masks=MaskBatch.from_masks(masks, 2))
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+
+
+def test_dino_is_ibot_without_patch_loss():
+    torch.manual_seed(0)
+    model = tiny_ibot(DINO)
+    assert model.student["backbone"].masked_embed is None
+    g, loc, _ = _views()
+    out = model(global_views=g, local_views=loc)
+    assert out.loss_patch is None and out.student_logits.shape == (5, 4, 40)
+    out.loss.backward()
+
+
+def test_seed_api_names_and_defaults():
+    params = inspect.signature(iBOT).parameters
+    expected = {
+        "encoder_name": "vit_small_patch16_224", "projector_hidden_dim": 2048, "projector_bottleneck_dim": 256,
+        "n_cls_prototypes": 65536, "n_patch_prototypes": 8192, "mask_ratio": 0.3, "patch_loss_weight": 1.0,
+        "temperature_student": 0.1, "temperature_teacher_warmup": 0.04, "temperature_teacher": 0.07,
+        "warmup_epochs_temperature_teacher": 30, "ema_decay_start": 0.996, "ema_decay_end": 1.0,
+        "image_size": 224, "pretrained": False,
+    }
+    assert list(params)[: len(expected)] == list(expected)
+    assert {k: params[k].default for k in expected} == expected
+    dino = inspect.signature(DINO).parameters
+    assert dino["n_prototypes"].default == 65536 and dino["center_momentum"].default == 0.9
+
+
+def test_bad_inputs_give_clear_errors():
+    model = tiny_ibot()
+    with pytest.raises(ValueError, match="needs global_views or images"):
+        model()
+    g, loc, masks = _views()
+    with pytest.raises(ValueError, match="masks have shape"):
+        model(global_views=g, masks=torch.zeros(8, 9, dtype=torch.bool))
+
+
+def test_vit_tiny_224_with_local_crops_done_when():
+    torch.manual_seed(0)
+    model = iBOT("vit_tiny_patch16_224")
+    g = [torch.randn(2, 3, 224, 224) for _ in range(2)]
+    loc = [torch.randn(2, 3, 96, 96) for _ in range(4)]
+    out = model(global_views=g, local_views=loc)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.student.parameters() if p.requires_grad)
+    assert out.embedding.shape == (4, 192)
+    assert model(images=g[0]).embedding.shape == (2, 192)

@@ -196,7 +196,11 @@ class iBOT(nn.Module):  # noqa: N801
         self.image_size = image_size
         self.student_temp = temperature_student
         self.cls_temps = (temperature_teacher_warmup, temperature_teacher, warmup_epochs_temperature_teacher)
-        self.patch_temps = (temperature_teacher_patch_warmup, temperature_teacher_patch, warmup_epochs_temperature_teacher)
+        self.patch_temps = (
+            temperature_teacher_patch_warmup,
+            temperature_teacher_patch,
+            warmup_epochs_temperature_teacher,
+        )
         self.ema_decay = (ema_decay_start, ema_decay_end)
         self.lambda1, self.lambda2, self.koleo_weight = cls_loss_weight, patch_loss_weight, koleo_loss_weight
         self.centering, self.sinkhorn_iterations, self.patch_center = centering, sinkhorn_iterations, patch_center
@@ -250,7 +254,9 @@ class iBOT(nn.Module):  # noqa: N801
         return out
 
     # ------------------------------------------------------------------ masks
-    def sample_masks(self, n_images: int, grid: tuple[int, int], generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_masks(
+        self, n_images: int, grid: tuple[int, int], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """(n_images, h, w) bool masks from the module's masking settings, on the CPU."""
         h, w = grid
         if self.mask_generator.shape == "rand":
@@ -345,7 +351,9 @@ class iBOT(nn.Module):  # noqa: N801
                 t_patch_probs = self.patch_center_ema.softmax(t_patch_m, patch_temp) if mb is not None else None
             else:
                 t_cls_probs = sinkhorn_knopp(t_cls, cls_temp, self.sinkhorn_iterations)
-                t_patch_probs = sinkhorn_knopp(t_patch_m, patch_temp, self.sinkhorn_iterations) if mb is not None else None
+                t_patch_probs = (
+                    sinkhorn_knopp(t_patch_m, patch_temp, self.sinkhorn_iterations) if mb is not None else None
+                )
 
         # student: masked global crops (one pass), local crops (one pass)
         s_cls_g, s_patch_g = self.student["backbone"](g_imgs, mask=None if mb is None else mb.masks)
@@ -387,7 +395,7 @@ class iBOT(nn.Module):  # noqa: N801
                     else:
                         self.patch_center_ema.update(t_patch_m.sum(0), t_patch_m.shape[0])
 
-        det = (lambda x: None if x is None else x.detach())  # noqa: E731
+        det = lambda x: None if x is None else x.detach()  # noqa: E731
         return iBOTOutput(
             loss=loss,
             loss_cls=det(loss_cls),

@@ -8,8 +8,23 @@ import torch
 import torch.nn.functional as F
 
 
-def ref_ibot_loss(s_cls, s_patch, t_cls, t_patch, s_local_cls, masks, center, center2, temp, temp2,
-                  ngcrops, lambda1=1.0, lambda2=1.0, student_temp=0.1, momentum=0.9):
+def ref_ibot_loss(
+    s_cls,
+    s_patch,
+    t_cls,
+    t_patch,
+    s_local_cls,
+    masks,
+    center,
+    center2,
+    temp,
+    temp2,
+    ngcrops,
+    lambda1=1.0,
+    lambda2=1.0,
+    student_temp=0.1,
+    momentum=0.9,
+):
     """Returns (loss_cls, loss_patch, new_center, new_center2)."""
     if s_local_cls is not None:
         s_cls = torch.cat([s_cls, s_local_cls])

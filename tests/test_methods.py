@@ -36,9 +36,19 @@ def _reference_loss(model, g, loc, masks, epoch):
     temp, temp2 = model.teacher_temperatures(epoch)
     mask_list = list(masks.reshape(2, b, 4, 4))
     return ref_ibot_loss(
-        s_cls, s_patch, t_cls, t_patch, s_local, mask_list,
-        model.cls_center.center.clone(), model.patch_center_ema.center.clone().unsqueeze(0), temp, temp2, 2,
-        model.lambda1, model.lambda2,
+        s_cls,
+        s_patch,
+        t_cls,
+        t_patch,
+        s_local,
+        mask_list,
+        model.cls_center.center.clone(),
+        model.patch_center_ema.center.clone().unsqueeze(0),
+        temp,
+        temp2,
+        2,
+        model.lambda1,
+        model.lambda2,
     )
 
 
@@ -85,7 +95,11 @@ def test_every_trainable_student_parameter_gets_a_gradient_teacher_none():
     g, loc, masks = _views()
     model(global_views=g, local_views=loc, masks=masks).loss.backward()
     trainable = [n for n, p in model.student.named_parameters() if p.requires_grad]
-    missing = [n for n, p in model.student.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n
+        for n, p in model.student.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert trainable and not missing
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
 
@@ -139,11 +153,21 @@ def test_dino_is_ibot_without_patch_loss():
 def test_seed_api_names_and_defaults():
     params = inspect.signature(iBOT).parameters
     expected = {
-        "encoder_name": "vit_small_patch16_224", "projector_hidden_dim": 2048, "projector_bottleneck_dim": 256,
-        "n_cls_prototypes": 65536, "n_patch_prototypes": 8192, "mask_ratio": 0.3, "patch_loss_weight": 1.0,
-        "temperature_student": 0.1, "temperature_teacher_warmup": 0.04, "temperature_teacher": 0.07,
-        "warmup_epochs_temperature_teacher": 30, "ema_decay_start": 0.996, "ema_decay_end": 1.0,
-        "image_size": 224, "pretrained": False,
+        "encoder_name": "vit_small_patch16_224",
+        "projector_hidden_dim": 2048,
+        "projector_bottleneck_dim": 256,
+        "n_cls_prototypes": 65536,
+        "n_patch_prototypes": 8192,
+        "mask_ratio": 0.3,
+        "patch_loss_weight": 1.0,
+        "temperature_student": 0.1,
+        "temperature_teacher_warmup": 0.04,
+        "temperature_teacher": 0.07,
+        "warmup_epochs_temperature_teacher": 30,
+        "ema_decay_start": 0.996,
+        "ema_decay_end": 1.0,
+        "image_size": 224,
+        "pretrained": False,
     }
     assert list(params)[: len(expected)] == list(expected)
     assert {k: params[k].default for k in expected} == expected

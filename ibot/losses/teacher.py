@@ -12,9 +12,7 @@ import torch.nn as nn
 from ibot.distributed import all_reduce_max, all_reduce_sum
 
 
-def teacher_temperature(
-    epoch: int, warmup_temp: float, temp: float, warmup_epochs: int, start_epoch: int = 0
-) -> float:
+def teacher_temperature(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int, start_epoch: int = 0) -> float:
     """Per-epoch teacher temperature of the official schedule.
 
     ``start_epoch`` epochs at ``warmup_temp``, then ``linspace(warmup_temp, temp, warmup_epochs)``
@@ -49,7 +47,9 @@ class Center(nn.Module):
     @torch.no_grad()
     def update(self, row_sum: torch.Tensor, n_rows: int | torch.Tensor) -> None:
         """EMA toward the mean row. ``row_sum`` (K,) is this rank's sum over its ``n_rows`` rows."""
-        stats = torch.cat([row_sum.float().reshape(-1), torch.as_tensor([n_rows], dtype=torch.float32, device=row_sum.device)])
+        stats = torch.cat(
+            [row_sum.float().reshape(-1), torch.as_tensor([n_rows], dtype=torch.float32, device=row_sum.device)]
+        )
         all_reduce_sum(stats)
         count = stats[-1]
         mean = stats[:-1] / count.clamp(min=1)

@@ -69,9 +69,7 @@ def create_vit(
     extra = {"patch_size": patch_size, "img_size": img_size, "in_chans": in_chans}
     kwargs.update({k: v for k, v in extra.items() if v is not None})
     try:
-        return timm.create_model(
-            name, pretrained=pretrained, num_classes=0, drop_path_rate=drop_path_rate, **kwargs
-        )
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             close = timm.list_models(f"*{name.split('_')[0]}*")[:8]

@@ -15,23 +15,23 @@ from ibot.losses import (
 )
 
 
-def _inputs(g, l, b=4, n=9, k=16, kp=12, seed=0):
+def _inputs(g, nl, b=4, n=9, k=16, kp=12, seed=0):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen) * 3  # noqa: E731
     s_cls, s_patch = r(g * b, k), r(g * b, n, kp)
     t_cls, t_patch = r(g * b, k), r(g * b, n, kp)
-    s_local = r(l * b, k) if l else None
-    masks = [torch.rand(b, 3, 3, generator=gen) < 0.4 for _ in range(g + l)]
+    s_local = r(nl * b, k) if nl else None
+    masks = [torch.rand(b, 3, 3, generator=gen) < 0.4 for _ in range(g + nl)]
     masks[0][0] = False  # an image with an empty mask
     masks[0][1] = True
     center, center2 = r(1, k) * 0.1, r(1, 1, kp) * 0.1
     return s_cls, s_patch, t_cls, t_patch, s_local, masks, center, center2
 
 
-@pytest.mark.parametrize("g,l", [(2, 10), (2, 0), (3, 4)])
-def test_official_signature_loss_matches_reference(g, l):
-    s_cls, s_patch, t_cls, t_patch, s_local, masks, center, center2 = _inputs(g, l)
-    loss = iBOTLoss(16, 12, g, l, 0.04, 0.07, 0.04, 0.07, 30, 100, lambda1=0.7, lambda2=1.3)
+@pytest.mark.parametrize("g,nl", [(2, 10), (2, 0), (3, 4)])
+def test_official_signature_loss_matches_reference(g, nl):
+    s_cls, s_patch, t_cls, t_patch, s_local, masks, center, center2 = _inputs(g, nl)
+    loss = iBOTLoss(16, 12, g, nl, 0.04, 0.07, 0.04, 0.07, 30, 100, lambda1=0.7, lambda2=1.3)
     loss.cls_center.center.copy_(center)
     loss.patch_center.center.copy_(center2.reshape(1, -1))
     epoch = 7

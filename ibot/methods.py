@@ -273,6 +273,7 @@ class iBOT(nn.Module):  # noqa: N801
         masks: MaskBatch | torch.Tensor | Sequence[torch.Tensor] | None = None,
         images: torch.Tensor | None = None,
         epoch: int | None = None,
+        batch=None,
     ) -> iBOTOutput:
         """Training step loss, or teacher CLS embeddings for ``images``.
 
@@ -283,7 +284,14 @@ class iBOT(nn.Module):  # noqa: N801
                 :class:`MaskBatch` from the collate. None samples them from the module's settings.
             images: (B, C, H, W) for evaluation: returns the teacher's CLS embedding.
             epoch: epoch of the temperature schedules (default: the last :meth:`set_epoch`).
+            batch: a :class:`ibot.data.loader.Batch` from the collate (what the trainer passes).
         """
+        if batch is not None:
+            b = batch.global_crops.shape[0] // batch.n_global
+            mb = batch.masks if self.use_patch_loss else None
+            if self.use_patch_loss and mb is None:
+                raise ValueError("this batch has no masks; build the collate with a mask generator")
+            return self.step(batch.global_crops, batch.local_crops, mb, batch.n_global, batch.n_local, b, epoch)
         if images is not None:
             with torch.no_grad():
                 cls = self.teacher["backbone"].forward_cls(images)

@@ -1,0 +1,322 @@
+"""Typed configuration (dataclasses + OmegaConf), presets and ``key=value`` overrides.
+
+A run is ``preset + overrides``: ``ibot pretrain preset=fmnist_tiny optim.epochs=5 run.output_dir=runs/x``.
+An unknown key is an error listing the closest known keys; a value of the wrong type is an error
+naming the key and the expected type. The resolved config is saved in the run folder and in every
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small_patch16_224"  # any timm ViT name
+    patch_size: int = 16
+    img_size: int = 224  # global crop size; position embeddings are made for it
+    in_chans: int = 3
+    embed_dim: int | None = None  # override the timm width (custom small ViTs)
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path: float = 0.1  # student only
+    out_dim: int = 8192  # CLS prototypes
+    patch_out_dim: int = 8192  # patch prototypes (ignored when shared_head)
+    shared_head: bool = True
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    head_norm: str = "none"  # none | bn | ln
+    head_act: str = "gelu"
+    norm_last_layer: bool = True
+
+
+@dataclass
+class MaskConfig:
+    shape: str = "block"  # block | rand
+    ratio: list[float] = field(default_factory=lambda: [0.3])  # official pred_ratio (pairs with ratio_var)
+    ratio_var: list[float] = field(default_factory=lambda: [0.0])
+    start_epoch: int = 0  # official pred_start_epoch
+    probability: float = 1.0  # fraction of images masked at all (DINOv2); 1.0 = official
+    min_patches: int | None = None  # minimum block area; None = (min(h, w) // 3) ** 2
+
+
+@dataclass
+class LossConfig:
+    lambda1: float = 1.0  # CLS loss weight
+    lambda2: float = 1.0  # patch loss weight (0 = DINO)
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_patch_temp: float = 0.04
+    teacher_patch_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+    centering: str = "center"  # center | sinkhorn
+    patch_center: str = "all"  # all (official) | masked (DINOv2)
+    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+    koleo_weight: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "imagefolder"  # imagefolder | folder | fashion_mnist | mnist | cifar10 | cifar100 | synthetic
+    path: str | None = None
+    pipeline: str = "auto"  # auto | pil | tensor (vectorised augmentation of in-memory datasets)
+    global_crops_number: int = 2
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.14, 1.0])
+    local_crops_number: int = 0
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    local_crop_size: int = 96
+    blur_scale: float = 1.0  # multiplies the blur radius range (0.1, 2.0)
+    num_workers: int = 4
+    synthetic_size: int = 256
+    limit: int = 0  # use only the first N training images (0 = all)
+    max_skip_fraction: float = 0.05  # stop when more unreadable images than this were skipped
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    batch_size: int = 128  # per process
+    lr: float = 5e-4  # for a total batch of 256 (scaled linearly)
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # 0 disables
+    clip_mode: str = "param"  # param (official) | global
+    freeze_last_layer: int = 1
+    momentum_teacher: float = 0.996
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/ibot"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16
+    threads: int = 0  # torch CPU threads (0 = torch default)
+    log_every: int = 10  # steps between metric lines
+    save_every_steps: int = 0  # also checkpoint every N steps (crash safety inside long epochs)
+    saveckp_freq: int = 0  # keep checkpoint{epoch:04}.pth every N epochs (0 = only the last)
+    knn_every: int = 0  # epochs between k-NN evaluations (0 = only at the end)
+    knn_at_end: bool = True
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_train_limit: int = 0  # use at most N memory-bank images (0 = all)
+    max_steps: int = 0  # stop after N steps (0 = the whole schedule); schedules keep their length
+    max_bad_steps: int = 5  # consecutive non-finite losses before stopping
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    method: str = "ibot"  # ibot | dino
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The official ViT-S/16 800-epoch README recipe (16 GPUs x 64). Needs data.path=IMAGENET.
+    "vit_small_in1k": {
+        "model": {"arch": "vit_small_patch16_224", "patch_size": 16, "img_size": 224, "out_dim": 8192,
+                  "patch_out_dim": 8192, "shared_head": True, "norm_last_layer": False, "drop_path": 0.1},
+        "mask": {"shape": "block", "ratio": [0.0, 0.3], "ratio_var": [0.0, 0.2]},
+        "loss": {"teacher_temp": 0.07, "warmup_teacher_temp_epochs": 30},
+        "data": {"dataset": "imagefolder", "global_crops_scale": [0.25, 1.0], "local_crops_number": 10,
+                 "local_crops_scale": [0.05, 0.25], "local_crop_size": 96, "num_workers": 10},
+        "optim": {"epochs": 800, "batch_size": 64, "lr": 5e-4, "warmup_epochs": 10},
+    },
+    # CPU default for 28x28 grayscale images (Fashion-MNIST); see benchmarks/README.md.
+    "fmnist_tiny": {
+        "model": {"arch": "vit_tiny_patch16_224", "patch_size": 4, "img_size": 28, "in_chans": 1, "embed_dim": 192,
+                  "depth": 6, "num_heads": 3, "drop_path": 0.0, "out_dim": 1024, "patch_out_dim": 1024,
+                  "shared_head": True, "hidden_dim": 1024, "bottleneck_dim": 128, "norm_last_layer": True},
+        "mask": {"shape": "block", "ratio": [0.0, 0.3], "ratio_var": [0.0, 0.2]},
+        "loss": {"teacher_temp": 0.07, "warmup_teacher_temp_epochs": 2, "teacher_patch_temp": 0.07},
+        "data": {"dataset": "fashion_mnist", "pipeline": "tensor", "global_crops_scale": [0.35, 1.0],
+                 "local_crops_number": 4, "local_crops_scale": [0.1, 0.35], "local_crop_size": 12,
+                 "blur_scale": 0.25},
+        "optim": {"epochs": 6, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 1, "min_lr": 1e-5,
+                  "momentum_teacher": 0.99, "freeze_last_layer": 0, "weight_decay": 0.04, "weight_decay_end": 0.1},
+        "run": {"output_dir": "runs/fmnist_tiny", "log_every": 20},
+    },
+    # Seconds on a CPU: synthetic images, a 2-block ViT. For tests and trying the CLI.
+    "smoke": {
+        "model": {"arch": "vit_tiny_patch16_224", "patch_size": 8, "img_size": 32, "embed_dim": 32, "depth": 2,
+                  "num_heads": 2, "drop_path": 0.1, "out_dim": 64, "patch_out_dim": 64, "hidden_dim": 64,
+                  "bottleneck_dim": 32},
+        "mask": {"ratio": [0.0, 0.3], "ratio_var": [0.0, 0.2]},
+        "loss": {"warmup_teacher_temp_epochs": 1, "teacher_temp": 0.07},
+        "data": {"dataset": "synthetic", "synthetic_size": 64, "local_crops_number": 2, "local_crop_size": 16,
+                 "num_workers": 0, "global_crops_scale": [0.4, 1.0]},
+        "optim": {"epochs": 2, "batch_size": 16, "warmup_epochs": 1, "lr": 1e-3},
+        "run": {"output_dir": "runs/smoke", "log_every": 1, "knn_k": 5},
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message says which and what is allowed."""
+
+
+def _all_keys(cfg) -> list[str]:
+    keys = []
+    for section, value in OmegaConf.to_container(cfg).items():
+        if isinstance(value, dict):
+            keys += [f"{section}.{k}" for k in value]
+        else:
+            keys.append(section)
+    return keys
+
+
+def parse_value(text: str) -> Any:
+    """YAML-ish scalar/list parsing of a command-line value (``[0,0.3]``, ``true``, ``1e-3``, ``null``)."""
+    return OmegaConf.create({"v": text})["v"] if text else text
+
+
+def build_config(preset: str | None = None, overrides: list[str] | dict | None = None):
+    """Default config <- preset <- overrides. Returns an OmegaConf structured (typed) config."""
+    cfg = OmegaConf.structured(Config)
+    if preset:
+        if preset not in PRESETS:
+            close = difflib.get_close_matches(preset, PRESETS, n=3)
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}" +
+                              (f" (did you mean {close[0]!r}?)" if close else ""))
+        cfg = OmegaConf.merge(cfg, PRESETS[preset])
+    items: list[tuple[str, Any]] = []
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        for ov in overrides or []:
+            if "=" not in ov:
+                raise ConfigError(f"override {ov!r} is not key=value (e.g. optim.epochs=10)")
+            key, value = ov.split("=", 1)
+            items.append((key.strip(), parse_value(value.strip())))
+    known = _all_keys(cfg)
+    for key, value in items:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+            if not close:
+                leaf = key.split(".")[-1]
+                close = [k for k in known if k.endswith("." + leaf)][:3]
+            hint = f"; did you mean {', '.join(close)}?" if close else "; run `ibot config` to list every key"
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        try:
+            OmegaConf.update(cfg, key, value, merge=False)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"bad value {value!r} for {key}: {err.msg.splitlines()[0]}") from err
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg) -> None:
+    """Impossible combinations are errors before any heavy work."""
+    m, d, o, lo, mk = cfg.model, cfg.data, cfg.optim, cfg.loss, cfg.mask
+    problems = []
+    choices = {
+        "method": (cfg.method, ("ibot", "dino")),
+        "mask.shape": (mk.shape, ("block", "rand")),
+        "loss.centering": (lo.centering, ("center", "sinkhorn")),
+        "loss.patch_center": (lo.patch_center, ("all", "masked")),
+        "data.pipeline": (d.pipeline, ("auto", "pil", "tensor")),
+        "optim.clip_mode": (o.clip_mode, ("param", "global")),
+        "run.precision": (cfg.run.precision, ("auto", "fp32", "bf16", "fp16")),
+        "model.head_norm": (m.head_norm, ("none", "bn", "ln")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            problems.append(f"{key}={value!r} is not one of {allowed}")
+    if m.img_size % m.patch_size:
+        problems.append(f"model.img_size={m.img_size} is not divisible by model.patch_size={m.patch_size}")
+    if d.local_crops_number and d.local_crop_size % m.patch_size:
+        problems.append(f"data.local_crop_size={d.local_crop_size} is not divisible by model.patch_size={m.patch_size}")
+    if d.global_crops_number < 1 or d.global_crops_number + d.local_crops_number < 2:
+        problems.append("need at least 1 global crop and 2 crops in all")
+    if lo.warmup_teacher_temp_epochs + mk.start_epoch > o.epochs:
+        problems.append(
+            f"loss.warmup_teacher_temp_epochs + mask.start_epoch = {lo.warmup_teacher_temp_epochs + mk.start_epoch} "
+            f"> optim.epochs = {o.epochs}; shorten the warm-up or train longer"
+        )
+    if o.warmup_epochs > o.epochs:
+        problems.append(f"optim.warmup_epochs={o.warmup_epochs} > optim.epochs={o.epochs}")
+    if m.shared_head and m.out_dim != m.patch_out_dim and cfg.method == "ibot":
+        problems.append("model.shared_head needs model.out_dim == model.patch_out_dim")
+    if len(mk.ratio) != len(mk.ratio_var) and len(mk.ratio_var) != 1:
+        problems.append("mask.ratio and mask.ratio_var must have the same length")
+    if o.batch_size < 1 or o.epochs < 1:
+        problems.append("optim.batch_size and optim.epochs must be >= 1")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def to_dict(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def from_dict(d: dict):
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), d)
+    validate(cfg)
+    return cfg
+
+
+def build_model(cfg):
+    """The :class:`ibot.iBOT` / :class:`ibot.DINO` module a config describes."""
+    from ibot.methods import DINO, iBOT
+
+    m, lo, mk = cfg.model, cfg.loss, cfg.mask
+    enc = {"patch_size": m.patch_size, "in_chans": m.in_chans}
+    for k in ("embed_dim", "depth", "num_heads"):
+        if m[k] is not None:
+            enc[k] = m[k]
+    common = dict(
+        projector_hidden_dim=m.hidden_dim,
+        projector_bottleneck_dim=m.bottleneck_dim,
+        temperature_student=lo.student_temp,
+        temperature_teacher_warmup=lo.warmup_teacher_temp,
+        temperature_teacher=lo.teacher_temp,
+        warmup_epochs_temperature_teacher=lo.warmup_teacher_temp_epochs,
+        ema_decay_start=cfg.optim.momentum_teacher,
+        encoder_kwargs=enc,
+        image_size=m.img_size,
+        drop_path_rate=m.drop_path,
+        head_norm=None if m.head_norm == "none" else m.head_norm,
+        head_act=m.head_act,
+        head_layers=m.head_layers,
+        norm_last_layer=m.norm_last_layer,
+        centering=lo.centering,
+        sinkhorn_iterations=lo.sinkhorn_iterations,
+        koleo_loss_weight=lo.koleo_weight,
+    )
+    if cfg.method == "dino":
+        return DINO(m.arch, n_prototypes=m.out_dim, center_momentum=lo.center_momentum, **common)
+    return iBOT(
+        m.arch,
+        n_cls_prototypes=m.out_dim,
+        n_patch_prototypes=m.out_dim if m.shared_head else m.patch_out_dim,
+        mask_ratio=list(mk.ratio),
+        patch_loss_weight=lo.lambda2,
+        mask_ratio_var=list(mk.ratio_var),
+        mask_shape=mk.shape,
+        mask_start_epoch=mk.start_epoch,
+        mask_probability=mk.probability,
+        shared_head=m.shared_head,
+        cls_loss_weight=lo.lambda1,
+        temperature_teacher_patch_warmup=lo.warmup_teacher_patch_temp,
+        temperature_teacher_patch=lo.teacher_patch_temp,
+        center_momentum=lo.center_momentum,
+        patch_center=lo.patch_center,
+        **common,
+    )

@@ -1,0 +1,121 @@
+"""k-NN evaluation (DINO / iBOT protocol) on L2-normalised frozen features.
+
+Cosine similarity to a memory bank, top-k neighbours, votes weighted by ``exp(sim / T)``
+(T = 0.07), top-1 and top-5 for several k. The test set is processed in chunks sized to bound
+memory (no fixed number of chunks, so any test-set size works).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ibot.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+
+
+def norm_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return ((0.5,), (0.5,)) if in_chans == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _tensor_batches(images: torch.Tensor, size: int, batch_size: int):
+    in_chans = images.shape[1]
+    mean, std = (torch.tensor(s).view(1, -1, 1, 1) for s in norm_stats(in_chans))
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size].float() / 255.0
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        yield (x - mean) / std
+
+
+def _file_batches(dataset, size: int, in_chans: int, batch_size: int, num_workers: int):
+    tf = eval_transform(size, in_chans)
+
+    def collate(items):
+        items = [it for it in items if it is not None]
+        return torch.stack([tf(img) for img, _ in items]) if items else None
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    for x in loader:
+        if x is not None:
+            yield x
+
+
+@torch.no_grad()
+def extract_features(
+    encode,
+    dataset,
+    *,
+    image_size: int,
+    in_chans: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    limit: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features (N, D) of ``encode(images)`` over a dataset, and its labels (N,).
+
+    ``dataset`` is an in-memory :class:`~ibot.data.datasets.TensorImageDataset` (fast path) or
+    any ``(PIL image, label)`` dataset. ``limit`` keeps the first N images.
+    """
+    n = len(dataset) if not limit else min(limit, len(dataset))
+    if hasattr(dataset, "images"):
+        batches = _tensor_batches(dataset.images[:n], image_size, batch_size)
+        labels = dataset.labels[:n]
+    else:
+        sub = torch.utils.data.Subset(dataset, range(n))
+        batches = _file_batches(sub, image_size, in_chans, batch_size, num_workers)
+        labels = None
+    feats = [F.normalize(encode(x.to(device)).float(), dim=-1).cpu() for x in batches]
+    if labels is None:  # file datasets: unreadable files were skipped, re-read the labels of kept ones
+        labels = torch.tensor([dataset.labels[i] for i in range(n)])
+        if sum(f.shape[0] for f in feats) != n:
+            raise RuntimeError("some evaluation images were unreadable; remove them from the folder")
+    return torch.cat(feats), labels.long()
+
+
+@torch.no_grad()
+def knn_classify(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    max_chunk_elements: int = 2**25,
+) -> dict[int, tuple[float, float]]:
+    """Weighted k-NN accuracy (percent) for each k: ``{k: (top1, top5)}``.
+
+    Args:
+        train_features: (N, D) L2-normalised memory bank.
+        train_labels: (N,) int labels.
+        test_features: (M, D) L2-normalised queries.
+        test_labels: (M,).
+        ks: neighbour counts (each capped at N).
+        temperature: vote weight ``exp(sim / T)``.
+        num_classes: default max label + 1.
+        max_chunk_elements: bound on the (chunk, N) similarity matrix.
+    """
+    if train_features.shape[0] == 0 or test_features.shape[0] == 0:
+        raise ValueError("k-NN needs a non-empty memory bank and test set")
+    c = int(num_classes or int(max(train_labels.max(), test_labels.max())) + 1)
+    n = train_features.shape[0]
+    ks = sorted({min(int(k), n) for k in ks})
+    kmax = ks[-1]
+    chunk = max(1, max_chunk_elements // n)
+    correct = {k: [0, 0] for k in ks}
+    for i in range(0, test_features.shape[0], chunk):
+        q = test_features[i : i + chunk]
+        y = test_labels[i : i + chunk]
+        sim, idx = (q @ train_features.t()).topk(kmax, dim=1)
+        neigh = train_labels[idx]
+        weight = (sim / temperature).exp()
+        for k in ks:
+            votes = torch.zeros(q.shape[0], c).scatter_add_(1, neigh[:, :k], weight[:, :k])
+            top = votes.topk(min(5, c), dim=1).indices
+            correct[k][0] += int((top[:, 0] == y).sum())
+            correct[k][1] += int((top == y.unsqueeze(1)).any(1).sum())
+    m = test_features.shape[0]
+    return {k: (100.0 * a / m, 100.0 * b / m) for k, (a, b) in correct.items()}

@@ -1,0 +1,50 @@
+"""Optimizer parameter groups, gradient clipping and last-layer freezing (official semantics)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def param_groups(module: nn.Module) -> list[dict]:
+    """Official groups: decay on every >= 2-D parameter not named ``*.bias`` (includes cls_token,
+    pos_embed, masked_embed, weight_v, and weight_g when trainable); no decay on biases and 1-D
+    parameters. Frozen parameters are left out."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def clip_gradients_per_param(params: list[torch.Tensor], clip: float) -> None:
+    """Official per-parameter clipping: ``g *= min(1, clip / (||g|| + 1e-6))`` for each tensor.
+
+    Vectorised with ``_foreach`` ops and no host synchronisation.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    factors = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, factors)
+
+
+def clip_gradients(params: list[torch.Tensor], clip: float, mode: str = "param") -> None:
+    if clip <= 0:
+        return
+    if mode == "param":
+        clip_gradients_per_param(params, clip)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+
+
+def cancel_last_layer_grads(module: nn.Module, epoch: int, freeze_epochs: int) -> None:
+    """Drop the gradients of every parameter named ``*last_layer*`` during the first epochs."""
+    if epoch >= freeze_epochs:
+        return
+    for name, p in module.named_parameters():
+        if "last_layer" in name:
+            p.grad = None

@@ -1,0 +1,455 @@
+"""The pretraining loop: orchestration only (data, schedules, optimizer, checkpoints, logs, k-NN).
+
+The math lives in :mod:`ibot.methods` and :mod:`ibot.losses`. One process on CPU or GPU, or many
+under ``torchrun`` (DDP); no global state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ibot import distributed as D
+from ibot.config import build_model, from_dict, to_dict
+from ibot.data.datasets import DatasetError, build_dataset
+from ibot.data.loader import Batch, EpochSampler, MultiCropCollate, MultiCropDataset, TensorBatches
+from ibot.data.masking import MaskGenerator
+from ibot.data.transforms import BatchMultiCrop, MultiCropTransform
+from ibot.eval.knn import extract_features, knn_classify, norm_stats
+from ibot.train.checkpoint import CheckpointError, load_safe, save_atomic
+from ibot.train.metrics import MetricsWriter, plot_curves
+from ibot.train.optim import cancel_last_layer_grads, clip_gradients, param_groups
+from ibot.train.schedules import cosine_scheduler
+
+CHECKPOINT = "checkpoint.pth"
+# keys whose change makes a checkpoint incompatible (shapes / the method itself)
+STRUCTURAL_KEYS = ("method", "model.arch", "model.patch_size", "model.img_size", "model.in_chans", "model.embed_dim",
+                   "model.depth", "model.num_heads", "model.out_dim", "model.patch_out_dim", "model.shared_head",
+                   "model.hidden_dim", "model.bottleneck_dim", "model.head_layers", "model.head_norm")
+
+NAN_ADVICE = (
+    "the loss was not finite for {n} consecutive steps; the last good checkpoint is kept. Try: a lower optim.lr, "
+    "a longer optim.warmup_epochs, run.precision=fp32, a lower AdamW beta2 (optim.betas=[0.9,0.99]), "
+    "or a higher optim.momentum_teacher."
+)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to try."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError("run.device=cuda but no CUDA device is available; use run.device=cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Pretrains the model a :class:`ibot.config.Config` describes.
+
+    Args:
+        cfg: resolved config (``ibot.config.build_config``).
+        log: callable for human-readable lines (rank 0 only).
+        resume: "auto" (resume when the run folder has a checkpoint), "never", or a checkpoint path.
+    """
+
+    def __init__(self, cfg, log=print, resume: str = "auto") -> None:
+        self.cfg = cfg
+        self._init_distributed()
+        self.log = log if D.is_main() else (lambda *a, **k: None)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.device = resolve_device(cfg.run.device)
+        if self.device.type == "cuda" and D.is_dist():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        self.precision = cfg.run.precision
+        if self.precision == "auto":
+            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.run_dir = Path(cfg.run.output_dir)
+        torch.manual_seed(cfg.run.seed + D.rank())
+        random.seed(cfg.run.seed + D.rank())
+
+        self._build_data()
+        self.model = build_model(cfg).to(self.device)
+        self.ddp = None
+        if D.is_dist():
+            if cfg.model.head_norm == "bn":
+                self.model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.student)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.params = self.model.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model.student), lr=0.0, betas=tuple(cfg.optim.betas),
+            fused=self.device.type == "cuda",
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self._build_schedules()
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.bad_steps, self.skipped_images, self.seen_images = 0, 0, 0
+        if resume != "never":
+            ckpt = Path(resume) if resume not in ("auto",) else self.run_dir / CHECKPOINT
+            if ckpt.is_dir():
+                ckpt = ckpt / CHECKPOINT
+            if ckpt.is_file():
+                self.load_checkpoint(ckpt)
+            elif resume != "auto":
+                raise CheckpointError(f"no checkpoint at {ckpt}; start a new run without --resume")
+        if D.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        self.metrics = MetricsWriter(self.run_dir) if D.is_main() else None
+
+    # ------------------------------------------------------------------ setup
+    def _init_distributed(self) -> None:
+        if D.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not D.is_dist():
+            backend = "nccl" if torch.cuda.is_available() and self.cfg.run.device != "cpu" else "gloo"
+            dist.init_process_group(backend)
+
+    def _build_data(self) -> None:
+        cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
+        self.train_set = build_dataset(d.dataset, d.path, train=True, synthetic_size=d.synthetic_size,
+                                       image_size=m.img_size, in_chans=m.in_chans, seed=cfg.run.seed)
+        if d.limit:
+            self.train_set = _limit(self.train_set, d.limit)
+        n, b, w = len(self.train_set), cfg.optim.batch_size, D.world_size()
+        if n < b * w:
+            raise DatasetError(
+                f"the dataset has {n} images, fewer than one batch ({b} x {w} processes); "
+                "lower optim.batch_size or add images"
+            )
+        self.niter = n // (b * w)
+        self.use_tensor = d.pipeline == "tensor" or (d.pipeline == "auto" and hasattr(self.train_set, "images"))
+        if self.use_tensor and not hasattr(self.train_set, "images"):
+            raise DatasetError("data.pipeline=tensor needs an in-memory dataset; use data.pipeline=pil for folders")
+        if self.use_tensor and self.train_set.images.shape[1] != m.in_chans:
+            ch = self.train_set.images.shape[1]
+            raise DatasetError(f"the dataset has {ch} channel(s) but model.in_chans={m.in_chans}")
+        mask_gen = None
+        if cfg.method == "ibot" and cfg.loss.lambda2 > 0:
+            mk = cfg.mask
+            mask_gen = MaskGenerator(mk.shape, list(mk.ratio), list(mk.ratio_var), mk.start_epoch, mk.probability,
+                                     mk.min_patches)
+        self.collate = MultiCropCollate(d.global_crops_number, d.local_crops_number, m.patch_size, mask_gen,
+                                        seed=cfg.run.seed)
+        mean, std = norm_stats(m.in_chans)
+        if self.use_tensor:
+            self.augment = BatchMultiCrop(d.global_crops_number, m.img_size, d.global_crops_scale,
+                                          d.local_crops_number, d.local_crop_size, d.local_crops_scale, mean, std,
+                                          blur_scale=d.blur_scale)
+        else:
+            tf = MultiCropTransform(d.global_crops_number, m.img_size, d.global_crops_scale, d.local_crops_number,
+                                    d.local_crop_size, d.local_crops_scale, m.in_chans, mean, std, d.blur_scale)
+            self.mc_dataset = MultiCropDataset(self.train_set, tf, seed=cfg.run.seed)
+
+    def _build_schedules(self) -> None:
+        o, lo = self.cfg.optim, self.cfg.loss
+        total_batch = o.batch_size * D.world_size()
+        self.lr_schedule = cosine_scheduler(o.lr * total_batch / 256.0, o.min_lr, o.epochs, self.niter,
+                                            warmup_epochs=o.warmup_epochs)
+        self.wd_schedule = cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, self.niter)
+        self.momentum_schedule = cosine_scheduler(o.momentum_teacher, 1.0, o.epochs, self.niter)
+        del lo
+
+    def batches(self, epoch: int, start_step: int = 0):
+        """This rank's batches of ``epoch`` from ``start_step`` on (deterministic)."""
+        sampler = EpochSampler(len(self.train_set), self.cfg.optim.batch_size, self.cfg.run.seed, epoch,
+                               D.rank(), D.world_size(), start_step)
+        self.collate.epoch = epoch
+        if self.collate.mask_generator is not None:
+            self.collate.mask_generator.set_epoch(epoch)
+        if self.use_tensor:
+            return TensorBatches(self.train_set.images, self.train_set.labels, sampler, self.augment, self.collate)
+        self.mc_dataset.epoch = epoch
+        nw = self.cfg.data.num_workers
+        return torch.utils.data.DataLoader(
+            self.mc_dataset, batch_size=self.cfg.optim.batch_size, sampler=sampler, num_workers=nw,
+            collate_fn=self.collate, pin_memory=self.device.type == "cuda", drop_last=True,
+            persistent_workers=False, prefetch_factor=4 if nw else None,
+        )
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self, batch: Batch, epoch: int, it: int) -> dict | None:
+        """One optimisation step. Returns detached metrics, or None when the step was skipped."""
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = float(self.lr_schedule[it])
+            if i == 0:
+                group["weight_decay"] = float(self.wd_schedule[it])
+        batch = batch.to(self.device)
+        module = self.ddp if self.ddp is not None else self.model
+        with self._autocast():
+            out = module(batch=batch, epoch=epoch)
+        loss = out.loss
+        if not math.isfinite(float(loss.detach())):
+            self.bad_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.bad_steps >= self.cfg.run.max_bad_steps:
+                raise TrainingError(NAN_ADVICE.format(n=self.bad_steps))
+            self.log(f"warning: non-finite loss at step {it}; step skipped ({self.bad_steps} in a row)")
+            return None
+        self.bad_steps = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        clip_gradients(self.params, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
+        cancel_last_layer_grads(self.model.student, epoch, self.cfg.optim.freeze_last_layer)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.model.update_teacher(float(self.momentum_schedule[it]))
+        return {"out": out, "batch": batch}
+
+    def _monitors(self, out, epoch: int) -> dict:
+        """Collapse monitors from the teacher's CLS logits of this step."""
+        t = out.teacher_logits.float()  # (G, B, K)
+        temp = self.model.teacher_temperatures(epoch)[0]
+        probs = self.model.cls_center.softmax(t, temp) if self.model.centering == "center" else torch.softmax(t / temp, -1)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        arg = t.argmax(-1)
+        used = arg.unique().numel() / t.shape[-1]
+        agree = (arg[0] == arg[1]).float().mean() if t.shape[0] > 1 else torch.tensor(float("nan"))
+        return {"teacher_entropy": float(entropy), "teacher_entropy_max": math.log(t.shape[-1]),
+                "prototypes_used": int(arg.unique().numel()), "prototypes_used_frac": used, "center_norm": float(self.model.cls_center.center.norm()),
+                "view_agreement": float(agree)}
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        total = cfg.optim.epochs * self.niter
+        max_steps = cfg.run.max_steps or total
+        self.log(f"ibot: {cfg.method} on {cfg.data.dataset} ({len(self.train_set)} images), {cfg.model.arch} "
+                 f"-> {self.run_dir} | {self.niter} steps/epoch x {cfg.optim.epochs} epochs, batch "
+                 f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}")
+        if self.global_step:
+            self.log(f"resumed at epoch {self.epoch}, step {self.global_step}")
+        result = {}
+        stopped = False
+        t_start = time.time()
+        while self.epoch < cfg.optim.epochs and not stopped:
+            epoch = self.epoch
+            self.model.set_epoch(epoch)
+            self.model.train()
+            batches = self.batches(epoch, self.step_in_epoch)
+            bar = self._progress(batches, epoch)
+            t_last, n_last = time.time(), 0
+            for batch in bar:
+                it = epoch * self.niter + self.step_in_epoch
+                self.skipped_images += batch.n_skipped
+                self._check_skips()
+                res = self.train_step(batch, epoch, it)
+                self.step_in_epoch += 1
+                self.global_step += 1
+                n_last += batch.batch_size * batch.n_global
+                self.seen_images += batch.batch_size * D.world_size()
+                if res is not None and (self.global_step % cfg.run.log_every == 0 or self.step_in_epoch == self.niter):
+                    rec = self._record(res["out"], epoch, it, n_last / max(time.time() - t_last, 1e-9) / batch.n_global)
+                    t_last, n_last = time.time(), 0
+                    if self.metrics:
+                        self.metrics.write(rec)
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", ips=f"{rec['images_per_s']:.0f}")
+                    warn = self._collapse_warning(rec)
+                    if warn:
+                        self.log(warn)
+                if cfg.run.save_every_steps and self.global_step % cfg.run.save_every_steps == 0:
+                    self.save_checkpoint()
+                if self.global_step >= max_steps:
+                    stopped = True
+                    break
+            if hasattr(bar, "close"):
+                bar.close()
+            if self.step_in_epoch >= self.niter:
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self.save_checkpoint()
+                if cfg.run.saveckp_freq and epoch % cfg.run.saveckp_freq == 0 and epoch > 0 and D.is_main():
+                    import shutil
+
+                    shutil.copyfile(self.run_dir / CHECKPOINT, self.run_dir / f"checkpoint{epoch:04d}.pth")
+                if cfg.run.knn_every and self.epoch % cfg.run.knn_every == 0 and self.epoch < cfg.optim.epochs:
+                    result["knn"] = self.evaluate_knn()
+            elif stopped:
+                self.save_checkpoint()
+        result["train_minutes"] = (time.time() - t_start) / 60
+        if cfg.run.knn_at_end:
+            result["knn"] = self.evaluate_knn()
+        if D.is_main():
+            plot_curves(self.run_dir)
+            (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2))
+        if self.metrics:
+            self.metrics.close()
+        return result
+
+    def _progress(self, batches, epoch: int):
+        if not (self.cfg.run.progress and D.is_main()):
+            return batches
+        from tqdm.auto import tqdm
+
+        return tqdm(batches, total=len(batches), initial=0, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}",
+                    unit="step", dynamic_ncols=True, leave=True)
+
+    def _record(self, out, epoch: int, it: int, ips: float) -> dict:
+        rec = {"step": self.global_step, "epoch": epoch, "loss": float(out.loss.detach()),
+               "loss_cls": float(out.loss_cls)}
+        if out.loss_patch is not None:
+            rec["loss_patch"] = float(out.loss_patch)
+        if out.loss_koleo is not None:
+            rec["loss_koleo"] = float(out.loss_koleo)
+        cls_t, patch_t = self.model.teacher_temperatures(epoch)
+        rec.update(lr=float(self.lr_schedule[it]), wd=float(self.wd_schedule[it]),
+                   momentum=float(self.momentum_schedule[it]), teacher_temp=cls_t, teacher_patch_temp=patch_t,
+                   images_per_s=ips, skipped_images=self.skipped_images, time=time.time())
+        rec.update(self._monitors(out, epoch))
+        return rec
+
+    def _collapse_warning(self, rec: dict) -> str | None:
+        if rec["epoch"] < 1:
+            return None
+        if rec["teacher_entropy"] > 0.97 * rec["teacher_entropy_max"]:
+            return ("warning: teacher outputs are nearly uniform (collapse to uniform): try a lower "
+                    "loss.teacher_temp or less centering (loss.center_momentum closer to 1)")
+        if rec["prototypes_used"] <= 1:
+            return ("warning: teacher outputs are one-hot on few prototypes (collapse to one prototype): try a higher "
+                    "loss.teacher_temp, loss.centering=sinkhorn, or a longer optim.warmup_epochs")
+        return None
+
+    def _check_skips(self) -> None:
+        seen = max(self.seen_images, 1)
+        if self.skipped_images > 10 and self.skipped_images / seen > self.cfg.data.max_skip_fraction:
+            raise TrainingError(
+                f"{self.skipped_images} unreadable images skipped out of {seen} ({100 * self.skipped_images / seen:.1f}%"
+                f" > data.max_skip_fraction={self.cfg.data.max_skip_fraction}); see the warnings above for paths"
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "seen_images": self.seen_images,
+            "skipped_images": self.skipped_images,
+            "config": to_dict(self.cfg),
+            "world_size": D.world_size(),
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
+            "format": "ibot-1",
+        }
+
+    def save_checkpoint(self) -> None:
+        if D.is_main():
+            save_atomic(self.state_dict(), self.run_dir / CHECKPOINT)
+        if D.is_dist():
+            dist.barrier()
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        ckpt = load_safe(path)
+        if ckpt.get("format") != "ibot-1":
+            raise CheckpointError(f"{path} is not an ibot training checkpoint (use `ibot` import tools for others)")
+        old, new = _flat(ckpt["config"]), _flat(to_dict(self.cfg))
+        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in STRUCTURAL_KEYS if old.get(k) != new.get(k)]
+        if diff:
+            raise CheckpointError(f"checkpoint {path} was made with an incompatible config:\n  " + "\n  ".join(diff) +
+                                  "\nuse the same settings or a new run.output_dir")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+        self.global_step, self.seen_images = ckpt["global_step"], ckpt.get("seen_images", 0)
+        self.skipped_images = ckpt.get("skipped_images", 0)
+        if ckpt.get("world_size", 1) != D.world_size():
+            # the epoch order is (seed, epoch)-determined; a different world size restarts the epoch's position
+            self.step_in_epoch = min(self.step_in_epoch * ckpt["world_size"] // D.world_size(), self.niter)
+        if D.world_size() == ckpt.get("world_size", 1):
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            state = random.getstate()
+            random.setstate((state[0], tuple(ckpt["rng"]["python"]), None))
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate_knn(self) -> dict | None:
+        """k-NN of the teacher's CLS (train set as memory bank, test set as queries)."""
+        cfg = self.cfg
+        d, m = cfg.data, cfg.model
+        try:
+            if d.dataset == "folder":
+                self.log("k-NN skipped: data.dataset=folder has no labels")
+                return None
+            test_set = build_dataset(d.dataset, d.path, train=False, synthetic_size=d.synthetic_size,
+                                     image_size=m.img_size, in_chans=m.in_chans, seed=cfg.run.seed)
+        except DatasetError as err:
+            self.log(f"k-NN skipped: no labelled test set ({err})")
+            return None
+        bank = self.train_set
+        if cfg.run.knn_train_limit:
+            bank = _limit(bank, cfg.run.knn_train_limit)
+        backbone = self.model.teacher["backbone"]
+        backbone.eval()
+        t0 = time.time()
+        with self._autocast():
+            kw = dict(image_size=m.img_size, in_chans=m.in_chans, device=self.device, num_workers=d.num_workers)
+            tr_f, tr_y = extract_features(backbone.forward_cls, bank, **kw)
+            te_f, te_y = extract_features(backbone.forward_cls, test_set, **kw)
+        ks = sorted({10, 20, 100, 200, cfg.run.knn_k})
+        acc = knn_classify(tr_f, tr_y, te_f, te_y, ks=ks, temperature=cfg.run.knn_temperature,
+                           num_classes=len(getattr(bank, "classes", [])) or None)
+        k = min(cfg.run.knn_k, tr_f.shape[0])
+        top1, top5 = acc[k]
+        res = {"k": k, "top1": top1, "top5": top5, "n_train": tr_f.shape[0], "n_test": te_f.shape[0],
+               "epoch": self.epoch, "all": {str(kk): v for kk, v in acc.items()}, "seconds": time.time() - t0}
+        self.log(f"k-NN (teacher CLS, k={k}, T={cfg.run.knn_temperature}) on {d.dataset}: top-1 {top1:.2f}%  "
+                 f"top-5 {top5:.2f}%  ({tr_f.shape[0]} train / {te_f.shape[0]} test, epoch {self.epoch})")
+        if self.metrics:
+            self.metrics.write({"step": self.global_step, "knn_top1": top1, "knn_top5": top5, "epoch": self.epoch})
+            with open(self.run_dir / "knn.jsonl", "a") as f:
+                f.write(json.dumps(res) + "\n")
+        return res
+
+
+def _limit(dataset, n: int):
+    from ibot.data.datasets import TensorImageDataset
+
+    if hasattr(dataset, "images"):
+        return TensorImageDataset(dataset.images[:n], dataset.labels[:n], getattr(dataset, "classes", None))
+    sub = torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
+    sub.labels = dataset.labels[: len(sub)]
+    sub.classes = getattr(dataset, "classes", [])
+    return sub
+
+
+def config_from_checkpoint(path: str | Path):
+    return from_dict(load_safe(path)["config"])

@@ -1,9 +1,9 @@
 """``ibot`` command line: a thin layer over the library.
 
-    ibot pretrain preset=fmnist_tiny optim.epochs=3 run.output_dir=runs/x
-    ibot pretrain --resume runs/x
-    ibot knn runs/x
-    ibot config preset=smoke
+ibot pretrain preset=fmnist_tiny optim.epochs=3 run.output_dir=runs/x
+ibot pretrain --resume runs/x
+ibot knn runs/x
+ibot config preset=smoke
 """
 
 from __future__ import annotations
@@ -148,17 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the run folder")
     pre.set_defaults(func=cmd_pretrain)
 
-    knn = sub.add_parser("knn", help="k-NN accuracy of a run's teacher (DINO protocol)",
-                         description="Weighted k-NN (cosine, exp(sim/0.07)) on L2-normalised teacher CLS features: "
-                         "the train split is the memory bank, the test split the queries.")
+    knn = sub.add_parser(
+        "knn",
+        help="k-NN accuracy of a run's teacher (DINO protocol)",
+        description="Weighted k-NN (cosine, exp(sim/0.07)) on L2-normalised teacher CLS features: "
+        "the train split is the memory bank, the test split the queries.",
+    )
     knn.add_argument("run", help="run folder or checkpoint file")
     knn.add_argument("--k", type=int, default=20, help="neighbours for the headline number (default 20)")
     knn.add_argument("--train-limit", type=int, default=0, help="use at most N memory-bank images")
     knn.add_argument("--data", help="dataset location, if it moved since training")
     knn.set_defaults(func=cmd_knn)
 
-    cfg = sub.add_parser("config", help="print the resolved config of a preset with overrides",
-                         description="Print every config key with its value (preset=NAME key=value ...).")
+    cfg = sub.add_parser(
+        "config",
+        help="print the resolved config of a preset with overrides",
+        description="Print every config key with its value (preset=NAME key=value ...).",
+    )
     cfg.add_argument("overrides", nargs="*", metavar="key=value")
     cfg.set_defaults(func=cmd_config)
     return p
@@ -166,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -87,7 +87,7 @@ class OptimConfig:
     batch_size: int = 128  # per process
     lr: float = 5e-4  # for a total batch of 256 (scaled linearly)
     min_lr: float = 1e-6
-    warmup_epochs: int = 10
+    warmup_epochs: float = 10  # linear lr warm-up (fractions of an epoch allowed)
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0  # 0 disables
@@ -112,6 +112,7 @@ class RunConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     knn_train_limit: int = 0  # use at most N memory-bank images (0 = all)
+    knn_split: str = "test"  # test | val (val: the last 10k training images are the queries, for tuning)
     max_steps: int = 0  # stop after N steps (0 = the whole schedule); schedules keep their length
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping
     progress: bool = True
@@ -131,37 +132,95 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     # The official ViT-S/16 800-epoch README recipe (16 GPUs x 64). Needs data.path=IMAGENET.
     "vit_small_in1k": {
-        "model": {"arch": "vit_small_patch16_224", "patch_size": 16, "img_size": 224, "out_dim": 8192,
-                  "patch_out_dim": 8192, "shared_head": True, "norm_last_layer": False, "drop_path": 0.1},
+        "model": {
+            "arch": "vit_small_patch16_224",
+            "patch_size": 16,
+            "img_size": 224,
+            "out_dim": 8192,
+            "patch_out_dim": 8192,
+            "shared_head": True,
+            "norm_last_layer": False,
+            "drop_path": 0.1,
+        },
         "mask": {"shape": "block", "ratio": [0.0, 0.3], "ratio_var": [0.0, 0.2]},
         "loss": {"teacher_temp": 0.07, "warmup_teacher_temp_epochs": 30},
-        "data": {"dataset": "imagefolder", "global_crops_scale": [0.25, 1.0], "local_crops_number": 10,
-                 "local_crops_scale": [0.05, 0.25], "local_crop_size": 96, "num_workers": 10},
+        "data": {
+            "dataset": "imagefolder",
+            "global_crops_scale": [0.25, 1.0],
+            "local_crops_number": 10,
+            "local_crops_scale": [0.05, 0.25],
+            "local_crop_size": 96,
+            "num_workers": 10,
+        },
         "optim": {"epochs": 800, "batch_size": 64, "lr": 5e-4, "warmup_epochs": 10},
     },
     # CPU default for 28x28 grayscale images (Fashion-MNIST); see benchmarks/README.md.
     "fmnist_tiny": {
-        "model": {"arch": "vit_tiny_patch16_224", "patch_size": 4, "img_size": 28, "in_chans": 1, "embed_dim": 192,
-                  "depth": 6, "num_heads": 3, "drop_path": 0.0, "out_dim": 1024, "patch_out_dim": 1024,
-                  "shared_head": True, "hidden_dim": 1024, "bottleneck_dim": 128, "norm_last_layer": True},
+        "model": {
+            "arch": "vit_tiny_patch16_224",
+            "patch_size": 4,
+            "img_size": 28,
+            "in_chans": 1,
+            "embed_dim": 192,
+            "depth": 6,
+            "num_heads": 3,
+            "drop_path": 0.0,
+            "out_dim": 1024,
+            "patch_out_dim": 1024,
+            "shared_head": True,
+            "hidden_dim": 1024,
+            "bottleneck_dim": 128,
+            "norm_last_layer": True,
+        },
         "mask": {"shape": "block", "ratio": [0.0, 0.3], "ratio_var": [0.0, 0.2]},
         "loss": {"teacher_temp": 0.07, "warmup_teacher_temp_epochs": 2, "teacher_patch_temp": 0.07},
-        "data": {"dataset": "fashion_mnist", "pipeline": "tensor", "global_crops_scale": [0.35, 1.0],
-                 "local_crops_number": 4, "local_crops_scale": [0.1, 0.35], "local_crop_size": 12,
-                 "blur_scale": 0.25},
-        "optim": {"epochs": 6, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 1, "min_lr": 1e-5,
-                  "momentum_teacher": 0.99, "freeze_last_layer": 0, "weight_decay": 0.04, "weight_decay_end": 0.1},
+        "data": {
+            "dataset": "fashion_mnist",
+            "pipeline": "tensor",
+            "global_crops_scale": [0.35, 1.0],
+            "local_crops_number": 4,
+            "local_crops_scale": [0.1, 0.35],
+            "local_crop_size": 12,
+            "blur_scale": 0.25,
+        },
+        "optim": {
+            "epochs": 6,
+            "batch_size": 256,
+            "lr": 1e-3,
+            "warmup_epochs": 1,
+            "min_lr": 1e-5,
+            "momentum_teacher": 0.99,
+            "freeze_last_layer": 0,
+            "weight_decay": 0.04,
+            "weight_decay_end": 0.1,
+        },
         "run": {"output_dir": "runs/fmnist_tiny", "log_every": 20},
     },
     # Seconds on a CPU: synthetic images, a 2-block ViT. For tests and trying the CLI.
     "smoke": {
-        "model": {"arch": "vit_tiny_patch16_224", "patch_size": 8, "img_size": 32, "embed_dim": 32, "depth": 2,
-                  "num_heads": 2, "drop_path": 0.1, "out_dim": 64, "patch_out_dim": 64, "hidden_dim": 64,
-                  "bottleneck_dim": 32},
+        "model": {
+            "arch": "vit_tiny_patch16_224",
+            "patch_size": 8,
+            "img_size": 32,
+            "embed_dim": 32,
+            "depth": 2,
+            "num_heads": 2,
+            "drop_path": 0.1,
+            "out_dim": 64,
+            "patch_out_dim": 64,
+            "hidden_dim": 64,
+            "bottleneck_dim": 32,
+        },
         "mask": {"ratio": [0.0, 0.3], "ratio_var": [0.0, 0.2]},
         "loss": {"warmup_teacher_temp_epochs": 1, "teacher_temp": 0.07},
-        "data": {"dataset": "synthetic", "synthetic_size": 64, "local_crops_number": 2, "local_crop_size": 16,
-                 "num_workers": 0, "global_crops_scale": [0.4, 1.0]},
+        "data": {
+            "dataset": "synthetic",
+            "synthetic_size": 64,
+            "local_crops_number": 2,
+            "local_crop_size": 16,
+            "num_workers": 0,
+            "global_crops_scale": [0.4, 1.0],
+        },
         "optim": {"epochs": 2, "batch_size": 16, "warmup_epochs": 1, "lr": 1e-3},
         "run": {"output_dir": "runs/smoke", "log_every": 1, "knn_k": 5},
     },
@@ -193,8 +252,10 @@ def build_config(preset: str | None = None, overrides: list[str] | dict | None =
     if preset:
         if preset not in PRESETS:
             close = difflib.get_close_matches(preset, PRESETS, n=3)
-            raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}" +
-                              (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(
+                f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+            )
         cfg = OmegaConf.merge(cfg, PRESETS[preset])
     items: list[tuple[str, Any]] = []
     if isinstance(overrides, dict):
@@ -233,6 +294,7 @@ def validate(cfg) -> None:
         "loss.patch_center": (lo.patch_center, ("all", "masked")),
         "data.pipeline": (d.pipeline, ("auto", "pil", "tensor")),
         "optim.clip_mode": (o.clip_mode, ("param", "global")),
+        "run.knn_split": (cfg.run.knn_split, ("test", "val")),
         "run.precision": (cfg.run.precision, ("auto", "fp32", "bf16", "fp16")),
         "model.head_norm": (m.head_norm, ("none", "bn", "ln")),
     }

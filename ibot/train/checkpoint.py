@@ -39,6 +39,14 @@ def save_atomic(obj, path: str | Path) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete half-written ``.*.tmp`` files a killed writer left behind; returns how many."""
+    stale = list(Path(folder).glob(".*.pth.*.tmp")) if Path(folder).is_dir() else []
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
+
+
 def load_safe(path: str | Path, allow_unsafe: bool = False, map_location="cpu"):
     """``torch.load`` with ``weights_only=True`` and a small allow-list.
 

@@ -54,8 +54,12 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
     if not rows:
         return None
     out = Path(out) if out else Path(run_dir) / "curves.png"
-    panels = [("loss", ["loss", "loss_cls", "loss_patch"]), ("lr", ["lr"]), ("teacher", ["teacher_temp", "momentum"]),
-              ("collapse monitors", ["teacher_entropy", "prototypes_used_frac"])]
+    panels = [
+        ("loss", ["loss", "loss_cls", "loss_patch"]),
+        ("lr", ["lr"]),
+        ("teacher", ["teacher_temp", "momentum"]),
+        ("collapse monitors", ["teacher_entropy", "prototypes_used_frac"]),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     steps = [r["step"] for r in rows]
     for ax, (title, keys) in zip(axes, panels, strict=True):

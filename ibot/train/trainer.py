@@ -24,16 +24,30 @@ from ibot.data.loader import Batch, EpochSampler, MultiCropCollate, MultiCropDat
 from ibot.data.masking import MaskGenerator
 from ibot.data.transforms import BatchMultiCrop, MultiCropTransform
 from ibot.eval.knn import extract_features, knn_classify, norm_stats
-from ibot.train.checkpoint import CheckpointError, load_safe, save_atomic
+from ibot.train.checkpoint import CheckpointError, load_safe, remove_stale_temporaries, save_atomic
 from ibot.train.metrics import MetricsWriter, plot_curves
 from ibot.train.optim import cancel_last_layer_grads, clip_gradients, param_groups
 from ibot.train.schedules import cosine_scheduler
 
 CHECKPOINT = "checkpoint.pth"
 # keys whose change makes a checkpoint incompatible (shapes / the method itself)
-STRUCTURAL_KEYS = ("method", "model.arch", "model.patch_size", "model.img_size", "model.in_chans", "model.embed_dim",
-                   "model.depth", "model.num_heads", "model.out_dim", "model.patch_out_dim", "model.shared_head",
-                   "model.hidden_dim", "model.bottleneck_dim", "model.head_layers", "model.head_norm")
+STRUCTURAL_KEYS = (
+    "method",
+    "model.arch",
+    "model.patch_size",
+    "model.img_size",
+    "model.in_chans",
+    "model.embed_dim",
+    "model.depth",
+    "model.num_heads",
+    "model.out_dim",
+    "model.patch_out_dim",
+    "model.shared_head",
+    "model.hidden_dim",
+    "model.bottleneck_dim",
+    "model.head_layers",
+    "model.head_norm",
+)
 
 NAN_ADVICE = (
     "the loss was not finite for {n} consecutive steps; the last good checkpoint is kept. Try: a lower optim.lr, "
@@ -101,13 +115,17 @@ class Trainer:
             )
         self.params = self.model.trainable_parameters()
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model.student), lr=0.0, betas=tuple(cfg.optim.betas),
+            param_groups(self.model.student),
+            lr=0.0,
+            betas=tuple(cfg.optim.betas),
             fused=self.device.type == "cuda",
         )
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self._build_schedules()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.bad_steps, self.skipped_images, self.seen_images = 0, 0, 0
+        if D.is_main():
+            remove_stale_temporaries(self.run_dir)
         if resume != "never":
             ckpt = Path(resume) if resume not in ("auto",) else self.run_dir / CHECKPOINT
             if ckpt.is_dir():
@@ -129,8 +147,15 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
-        self.train_set = build_dataset(d.dataset, d.path, train=True, synthetic_size=d.synthetic_size,
-                                       image_size=m.img_size, in_chans=m.in_chans, seed=cfg.run.seed)
+        self.train_set = build_dataset(
+            d.dataset,
+            d.path,
+            train=True,
+            synthetic_size=d.synthetic_size,
+            image_size=m.img_size,
+            in_chans=m.in_chans,
+            seed=cfg.run.seed,
+        )
         if d.limit:
             self.train_set = _limit(self.train_set, d.limit)
         n, b, w = len(self.train_set), cfg.optim.batch_size, D.world_size()
@@ -149,33 +174,61 @@ class Trainer:
         mask_gen = None
         if cfg.method == "ibot" and cfg.loss.lambda2 > 0:
             mk = cfg.mask
-            mask_gen = MaskGenerator(mk.shape, list(mk.ratio), list(mk.ratio_var), mk.start_epoch, mk.probability,
-                                     mk.min_patches)
-        self.collate = MultiCropCollate(d.global_crops_number, d.local_crops_number, m.patch_size, mask_gen,
-                                        seed=cfg.run.seed)
+            mask_gen = MaskGenerator(
+                mk.shape, list(mk.ratio), list(mk.ratio_var), mk.start_epoch, mk.probability, mk.min_patches
+            )
+        self.collate = MultiCropCollate(
+            d.global_crops_number, d.local_crops_number, m.patch_size, mask_gen, seed=cfg.run.seed
+        )
         mean, std = norm_stats(m.in_chans)
         if self.use_tensor:
-            self.augment = BatchMultiCrop(d.global_crops_number, m.img_size, d.global_crops_scale,
-                                          d.local_crops_number, d.local_crop_size, d.local_crops_scale, mean, std,
-                                          blur_scale=d.blur_scale)
+            self.augment = BatchMultiCrop(
+                d.global_crops_number,
+                m.img_size,
+                d.global_crops_scale,
+                d.local_crops_number,
+                d.local_crop_size,
+                d.local_crops_scale,
+                mean,
+                std,
+                blur_scale=d.blur_scale,
+            )
         else:
-            tf = MultiCropTransform(d.global_crops_number, m.img_size, d.global_crops_scale, d.local_crops_number,
-                                    d.local_crop_size, d.local_crops_scale, m.in_chans, mean, std, d.blur_scale)
+            tf = MultiCropTransform(
+                d.global_crops_number,
+                m.img_size,
+                d.global_crops_scale,
+                d.local_crops_number,
+                d.local_crop_size,
+                d.local_crops_scale,
+                m.in_chans,
+                mean,
+                std,
+                d.blur_scale,
+            )
             self.mc_dataset = MultiCropDataset(self.train_set, tf, seed=cfg.run.seed)
 
     def _build_schedules(self) -> None:
         o, lo = self.cfg.optim, self.cfg.loss
         total_batch = o.batch_size * D.world_size()
-        self.lr_schedule = cosine_scheduler(o.lr * total_batch / 256.0, o.min_lr, o.epochs, self.niter,
-                                            warmup_epochs=o.warmup_epochs)
+        self.lr_schedule = cosine_scheduler(
+            o.lr * total_batch / 256.0, o.min_lr, o.epochs, self.niter, warmup_epochs=o.warmup_epochs
+        )
         self.wd_schedule = cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, self.niter)
         self.momentum_schedule = cosine_scheduler(o.momentum_teacher, 1.0, o.epochs, self.niter)
         del lo
 
     def batches(self, epoch: int, start_step: int = 0):
         """This rank's batches of ``epoch`` from ``start_step`` on (deterministic)."""
-        sampler = EpochSampler(len(self.train_set), self.cfg.optim.batch_size, self.cfg.run.seed, epoch,
-                               D.rank(), D.world_size(), start_step)
+        sampler = EpochSampler(
+            len(self.train_set),
+            self.cfg.optim.batch_size,
+            self.cfg.run.seed,
+            epoch,
+            D.rank(),
+            D.world_size(),
+            start_step,
+        )
         self.collate.epoch = epoch
         if self.collate.mask_generator is not None:
             self.collate.mask_generator.set_epoch(epoch)
@@ -184,9 +237,15 @@ class Trainer:
         self.mc_dataset.epoch = epoch
         nw = self.cfg.data.num_workers
         return torch.utils.data.DataLoader(
-            self.mc_dataset, batch_size=self.cfg.optim.batch_size, sampler=sampler, num_workers=nw,
-            collate_fn=self.collate, pin_memory=self.device.type == "cuda", drop_last=True,
-            persistent_workers=False, prefetch_factor=4 if nw else None,
+            self.mc_dataset,
+            batch_size=self.cfg.optim.batch_size,
+            sampler=sampler,
+            num_workers=nw,
+            collate_fn=self.collate,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=False,
+            prefetch_factor=4 if nw else None,
         )
 
     # ------------------------------------------------------------------ one step
@@ -235,23 +294,32 @@ class Trainer:
         """Collapse monitors from the teacher's CLS logits of this step."""
         t = out.teacher_logits.float()  # (G, B, K)
         temp = self.model.teacher_temperatures(epoch)[0]
-        probs = self.model.cls_center.softmax(t, temp) if self.model.centering == "center" else torch.softmax(t / temp, -1)
+        probs = (
+            self.model.cls_center.softmax(t, temp) if self.model.centering == "center" else torch.softmax(t / temp, -1)
+        )
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         arg = t.argmax(-1)
         used = arg.unique().numel() / t.shape[-1]
         agree = (arg[0] == arg[1]).float().mean() if t.shape[0] > 1 else torch.tensor(float("nan"))
-        return {"teacher_entropy": float(entropy), "teacher_entropy_max": math.log(t.shape[-1]),
-                "prototypes_used": int(arg.unique().numel()), "prototypes_used_frac": used, "center_norm": float(self.model.cls_center.center.norm()),
-                "view_agreement": float(agree)}
+        return {
+            "teacher_entropy": float(entropy),
+            "teacher_entropy_max": math.log(t.shape[-1]),
+            "prototypes_used": int(arg.unique().numel()),
+            "prototypes_used_frac": used,
+            "center_norm": float(self.model.cls_center.center.norm()),
+            "view_agreement": float(agree),
+        }
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
         cfg = self.cfg
         total = cfg.optim.epochs * self.niter
         max_steps = cfg.run.max_steps or total
-        self.log(f"ibot: {cfg.method} on {cfg.data.dataset} ({len(self.train_set)} images), {cfg.model.arch} "
-                 f"-> {self.run_dir} | {self.niter} steps/epoch x {cfg.optim.epochs} epochs, batch "
-                 f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}")
+        self.log(
+            f"ibot: {cfg.method} on {cfg.data.dataset} ({len(self.train_set)} images), {cfg.model.arch} "
+            f"-> {self.run_dir} | {self.niter} steps/epoch x {cfg.optim.epochs} epochs, batch "
+            f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}"
+        )
         if self.global_step:
             self.log(f"resumed at epoch {self.epoch}, step {self.global_step}")
         result = {}
@@ -279,7 +347,9 @@ class Trainer:
                     if self.metrics:
                         self.metrics.write(rec)
                     if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", ips=f"{rec['images_per_s']:.0f}")
+                        bar.set_postfix(
+                            loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", ips=f"{rec['images_per_s']:.0f}"
+                        )
                     warn = self._collapse_warning(rec)
                     if warn:
                         self.log(warn)
@@ -317,20 +387,38 @@ class Trainer:
             return batches
         from tqdm.auto import tqdm
 
-        return tqdm(batches, total=len(batches), initial=0, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}",
-                    unit="step", dynamic_ncols=True, leave=True)
+        return tqdm(
+            batches,
+            total=len(batches),
+            initial=0,
+            desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}",
+            unit="step",
+            dynamic_ncols=True,
+            leave=True,
+        )
 
     def _record(self, out, epoch: int, it: int, ips: float) -> dict:
-        rec = {"step": self.global_step, "epoch": epoch, "loss": float(out.loss.detach()),
-               "loss_cls": float(out.loss_cls)}
+        rec = {
+            "step": self.global_step,
+            "epoch": epoch,
+            "loss": float(out.loss.detach()),
+            "loss_cls": float(out.loss_cls),
+        }
         if out.loss_patch is not None:
             rec["loss_patch"] = float(out.loss_patch)
         if out.loss_koleo is not None:
             rec["loss_koleo"] = float(out.loss_koleo)
         cls_t, patch_t = self.model.teacher_temperatures(epoch)
-        rec.update(lr=float(self.lr_schedule[it]), wd=float(self.wd_schedule[it]),
-                   momentum=float(self.momentum_schedule[it]), teacher_temp=cls_t, teacher_patch_temp=patch_t,
-                   images_per_s=ips, skipped_images=self.skipped_images, time=time.time())
+        rec.update(
+            lr=float(self.lr_schedule[it]),
+            wd=float(self.wd_schedule[it]),
+            momentum=float(self.momentum_schedule[it]),
+            teacher_temp=cls_t,
+            teacher_patch_temp=patch_t,
+            images_per_s=ips,
+            skipped_images=self.skipped_images,
+            time=time.time(),
+        )
         rec.update(self._monitors(out, epoch))
         return rec
 
@@ -338,19 +426,24 @@ class Trainer:
         if rec["epoch"] < 1:
             return None
         if rec["teacher_entropy"] > 0.97 * rec["teacher_entropy_max"]:
-            return ("warning: teacher outputs are nearly uniform (collapse to uniform): try a lower "
-                    "loss.teacher_temp or less centering (loss.center_momentum closer to 1)")
+            return (
+                "warning: teacher outputs are nearly uniform (collapse to uniform): try a lower "
+                "loss.teacher_temp or less centering (loss.center_momentum closer to 1)"
+            )
         if rec["prototypes_used"] <= 1:
-            return ("warning: teacher outputs are one-hot on few prototypes (collapse to one prototype): try a higher "
-                    "loss.teacher_temp, loss.centering=sinkhorn, or a longer optim.warmup_epochs")
+            return (
+                "warning: teacher outputs are one-hot on few prototypes (collapse to one prototype): try a higher "
+                "loss.teacher_temp, loss.centering=sinkhorn, or a longer optim.warmup_epochs"
+            )
         return None
 
     def _check_skips(self) -> None:
         seen = max(self.seen_images, 1)
         if self.skipped_images > 10 and self.skipped_images / seen > self.cfg.data.max_skip_fraction:
             raise TrainingError(
-                f"{self.skipped_images} unreadable images skipped out of {seen} ({100 * self.skipped_images / seen:.1f}%"
-                f" > data.max_skip_fraction={self.cfg.data.max_skip_fraction}); see the warnings above for paths"
+                f"{self.skipped_images} unreadable images skipped out of {seen} "
+                f"({100 * self.skipped_images / seen:.1f}% > data.max_skip_fraction={self.cfg.data.max_skip_fraction})"
+                "; see the warnings above for their paths"
             )
 
     # ------------------------------------------------------------------ checkpoints
@@ -383,8 +476,11 @@ class Trainer:
         old, new = _flat(ckpt["config"]), _flat(to_dict(self.cfg))
         diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in STRUCTURAL_KEYS if old.get(k) != new.get(k)]
         if diff:
-            raise CheckpointError(f"checkpoint {path} was made with an incompatible config:\n  " + "\n  ".join(diff) +
-                                  "\nuse the same settings or a new run.output_dir")
+            raise CheckpointError(
+                f"checkpoint {path} was made with an incompatible config:\n  "
+                + "\n  ".join(diff)
+                + "\nuse the same settings or a new run.output_dir"
+            )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler and ckpt.get("scaler"):
@@ -405,16 +501,26 @@ class Trainer:
         """k-NN of the teacher's CLS (train set as memory bank, test set as queries)."""
         cfg = self.cfg
         d, m = cfg.data, cfg.model
+        bank = self.train_set
         try:
             if d.dataset == "folder":
                 self.log("k-NN skipped: data.dataset=folder has no labels")
                 return None
-            test_set = build_dataset(d.dataset, d.path, train=False, synthetic_size=d.synthetic_size,
-                                     image_size=m.img_size, in_chans=m.in_chans, seed=cfg.run.seed)
+            if cfg.run.knn_split == "val":
+                bank, test_set = _split_val(self.train_set, min(10000, len(self.train_set) // 5))
+            else:
+                test_set = build_dataset(
+                    d.dataset,
+                    d.path,
+                    train=False,
+                    synthetic_size=d.synthetic_size,
+                    image_size=m.img_size,
+                    in_chans=m.in_chans,
+                    seed=cfg.run.seed,
+                )
         except DatasetError as err:
             self.log(f"k-NN skipped: no labelled test set ({err})")
             return None
-        bank = self.train_set
         if cfg.run.knn_train_limit:
             bank = _limit(bank, cfg.run.knn_train_limit)
         backbone = self.model.teacher["backbone"]
@@ -425,14 +531,31 @@ class Trainer:
             tr_f, tr_y = extract_features(backbone.forward_cls, bank, **kw)
             te_f, te_y = extract_features(backbone.forward_cls, test_set, **kw)
         ks = sorted({10, 20, 100, 200, cfg.run.knn_k})
-        acc = knn_classify(tr_f, tr_y, te_f, te_y, ks=ks, temperature=cfg.run.knn_temperature,
-                           num_classes=len(getattr(bank, "classes", [])) or None)
+        acc = knn_classify(
+            tr_f,
+            tr_y,
+            te_f,
+            te_y,
+            ks=ks,
+            temperature=cfg.run.knn_temperature,
+            num_classes=len(getattr(bank, "classes", [])) or None,
+        )
         k = min(cfg.run.knn_k, tr_f.shape[0])
         top1, top5 = acc[k]
-        res = {"k": k, "top1": top1, "top5": top5, "n_train": tr_f.shape[0], "n_test": te_f.shape[0],
-               "epoch": self.epoch, "all": {str(kk): v for kk, v in acc.items()}, "seconds": time.time() - t0}
-        self.log(f"k-NN (teacher CLS, k={k}, T={cfg.run.knn_temperature}) on {d.dataset}: top-1 {top1:.2f}%  "
-                 f"top-5 {top5:.2f}%  ({tr_f.shape[0]} train / {te_f.shape[0]} test, epoch {self.epoch})")
+        res = {
+            "k": k,
+            "top1": top1,
+            "top5": top5,
+            "n_train": tr_f.shape[0],
+            "n_test": te_f.shape[0],
+            "epoch": self.epoch,
+            "all": {str(kk): v for kk, v in acc.items()},
+            "seconds": time.time() - t0,
+        }
+        self.log(
+            f"k-NN (teacher CLS, k={k}, T={cfg.run.knn_temperature}) on {d.dataset}: top-1 {top1:.2f}%  "
+            f"top-5 {top5:.2f}%  ({tr_f.shape[0]} train / {te_f.shape[0]} test, epoch {self.epoch})"
+        )
         if self.metrics:
             self.metrics.write({"step": self.global_step, "knn_top1": top1, "knn_top5": top5, "epoch": self.epoch})
             with open(self.run_dir / "knn.jsonl", "a") as f:
@@ -449,6 +572,23 @@ def _limit(dataset, n: int):
     sub.labels = dataset.labels[: len(sub)]
     sub.classes = getattr(dataset, "classes", [])
     return sub
+
+
+def _split_val(dataset, n_val: int):
+    """(memory bank, queries): all but the last ``n_val`` training images, and those."""
+    from ibot.data.datasets import TensorImageDataset
+
+    n = len(dataset) - n_val
+    if hasattr(dataset, "images"):
+        cls = getattr(dataset, "classes", None)
+        return (
+            TensorImageDataset(dataset.images[:n], dataset.labels[:n], cls),
+            TensorImageDataset(dataset.images[n:], dataset.labels[n:], cls),
+        )
+    bank, val = torch.utils.data.Subset(dataset, range(n)), torch.utils.data.Subset(dataset, range(n, len(dataset)))
+    bank.labels, val.labels = dataset.labels[:n], dataset.labels[n:]
+    bank.classes = val.classes = getattr(dataset, "classes", [])
+    return bank, val
 
 
 def config_from_checkpoint(path: str | Path):

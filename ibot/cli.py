@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   ibot pretrain preset=vit_small_in1k data.path=/data/imagenet   # the official ViT-S/16 recipe
   ibot pretrain --resume runs/fmnist_tiny               # continue a stopped run
   ibot knn runs/fmnist_tiny                             # k-NN of a run's teacher
+  ibot linear runs/fmnist_tiny                          # linear probe
+  ibot export runs/fmnist_tiny --out exported/          # timm-loadable safetensors
   ibot config preset=fmnist_tiny                        # print the resolved config
 """
 
@@ -92,22 +94,61 @@ def _flat_dict(d: dict, prefix: str = "") -> dict:
 
 
 def cmd_knn(args) -> int:
-    from pathlib import Path
+    from ibot.eval.protocols import run_knn
 
-    from ibot.train.trainer import CHECKPOINT, Trainer, config_from_checkpoint
+    res = run_knn(
+        args.source,
+        which=args.which,
+        dataset=args.dataset,
+        data_path=args.data,
+        ks=tuple(args.ks),
+        temperature=args.temperature,
+        pool=args.pool,
+        cache=args.cache,
+        image_size=args.img_size,
+        allow_unsafe=args.allow_unsafe_pickle,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    for k, v in res["knn"].items():
+        print(f"k-NN {res['which']} {res['pool']} k={k:>3}: top-1 {v['top1']:.2f}%  top-5 {v['top5']:.2f}%")
+    if args.json:
+        print(json.dumps(res))
+    return 0
 
-    ckpt = Path(args.run)
-    ckpt = ckpt / CHECKPOINT if ckpt.is_dir() else ckpt
-    cfg = config_from_checkpoint(ckpt)
-    cfg.run.knn_k = args.k
-    cfg.run.knn_train_limit = args.train_limit
-    if args.data:
-        cfg.data.path = args.data
-    trainer = Trainer(cfg, resume=str(ckpt))
-    res = trainer.evaluate_knn()
-    if res is None:
-        return 1
-    print(json.dumps(res["all"]))
+
+def cmd_linear(args) -> int:
+    from ibot.eval.protocols import run_linear
+
+    res = run_linear(
+        args.source,
+        which=args.which,
+        dataset=args.dataset,
+        data_path=args.data,
+        n_last_blocks=args.n_last_blocks,
+        avgpool=args.avgpool,
+        epochs=args.epochs,
+        cache=args.cache,
+        val_fraction=args.val_fraction,
+        allow_unsafe=args.allow_unsafe_pickle,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    feats = f"last {res['n_last_blocks']} CLS" + (" + patch mean" if res["avgpool"] else "")
+    print(
+        f"linear probe ({res['which']}, {feats}): lr {res['best_lr']:g} picked on {res['n_val']} validation "
+        f"images ({res['val_top1']:.2f}%); test top-1 {res['test_top1']:.2f}%  top-5 {res['test_top5']:.2f}%"
+    )
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ibot.interop import export_backbone, load_backbone
+
+    backbone, info, report = load_backbone(args.source, args.which, args.allow_unsafe_pickle)
+    print(report, file=sys.stderr)
+    path = export_backbone(backbone, args.out, info)
+    print(f"exported {args.which} backbone to {path} (+ backbone.json)")
     return 0
 
 
@@ -148,17 +189,62 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the run folder")
     pre.set_defaults(func=cmd_pretrain)
 
+    def source_args(sp):
+        sp.add_argument("source", help="run folder, ibot checkpoint, exported backbone, or official iBOT checkpoint")
+        sp.add_argument("--which", choices=("teacher", "student"), default="teacher", help="default teacher")
+        sp.add_argument("--dataset", help="dataset name (default: the run's)")
+        sp.add_argument("--data", help="dataset folder (default: the run's)")
+        sp.add_argument("--cache", help="feature cache file; reused only for the same weights and data")
+        sp.add_argument("--json", action="store_true", help="also print the result as JSON")
+        sp.add_argument(
+            "--allow-unsafe-pickle",
+            action="store_true",
+            help="load files that need arbitrary unpickling (only files you trust)",
+        )
+
     knn = sub.add_parser(
         "knn",
-        help="k-NN accuracy of a run's teacher (DINO protocol)",
-        description="Weighted k-NN (cosine, exp(sim/0.07)) on L2-normalised teacher CLS features: "
-        "the train split is the memory bank, the test split the queries.",
+        help="k-NN accuracy of a backbone (DINO / iBOT protocol)",
+        description="Weighted k-NN (cosine, votes exp(sim/T)) on L2-normalised features: the train "
+        "split is the memory bank, the test split the queries.",
     )
-    knn.add_argument("run", help="run folder or checkpoint file")
-    knn.add_argument("--k", type=int, default=20, help="neighbours for the headline number (default 20)")
-    knn.add_argument("--train-limit", type=int, default=0, help="use at most N memory-bank images")
-    knn.add_argument("--data", help="dataset location, if it moved since training")
+    source_args(knn)
+    knn.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200])
+    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument(
+        "--pool",
+        choices=("cls", "patchmean", "both"),
+        default="cls",
+        help="final-norm CLS (default), mean of patch tokens, or both concatenated",
+    )
+    knn.add_argument("--img-size", type=int, help="evaluation image size (default: the model's)")
     knn.set_defaults(func=cmd_knn)
+
+    lin = sub.add_parser(
+        "linear",
+        help="linear probe on frozen features (lr sweep, picked on a validation split)",
+        description="Train one linear classifier per learning rate (official sweep) on cached "
+        "features of the train split minus a validation split; report the test accuracy of the "
+        "classifier that is best on validation.",
+    )
+    source_args(lin)
+    lin.add_argument("--n-last-blocks", type=int, default=4)
+    lin.add_argument("--avgpool", action="store_true", help="append the mean of the final patch tokens")
+    lin.add_argument("--epochs", type=int, default=30)
+    lin.add_argument("--val-fraction", type=float, default=0.1)
+    lin.set_defaults(func=cmd_linear)
+
+    exp = sub.add_parser(
+        "export",
+        help="export a backbone as safetensors with timm keys + JSON metadata",
+        description="Write OUT/backbone.safetensors (timm VisionTransformer keys) and "
+        "OUT/backbone.json (arch, timm kwargs, image size, patch size, channels, mean, std).",
+    )
+    exp.add_argument("source", help="run folder, ibot checkpoint, or official iBOT checkpoint")
+    exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--which", choices=("teacher", "student"), default="teacher")
+    exp.add_argument("--allow-unsafe-pickle", action="store_true")
+    exp.set_defaults(func=cmd_export)
 
     cfg = sub.add_parser(
         "config",

@@ -114,6 +114,7 @@ class RunConfig:
     knn_train_limit: int = 0  # use at most N memory-bank images (0 = all)
     knn_split: str = "test"  # test | val (val: the last 10k training images are the queries, for tuning)
     max_steps: int = 0  # stop after N steps (0 = the whole schedule); schedules keep their length
+    time_limit_min: float = 0  # stop training after this many minutes of training time (0 = none)
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping
     progress: bool = True
 

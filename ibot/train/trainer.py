@@ -156,6 +156,7 @@ class Trainer:
             in_chans=m.in_chans,
             seed=cfg.run.seed,
         )
+        self.bank_set = self.train_set  # the k-NN memory bank is the whole training split
         if d.limit:
             self.train_set = _limit(self.train_set, d.limit)
         n, b, w = len(self.train_set), cfg.optim.batch_size, D.world_size()
@@ -325,6 +326,7 @@ class Trainer:
         result = {}
         stopped = False
         t_start = time.time()
+        self.train_seconds = 0.0  # excludes evaluation
         while self.epoch < cfg.optim.epochs and not stopped:
             epoch = self.epoch
             self.model.set_epoch(epoch)
@@ -332,6 +334,7 @@ class Trainer:
             batches = self.batches(epoch, self.step_in_epoch)
             bar = self._progress(batches, epoch)
             t_last, n_last = time.time(), 0
+            t_epoch = time.time()
             for batch in bar:
                 it = epoch * self.niter + self.step_in_epoch
                 self.skipped_images += batch.n_skipped
@@ -357,9 +360,14 @@ class Trainer:
                     self.save_checkpoint()
                 if self.global_step >= max_steps:
                     stopped = True
+                if cfg.run.time_limit_min and self.train_seconds + time.time() - t_epoch > 60 * cfg.run.time_limit_min:
+                    self.log(f"time limit of {cfg.run.time_limit_min} min reached at step {self.global_step}")
+                    stopped = True
+                if stopped:
                     break
             if hasattr(bar, "close"):
                 bar.close()
+            self.train_seconds += time.time() - t_epoch
             if self.step_in_epoch >= self.niter:
                 self.epoch += 1
                 self.step_in_epoch = 0
@@ -372,7 +380,8 @@ class Trainer:
                     result["knn"] = self.evaluate_knn()
             elif stopped:
                 self.save_checkpoint()
-        result["train_minutes"] = (time.time() - t_start) / 60
+        result["train_minutes"] = self.train_seconds / 60
+        result["wall_minutes"] = (time.time() - t_start) / 60
         if cfg.run.knn_at_end:
             result["knn"] = self.evaluate_knn()
         if D.is_main():
@@ -501,13 +510,13 @@ class Trainer:
         """k-NN of the teacher's CLS (train set as memory bank, test set as queries)."""
         cfg = self.cfg
         d, m = cfg.data, cfg.model
-        bank = self.train_set
+        bank = self.bank_set
         try:
             if d.dataset == "folder":
                 self.log("k-NN skipped: data.dataset=folder has no labels")
                 return None
             if cfg.run.knn_split == "val":
-                bank, test_set = _split_val(self.train_set, min(10000, len(self.train_set) // 5))
+                bank, test_set = _split_val(self.bank_set, min(10000, len(self.bank_set) // 5))
             else:
                 test_set = build_dataset(
                     d.dataset,

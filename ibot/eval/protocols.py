@@ -1,0 +1,164 @@
+"""End-to-end evaluation protocols over any backbone source (what ``ibot knn`` / ``ibot linear`` run)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ibot.data.datasets import build_dataset
+from ibot.eval.knn import extract_features, knn_classify
+from ibot.eval.linear import extract_linear_features, linear_accuracy, train_linear_sweep
+from ibot.interop import load_backbone
+
+
+def fingerprint(backbone: torch.nn.Module, *parts) -> str:
+    """Hash of the backbone weights and the evaluation settings (cache key)."""
+    h = hashlib.sha256()
+    for k, v in backbone.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    for p in parts:
+        h.update(repr(p).encode())
+    return h.hexdigest()[:32]
+
+
+def _dataset_id(ds) -> tuple:
+    labels = getattr(ds, "labels", None)
+    lab = hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16] if labels is not None else ""
+    first = ds.images[:4].float().sum().item() if hasattr(ds, "images") else getattr(ds, "root", "")
+    return (type(ds).__name__, len(ds), lab, str(first))
+
+
+def _cached(cache: str | None, key: str, compute, log=print):
+    if cache:
+        path = Path(cache)
+        if path.is_file():
+            blob = torch.load(path, weights_only=True)
+            if blob.get("key") == key:
+                log(f"features: reusing cache {path}")
+                return blob["value"]
+            log(f"features: cache {path} was made for another model or data; recomputing")
+    value = compute()
+    if cache:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "value": value}, cache)
+    return value
+
+
+def resolve_data(info: dict, dataset: str | None, data_path: str | None):
+    cfg = info.get("config")
+    name = dataset or (cfg["data"]["dataset"] if cfg else None)
+    path = data_path or (cfg["data"]["path"] if cfg else None)
+    if not name:
+        raise ValueError("say which dataset to evaluate on: --dataset NAME [--data PATH]")
+    kw = dict(image_size=info["img_size"], in_chans=info["in_chans"])
+    if cfg:
+        kw.update(synthetic_size=cfg["data"]["synthetic_size"], seed=cfg["run"]["seed"])
+    return build_dataset(name, path, train=True, **kw), build_dataset(name, path, train=False, **kw), name
+
+
+def run_knn(
+    source,
+    *,
+    which="teacher",
+    dataset=None,
+    data_path=None,
+    ks=(10, 20, 100, 200),
+    temperature=0.07,
+    pool="cls",
+    cache=None,
+    image_size=None,
+    device="cpu",
+    log=print,
+    allow_unsafe=False,
+) -> dict:
+    """k-NN of a backbone (run folder, checkpoint, export or official file) on a labelled dataset."""
+    backbone, info, report = load_backbone(source, which, allow_unsafe)
+    log(report)
+    backbone = backbone.to(device).eval()
+    size = image_size or info["img_size"]
+    train, test, name = resolve_data(info, dataset, data_path)
+
+    def encode(x):
+        cls, patches = backbone(x)
+        if pool == "cls":
+            return cls
+        if pool == "patchmean":
+            return patches.mean(1)
+        return torch.cat([cls, patches.mean(1)], dim=-1)
+
+    key = fingerprint(backbone, name, size, pool, _dataset_id(train), _dataset_id(test))
+
+    def compute():
+        kw = dict(image_size=size, in_chans=info["in_chans"], device=device)
+        return extract_features(encode, train, **kw), extract_features(encode, test, **kw)
+
+    (tr_f, tr_y), (te_f, te_y) = _cached(cache, key, compute, log)
+    acc = knn_classify(
+        tr_f, tr_y, te_f, te_y, ks=ks, temperature=temperature, num_classes=len(getattr(train, "classes", [])) or None
+    )
+    return {
+        "dataset": name,
+        "pool": pool,
+        "which": which,
+        "n_train": len(tr_y),
+        "n_test": len(te_y),
+        "knn": {str(k): {"top1": a, "top5": b} for k, (a, b) in acc.items()},
+    }
+
+
+def run_linear(
+    source,
+    *,
+    which="teacher",
+    dataset=None,
+    data_path=None,
+    n_last_blocks=4,
+    avgpool=False,
+    val_fraction=0.1,
+    epochs=30,
+    cache=None,
+    device="cpu",
+    log=print,
+    allow_unsafe=False,
+    seed=0,
+) -> dict:
+    """Linear probe: lr sweep trained on train minus a validation split, picked on it, tested once."""
+    backbone, info, report = load_backbone(source, which, allow_unsafe)
+    log(report)
+    backbone = backbone.to(device).eval()
+    train, test, name = resolve_data(info, dataset, data_path)
+    key = fingerprint(backbone, "linear", name, n_last_blocks, avgpool, _dataset_id(train), _dataset_id(test))
+
+    def compute():
+        kw = dict(image_size=info["img_size"], n_last_blocks=n_last_blocks, avgpool=avgpool, device=device)
+        return extract_linear_features(backbone, train, **kw), extract_linear_features(backbone, test, **kw)
+
+    (tr_x, tr_y), (te_x, te_y) = _cached(cache, key, compute, log)
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(tr_x.shape[0], generator=gen)
+    n_val = max(1, int(round(val_fraction * tr_x.shape[0])))
+    val_idx, fit_idx = perm[:n_val], perm[n_val:]
+    c = len(getattr(train, "classes", [])) or int(max(tr_y.max(), te_y.max())) + 1
+    best_lr, w, b, sweep = train_linear_sweep(
+        tr_x[fit_idx], tr_y[fit_idx], tr_x[val_idx], tr_y[val_idx], c, epochs=epochs, seed=seed
+    )
+    top1, top5 = linear_accuracy(w, b, te_x, te_y)
+    return {
+        "dataset": name,
+        "which": which,
+        "n_last_blocks": n_last_blocks,
+        "avgpool": avgpool,
+        "best_lr": best_lr,
+        "val_top1": sweep[best_lr],
+        "test_top1": top1,
+        "test_top5": top5,
+        "n_fit": len(fit_idx),
+        "n_val": n_val,
+        "n_test": len(te_y),
+    }
+
+
+__all__ = ["fingerprint", "run_knn", "run_linear"]

@@ -1,0 +1,299 @@
+"""Interoperability: load official iBOT checkpoints, load any backbone source, export to timm.
+
+Official layouts (bytedance/ibot):
+
+* full training checkpoint ``checkpoint.pth``: ``student`` (``module.backbone.*``,
+  ``module.head.*``), ``teacher`` (``backbone.*``, ``head.*``; ``module.`` with a BN head),
+  weight-norm ``weight_g`` / ``weight_v``, a duplicated ``last_layer2`` when the head is shared,
+  ``ibot_loss`` centers, and a pickled ``argparse.Namespace`` under ``args``;
+* backbone-only files: ``{'state_dict': {...}}`` or a flat dict of backbone keys.
+
+The official ViT's keys equal timm's (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
+``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``), so a backbone maps onto
+a timm ``VisionTransformer`` without renaming. Everything is loaded with ``weights_only``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ibot.models.backbone import MaskedViT, create_vit
+from ibot.models.head import iBOTHead
+from ibot.train.checkpoint import CheckpointError, load_safe
+
+HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+TIMM_BY_WIDTH = {
+    192: "vit_tiny_patch16_224",
+    384: "vit_small_patch16_224",
+    768: "vit_base_patch16_224",
+    1024: "vit_large_patch16_224",
+}
+
+
+@dataclass
+class LoadReport:
+    """What a load matched: loaded, missing and unexpected keys."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: loaded {len(self.loaded)} tensors"]
+        if self.missing:
+            lines.append(
+                f"  missing ({len(self.missing)}): {', '.join(self.missing[:12])}"
+                + (" ..." if len(self.missing) > 12 else "")
+            )
+        if self.unexpected:
+            lines.append(
+                f"  unexpected ({len(self.unexpected)}): {', '.join(self.unexpected[:12])}"
+                + (" ..." if len(self.unexpected) > 12 else "")
+            )
+        return "\n".join(lines)
+
+
+def _strip(key: str) -> str:
+    for prefix in ("module.", "backbone.", "_orig_mod."):
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key
+
+
+def split_official_state(state: dict) -> tuple[dict, dict]:
+    """Official (or flat) state dict -> (backbone dict with timm keys + ``masked_embed``, head dict)."""
+    backbone, head = {}, {}
+    for k, v in state.items():
+        k = k[len("module.") :] if k.startswith("module.") else k
+        if k.startswith("head."):
+            hk = k[len("head.") :]
+            hk = hk.replace("parametrizations.weight.original0", "weight_g")
+            hk = hk.replace("parametrizations.weight.original1", "weight_v")
+            head[hk] = v
+        else:
+            backbone[_strip(k)] = v
+    return backbone, head
+
+
+def backbone_geometry(backbone: dict) -> dict:
+    """timm kwargs (embed_dim, depth, num_heads, patch_size, img_size, in_chans) from a state dict."""
+    if "cls_token" not in backbone or "patch_embed.proj.weight" not in backbone:
+        raise CheckpointError("no ViT backbone keys (cls_token, patch_embed.proj.weight) in this file")
+    dim = backbone["cls_token"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in backbone if k.startswith("blocks."))
+    proj = backbone["patch_embed.proj.weight"]
+    patch = proj.shape[-1]
+    n = backbone["pos_embed"].shape[1] - 1
+    return {
+        "embed_dim": dim,
+        "depth": depth,
+        "num_heads": HEADS_BY_WIDTH.get(dim, max(1, dim // 64)),
+        "patch_size": patch,
+        "img_size": math.isqrt(n) * patch,
+        "in_chans": proj.shape[1],
+    }
+
+
+def _load_into(module: torch.nn.Module, state: dict, source: str, prefix: str = "") -> LoadReport:
+    own = module.state_dict()
+    report = LoadReport(source)
+    matched = {}
+    for k, v in state.items():
+        if k in own:
+            if own[k].shape != v.shape:
+                raise CheckpointError(
+                    f"{source}: {prefix}{k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}"
+                )
+            matched[k] = v
+        else:
+            report.unexpected.append(prefix + k)
+    report.missing = [prefix + k for k in own if k not in matched]
+    report.loaded = [prefix + k for k in matched]
+    module.load_state_dict(matched, strict=False)
+    return report
+
+
+def load_official(path: str | Path, which: str = "teacher", allow_unsafe: bool = False, num_heads: int | None = None):
+    """Load an official checkpoint (full or backbone-only) into ibot modules.
+
+    Args:
+        path: ``checkpoint.pth`` (full), or a backbone file (``{'state_dict': ...}`` or flat).
+        which: "teacher" or "student" for full checkpoints.
+        num_heads: attention heads when the width is not a standard ViT size.
+
+    Returns:
+        ``(backbone MaskedViT, head iBOTHead or None, centers dict, report)``.
+    """
+    ckpt = load_safe(path, allow_unsafe=allow_unsafe)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} does not hold a state dict")
+    if which in ckpt and isinstance(ckpt[which], dict):
+        state = ckpt[which]
+    elif "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
+        state = ckpt["state_dict"]
+    elif any(k in ckpt for k in ("teacher", "student")):
+        raise CheckpointError(f"{path} has no {which!r} entry (it has {sorted(ckpt)})")
+    else:
+        state = ckpt
+    backbone_sd, head_sd = split_official_state({k: v for k, v in state.items() if torch.is_tensor(v)})
+    geo = backbone_geometry(backbone_sd)
+    if num_heads:
+        geo["num_heads"] = num_heads
+    arch = TIMM_BY_WIDTH.get(geo["embed_dim"], "vit_small_patch16_224")
+    vit = create_vit(arch, **geo)
+    backbone = MaskedViT(vit, masked_im_modeling="masked_embed" in backbone_sd)
+    vit_sd = {("vit." + k if k != "masked_embed" else k): v for k, v in backbone_sd.items()}
+    report = _load_into(backbone, vit_sd, str(path))
+    if not report.loaded:
+        raise CheckpointError(f"{path}: no backbone tensor matched; is it an iBOT/DINO ViT checkpoint?")
+    head = None
+    if head_sd:
+        head = _build_head(head_sd, geo["embed_dim"])
+        hr = _load_into(head, head_sd, str(path), prefix="head.")
+        report.loaded += hr.loaded
+        report.missing += hr.missing
+        report.unexpected += [k for k in hr.unexpected if not k.startswith("head.last_layer2")]
+    centers = ckpt.get("ibot_loss", {}) if isinstance(ckpt.get("ibot_loss"), dict) else {}
+    return backbone, head, centers, report
+
+
+def _build_head(head_sd: dict, in_dim: int) -> iBOTHead:
+    linears = sorted(
+        {
+            int(k.split(".")[1])
+            for k in head_sd
+            if k.startswith("mlp.") and k.endswith(".weight") and head_sd[k].ndim == 2
+        }
+    )
+    nlayers = len(linears)
+    hidden = head_sd[f"mlp.{linears[0]}.weight"].shape[0] if nlayers > 1 else 2048
+    bottleneck = head_sd[f"mlp.{linears[-1]}.weight"].shape[0]
+    norm = "bn" if any(k.endswith("running_mean") for k in head_sd) else None
+    out_dim = head_sd["last_layer.weight_v"].shape[0]
+    shared = "last_layer2.weight_v" not in head_sd or torch.equal(
+        head_sd["last_layer2.weight_v"], head_sd["last_layer.weight_v"]
+    )
+    patch_out = out_dim if shared else head_sd["last_layer2.weight_v"].shape[0]
+    head = iBOTHead(
+        in_dim,
+        out_dim,
+        patch_out,
+        shared_head=shared,
+        norm=norm,
+        nlayers=nlayers,
+        hidden_dim=hidden,
+        bottleneck_dim=bottleneck,
+        norm_last_layer=False,
+    )
+    return head
+
+
+# ---------------------------------------------------------------------- any source -> backbone
+def load_backbone(source: str | Path, which: str = "teacher", allow_unsafe: bool = False):
+    """A backbone from a run folder, an ibot checkpoint, an exported safetensors file or an official file.
+
+    Returns ``(MaskedViT, info dict with img_size / patch_size / in_chans / mean / std, report text)``.
+    """
+    from ibot.eval.knn import norm_stats
+
+    src = Path(source)
+    if src.is_dir():
+        if (src / "checkpoint.pth").is_file():
+            src = src / "checkpoint.pth"
+        elif (src / "backbone.safetensors").is_file():
+            src = src / "backbone.safetensors"
+        else:
+            raise CheckpointError(f"{src} has no checkpoint.pth or backbone.safetensors")
+    if src.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        meta = json.loads(src.with_suffix(".json").read_text())
+        vit = create_vit(meta["arch"], **meta["timm_kwargs"])
+        vit.load_state_dict(load_file(str(src)))
+        info = {k: meta[k] for k in ("img_size", "patch_size", "in_chans", "mean", "std")}
+        return MaskedViT(vit, masked_im_modeling=False), info, f"{src}: exported backbone"
+    ckpt = load_safe(src, allow_unsafe=allow_unsafe)
+    if isinstance(ckpt, dict) and ckpt.get("format") == "ibot-1":
+        from ibot.config import build_model, from_dict
+
+        cfg = from_dict(ckpt["config"])
+        model = build_model(cfg)
+        model.load_state_dict(ckpt["model"])
+        backbone = model.teacher["backbone"] if which == "teacher" else model.student["backbone"]
+        mean, std = norm_stats(cfg.model.in_chans)
+        info = {
+            "img_size": cfg.model.img_size,
+            "patch_size": cfg.model.patch_size,
+            "in_chans": cfg.model.in_chans,
+            "mean": list(mean),
+            "std": list(std),
+            "config": ckpt["config"],
+        }
+        return backbone, info, f"{src}: ibot checkpoint ({which})"
+    backbone, _, _, report = load_official(src, which, allow_unsafe)
+    mean, std = norm_stats(backbone.in_chans)
+    n = backbone.vit.pos_embed.shape[1] - 1
+    info = {
+        "img_size": math.isqrt(n) * backbone.patch_size,
+        "patch_size": backbone.patch_size,
+        "in_chans": backbone.in_chans,
+        "mean": list(mean),
+        "std": list(std),
+    }
+    return backbone, info, str(report)
+
+
+def timm_kwargs(vit: torch.nn.Module) -> dict:
+    n = vit.pos_embed.shape[1] - 1
+    patch = vit.patch_embed.patch_size[0]
+    return {
+        "embed_dim": vit.embed_dim,
+        "depth": len(vit.blocks),
+        "num_heads": vit.blocks[0].attn.num_heads,
+        "patch_size": patch,
+        "img_size": math.isqrt(n) * patch,
+        "in_chans": vit.patch_embed.proj.in_channels,
+    }
+
+
+def export_backbone(backbone: MaskedViT, out_dir: str | Path, info: dict, arch: str | None = None) -> Path:
+    """Write ``backbone.safetensors`` (timm keys) and ``backbone.json`` into ``out_dir``.
+
+    Load it with plain timm::
+
+        meta = json.load(open("backbone.json"))
+        model = timm.create_model(meta["arch"], num_classes=0, **meta["timm_kwargs"])
+        model.load_state_dict(safetensors.torch.load_file("backbone.safetensors"))
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vit = backbone.vit
+    kw = timm_kwargs(vit)
+    arch = (
+        arch
+        or info.get("config", {}).get("model", {}).get("arch")
+        or TIMM_BY_WIDTH.get(kw["embed_dim"], "vit_small_patch16_224")
+    )
+    state = {k: v.detach().contiguous().clone() for k, v in vit.state_dict().items()}
+    save_file(state, str(out / "backbone.safetensors"))
+    meta = {
+        "arch": arch,
+        "timm_kwargs": kw,
+        "img_size": kw["img_size"],
+        "patch_size": kw["patch_size"],
+        "in_chans": kw["in_chans"],
+        "mean": list(info.get("mean", [])),
+        "std": list(info.get("std", [])),
+        "features": "final-norm class token: timm model(x) with num_classes=0 (global_pool='token')",
+        "format": "ibot-export-1",
+    }
+    (out / "backbone.json").write_text(json.dumps(meta, indent=2))
+    return out / "backbone.safetensors"

@@ -1,0 +1,54 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ibot.config import build_config
+from ibot.eval.knn import knn_classify
+from ibot.eval.linear import linear_accuracy, train_linear_sweep
+from ibot.eval.protocols import run_knn, run_linear
+from ibot.train.trainer import Trainer
+
+
+def test_knn_matches_bruteforce_and_small_test_sets():
+    g = torch.Generator().manual_seed(0)
+    train = F.normalize(torch.randn(50, 8, generator=g), dim=-1)
+    ytr = torch.randint(0, 3, (50,), generator=g)
+    test = F.normalize(torch.randn(7, 8, generator=g), dim=-1)  # fewer than 100 queries
+    yte = torch.randint(0, 3, (7,), generator=g)
+    acc = knn_classify(train, ytr, test, yte, ks=(5, 200), max_chunk_elements=60)  # chunks of 1 query
+    correct = 0
+    for i in range(7):
+        sim = train @ test[i]
+        top, idx = sim.topk(5)
+        votes = torch.zeros(3).index_add_(0, ytr[idx], (top / 0.07).exp())
+        correct += int(votes.argmax() == yte[i])
+    assert acc[5][0] == pytest.approx(100 * correct / 7)
+    assert 50 in acc  # k capped at the memory-bank size
+
+
+def test_linear_sweep_picks_on_validation_and_learns():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 3
+    y = torch.randint(0, 4, (600,), generator=g)
+    x = centers[y] + torch.randn(600, 16, generator=g)
+    lr, w, b, sweep = train_linear_sweep(x[:400], y[:400], x[400:500], y[400:500], 4, lrs=(1e-4, 1e-2, 1.0), epochs=10)
+    assert sweep[lr] == max(sweep.values())
+    assert linear_accuracy(w, b, x[500:], y[500:])[0] > 90
+
+
+def test_run_protocols_and_cache_invalidation(tmp_path):
+    run = tmp_path / "run"
+    cfg = build_config(
+        "smoke", [f"run.output_dir={run}", "run.progress=false", "run.knn_at_end=false", "run.max_steps=2"]
+    )
+    Trainer(cfg, log=lambda *a: None).fit()
+    cache = tmp_path / "feats.pt"
+    logs = []
+    a = run_knn(run, cache=str(cache), log=logs.append)
+    b = run_knn(run, cache=str(cache), log=logs.append)
+    assert a["knn"] == b["knn"] and any("reusing cache" in m for m in logs)
+    logs.clear()
+    run_knn(run, cache=str(cache), which="student", log=logs.append)  # other weights: not reused
+    assert any("recomputing" in m for m in logs)
+    res = run_linear(run, epochs=2, n_last_blocks=2, avgpool=True, log=lambda m: None)
+    assert 0 <= res["test_top1"] <= 100 and res["n_val"] > 0

@@ -132,9 +132,19 @@ class MaskedViT(nn.Module):
         tokens = self.vit.pos_drop(tokens)
         return self.vit.norm_pre(tokens)
 
+    def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The transformer blocks, with activation checkpointing when the timm model has it enabled."""
+        if getattr(self.vit, "grad_checkpointing", False) and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            for blk in self.vit.blocks:
+                tokens = checkpoint(blk, tokens, use_reentrant=False)
+            return tokens
+        return self.vit.blocks(tokens)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, H, W) -> final-norm class token (B, D) and patch tokens (B, N, D)."""
-        tokens = self.vit.norm(self.vit.blocks(self.prepare_tokens(x, mask)))
+        tokens = self.vit.norm(self.run_blocks(self.prepare_tokens(x, mask)))
         return tokens[:, 0], tokens[:, 1:]
 
     def forward_cls(self, x: torch.Tensor) -> torch.Tensor:

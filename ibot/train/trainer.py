@@ -11,7 +11,6 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,8 +25,8 @@ from ibot.data.transforms import BatchMultiCrop, MultiCropTransform
 from ibot.eval.knn import extract_features, knn_classify, norm_stats
 from ibot.train.checkpoint import CheckpointError, load_safe, remove_stale_temporaries, save_atomic
 from ibot.train.metrics import MetricsWriter, plot_curves
-from ibot.train.optim import cancel_last_layer_grads, clip_gradients, param_groups
 from ibot.train.schedules import cosine_scheduler
+from ibot.train.step import NonFiniteLossError, TrainStep
 
 CHECKPOINT = "checkpoint.pth"
 # keys whose change makes a checkpoint incompatible (shapes / the method itself)
@@ -113,14 +112,18 @@ class Trainer:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.params = self.model.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model.student),
-            lr=0.0,
-            betas=tuple(cfg.optim.betas),
-            fused=self.device.type == "cuda",
+        o = cfg.optim
+        self.step_fn = TrainStep(
+            self.model,
+            self.ddp,
+            precision=self.precision,
+            device_type=self.device.type,
+            clip_grad=o.clip_grad,
+            clip_mode=o.clip_mode,
+            freeze_last_layer=o.freeze_last_layer,
+            betas=tuple(o.betas),
         )
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.optimizer, self.scaler = self.step_fn.optimizer, self.step_fn.scaler
         self._build_schedules()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.bad_steps, self.skipped_images, self.seen_images = 0, 0, 0
@@ -251,45 +254,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return self.step_fn.autocast()
 
-    def train_step(self, batch: Batch, epoch: int, it: int) -> dict | None:
-        """One optimisation step. Returns detached metrics, or None when the step was skipped."""
-        for i, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = float(self.lr_schedule[it])
-            if i == 0:
-                group["weight_decay"] = float(self.wd_schedule[it])
-        batch = batch.to(self.device)
-        module = self.ddp if self.ddp is not None else self.model
-        with self._autocast():
-            out = module(batch=batch, epoch=epoch)
-        loss = out.loss
-        if not math.isfinite(float(loss.detach())):
+    def train_step(self, batch: Batch, epoch: int, it: int):
+        """One optimisation step at iteration ``it``. Returns the model output, or None when skipped."""
+        self.step_fn.set_hyperparameters(float(self.lr_schedule[it]), float(self.wd_schedule[it]))
+        try:
+            out = self.step_fn(batch.to(self.device), epoch, float(self.momentum_schedule[it]))
+        except NonFiniteLossError as err:
             self.bad_steps += 1
-            self.optimizer.zero_grad(set_to_none=True)
             if self.bad_steps >= self.cfg.run.max_bad_steps:
-                raise TrainingError(NAN_ADVICE.format(n=self.bad_steps))
+                raise TrainingError(NAN_ADVICE.format(n=self.bad_steps)) from err
             self.log(f"warning: non-finite loss at step {it}; step skipped ({self.bad_steps} in a row)")
             return None
         self.bad_steps = 0
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        clip_gradients(self.params, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
-        cancel_last_layer_grads(self.model.student, epoch, self.cfg.optim.freeze_last_layer)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.model.update_teacher(float(self.momentum_schedule[it]))
-        return {"out": out, "batch": batch}
+        return out
 
     def _monitors(self, out, epoch: int) -> dict:
         """Collapse monitors from the teacher's CLS logits of this step."""
@@ -345,7 +324,7 @@ class Trainer:
                 n_last += batch.batch_size * batch.n_global
                 self.seen_images += batch.batch_size * D.world_size()
                 if res is not None and (self.global_step % cfg.run.log_every == 0 or self.step_in_epoch == self.niter):
-                    rec = self._record(res["out"], epoch, it, n_last / max(time.time() - t_last, 1e-9) / batch.n_global)
+                    rec = self._record(res, epoch, it, n_last / max(time.time() - t_last, 1e-9) / batch.n_global)
                     t_last, n_last = time.time(), 0
                     if self.metrics:
                         self.metrics.write(rec)

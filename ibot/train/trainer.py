@@ -335,7 +335,8 @@ class Trainer:
                     warn = self._collapse_warning(rec)
                     if warn:
                         self.log(warn)
-                if cfg.run.save_every_steps and self.global_step % cfg.run.save_every_steps == 0:
+                save_due = cfg.run.save_every_steps and self.global_step % cfg.run.save_every_steps == 0
+                if save_due and self.bad_steps == 0:  # never checkpoint inside a streak of non-finite losses
                     self.save_checkpoint()
                 if self.global_step >= max_steps:
                     stopped = True
@@ -350,7 +351,8 @@ class Trainer:
             if self.step_in_epoch >= self.niter:
                 self.epoch += 1
                 self.step_in_epoch = 0
-                self.save_checkpoint()
+                if self.bad_steps == 0:
+                    self.save_checkpoint()
                 if cfg.run.saveckp_freq and epoch % cfg.run.saveckp_freq == 0 and epoch > 0 and D.is_main():
                     import shutil
 
@@ -514,10 +516,12 @@ class Trainer:
         backbone = self.model.teacher["backbone"]
         backbone.eval()
         t0 = time.time()
+        kw = dict(image_size=m.img_size, in_chans=m.in_chans, device=self.device, num_workers=d.num_workers)
         with self._autocast():
-            kw = dict(image_size=m.img_size, in_chans=m.in_chans, device=self.device, num_workers=d.num_workers)
-            tr_f, tr_y = extract_features(backbone.forward_cls, bank, **kw)
-            te_f, te_y = extract_features(backbone.forward_cls, test_set, **kw)
+            tr_f, tr_y = _gathered_features(backbone.forward_cls, bank, kw)
+            te_f, te_y = _gathered_features(backbone.forward_cls, test_set, kw)
+        if not D.is_main():
+            return None
         ks = sorted({10, 20, 100, 200, cfg.run.knn_k})
         acc = knn_classify(
             tr_f,
@@ -560,6 +564,32 @@ def _limit(dataset, n: int):
     sub.labels = dataset.labels[: len(sub)]
     sub.classes = getattr(dataset, "classes", [])
     return sub
+
+
+def _shard(dataset, start: int, end: int):
+    from ibot.data.datasets import TensorImageDataset
+
+    if hasattr(dataset, "images"):
+        return TensorImageDataset(
+            dataset.images[start:end], dataset.labels[start:end], getattr(dataset, "classes", None)
+        )
+    sub = torch.utils.data.Subset(dataset, range(start, end))
+    sub.labels = dataset.labels[start:end]
+    return sub
+
+
+def _gathered_features(encode, dataset, kw):
+    """Features of a dataset, each rank extracting one contiguous shard, gathered on every rank."""
+    if not D.is_dist():
+        return extract_features(encode, dataset, **kw)
+    n, w, r = len(dataset), D.world_size(), D.rank()
+    per = -(-n // w)
+    start, end = min(n, r * per), min(n, (r + 1) * per)
+    local = extract_features(encode, _shard(dataset, start, end), **kw) if end > start else None
+    parts = [None] * w
+    dist.all_gather_object(parts, local)
+    parts = [p for p in parts if p is not None]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _split_val(dataset, n_val: int):

@@ -1,0 +1,128 @@
+"""DDP equivalence: 2 gloo processes x batch B == 1 process x batch 2B (same samples, same masks)."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_ibot
+
+from ibot.data.loader import Batch
+from ibot.data.masking import MaskBatch
+
+B, G, L = 4, 2, 2
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    glob = torch.randn(G, 2 * B, 3, 32, 32, generator=gen)
+    loc = torch.randn(L, 2 * B, 3, 16, 16, generator=gen)
+    masks = torch.rand(G, 2 * B, 16, generator=gen) < 0.3
+    masks[0, 0] = False
+    return glob, loc, masks
+
+
+def _batch(glob, loc, masks, rows):
+    # crop-major stacking of the selected images
+    g = torch.cat([glob[i, rows] for i in range(G)])
+    lo = torch.cat([loc[i, rows] for i in range(L)])
+    m = torch.cat([masks[i, rows] for i in range(G)])
+    return Batch(g, lo, MaskBatch.from_masks(m, G), torch.zeros(len(rows)), G, L)
+
+
+def _model(centering):
+    torch.manual_seed(0)
+    return tiny_ibot(drop_path_rate=0.0, centering=centering)
+
+
+def _worker(rank, world, port, centering, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = _model(centering)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    glob, loc, masks = _inputs()
+    rows = list(range(rank * B, (rank + 1) * B))
+    out = ddp(batch=_batch(glob, loc, masks, rows), epoch=0)
+    out.loss.backward()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    if rank == 0:
+        grads = {n: p.grad.clone() for n, p in model.student.named_parameters() if p.grad is not None}
+        torch.save(
+            {
+                "loss": loss / world,
+                "grads": grads,
+                "center": model.cls_center.center.clone(),
+                "center2": model.patch_center_ema.center.clone(),
+            },
+            out_path,
+        )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("centering", ["center", "sinkhorn"])
+def test_two_processes_equal_one_process_with_double_batch(tmp_path, centering):
+    out_path = tmp_path / "ddp.pt"
+    mp.spawn(_worker, args=(2, _free_port(), centering, str(out_path)), nprocs=2, join=True)
+    ddp = torch.load(out_path)
+    model = _model(centering)
+    glob, loc, masks = _inputs()
+    out = model(batch=_batch(glob, loc, masks, list(range(2 * B))), epoch=0)
+    out.loss.backward()
+    torch.testing.assert_close(ddp["loss"], out.loss.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ddp["center"], model.cls_center.center, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ddp["center2"], model.patch_center_ema.center, rtol=1e-5, atol=1e-6)
+    for n, p in model.student.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(ddp["grads"][n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_torchrun_two_processes_then_resume_in_one(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "ibot",
+        "pretrain",
+        "preset=smoke",
+        f"run.output_dir={run}",
+        "run.progress=false",
+        "optim.batch_size=8",
+        "run.max_steps=3",
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "k-NN" in res.stdout + res.stderr
+    from ibot.train.checkpoint import load_safe
+
+    ckpt = load_safe(run / "checkpoint.pth")
+    assert ckpt["world_size"] == 2 and ckpt["global_step"] == 3
+    res = subprocess.run(
+        [sys.executable, "-m", "ibot", "pretrain", "--resume", str(run), "run.max_steps=5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    ckpt = load_safe(run / "checkpoint.pth")
+    assert ckpt["world_size"] == 1 and ckpt["global_step"] == 5

@@ -26,6 +26,7 @@ class ModelConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path: float = 0.1  # student only
+    efficient_drop_path: bool = False  # run residual branches on kept samples only (DINOv2)
     out_dim: int = 8192  # CLS prototypes
     patch_out_dim: int = 8192  # patch prototypes (ignored when shared_head)
     shared_head: bool = True
@@ -104,6 +105,8 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16
     threads: int = 0  # torch CPU threads (0 = torch default)
+    grad_checkpointing: bool = False  # activation checkpointing of the student blocks (memory for compute)
+    compile: bool = False  # torch.compile each transformer block
     log_every: int = 10  # steps between metric lines
     save_every_steps: int = 0  # also checkpoint every N steps (crash safety inside long epochs)
     saveckp_freq: int = 0  # keep checkpoint{epoch:04}.pth every N epochs (0 = only the last)

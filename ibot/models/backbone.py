@@ -99,6 +99,7 @@ class MaskedViT(nn.Module):
         self.patch_size: int = vit.patch_embed.patch_size[0]
         self.in_chans: int = vit.patch_embed.proj.in_channels
         self.masked_embed = nn.Parameter(torch.zeros(1, self.embed_dim)) if masked_im_modeling else None
+        self.efficient_drop_path = False  # DINOv2-style: compute residual branches on kept samples only
 
     @property
     def num_heads(self) -> int:
@@ -134,6 +135,10 @@ class MaskedViT(nn.Module):
 
     def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
         """The transformer blocks, with activation checkpointing when the timm model has it enabled."""
+        if self.efficient_drop_path and self.training:
+            for blk in self.vit.blocks:
+                tokens = _subset_drop_path_block(blk, tokens)
+            return tokens
         if getattr(self.vit, "grad_checkpointing", False) and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
@@ -174,6 +179,29 @@ class MaskedViT(nn.Module):
         qkv = attn.qkv(y).reshape(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
         return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def _subset_drop_path_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A timm Block whose residual branches run only on the samples stochastic depth keeps.
+
+    With drop rate p, ``max(1, int(B * (1 - p)))`` random samples get each branch, scaled by
+    ``B / kept`` and added back with ``index_add``; the others skip it (DINOv2's efficient stochastic
+    depth). Same expectation as per-sample drop-path, about p times fewer FLOPs in the branches.
+    """
+    b = x.shape[0]
+    for norm, branch, ls, dp in (
+        (blk.norm1, blk.attn, blk.ls1, blk.drop_path1),
+        (blk.norm2, blk.mlp, blk.ls2, blk.drop_path2),
+    ):
+        p = float(getattr(dp, "drop_prob", 0.0))
+        if p <= 0.0:
+            x = x + ls(branch(norm(x)))
+            continue
+        keep = max(1, int(b * (1 - p)))
+        idx = torch.randperm(b, device=x.device)[:keep]
+        res = ls(branch(norm(x[idx])))
+        x = torch.index_add(x, 0, idx, res.to(x.dtype), alpha=b / keep)
+    return x
 
 
 def _without_drop_path(module: nn.Module) -> nn.Module:

@@ -105,6 +105,14 @@ class Trainer:
 
         self._build_data()
         self.model = build_model(cfg).to(self.device)
+        student_bb = self.model.student["backbone"]
+        student_bb.efficient_drop_path = cfg.model.efficient_drop_path
+        if cfg.run.grad_checkpointing:
+            student_bb.vit.set_grad_checkpointing(True)
+        if cfg.run.compile:
+            for bb in (student_bb, self.model.teacher["backbone"]):
+                for blk in bb.vit.blocks:
+                    blk.compile()
         self.ddp = None
         if D.is_dist():
             if cfg.model.head_norm == "bn":

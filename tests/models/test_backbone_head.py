@@ -96,3 +96,22 @@ def test_head_shared_and_separate():
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(4))
     with pytest.raises(ValueError, match="unknown head norm"):
         iBOTHead(16, norm="gn")
+
+
+def test_efficient_drop_path_and_checkpointing_keep_semantics():
+    torch.manual_seed(0)
+    vit = MaskedViT(create_vit("vit_tiny_patch16_224", img_size=32, drop_path_rate=0.0, **TINY)).train()
+    x = torch.randn(4, 3, 32, 32)
+    ref = vit(x)[0]
+    vit.efficient_drop_path = True  # rate 0: identical to the plain blocks
+    torch.testing.assert_close(vit(x)[0], ref)
+    vit.efficient_drop_path = False
+    vit.vit.set_grad_checkpointing(True)
+    out = vit(x)[0]
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    assert vit.vit.blocks[0].attn.qkv.weight.grad is not None
+    dp = MaskedViT(create_vit("vit_tiny_patch16_224", img_size=32, drop_path_rate=0.5, **TINY)).train()
+    dp.efficient_drop_path = True
+    y = dp(x)[0]
+    assert torch.isfinite(y).all() and not torch.allclose(y, dp(x)[0])  # random subsets

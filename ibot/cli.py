@@ -152,6 +152,70 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_viz(args) -> int:
+    from pathlib import Path
+
+    from ibot import viz
+    from ibot.interop import load_backbone
+
+    if args.kind == "curves":
+        from ibot.train.metrics import plot_curves
+
+        path = plot_curves(args.source, args.out or Path(args.source) / "curves.png")
+        if path is None:
+            print(f"ibot: error: {args.source} has no metrics.jsonl", file=sys.stderr)
+            return 2
+        print(f"wrote {path}")
+        return 0
+    backbone, info, report = load_backbone(args.source, args.which, args.allow_unsafe_pickle)
+    print(report, file=sys.stderr)
+    backbone.eval()
+    images = viz.load_images(
+        info, files=args.images, dataset=args.dataset, data_path=args.data, n=args.n, size=args.img_size
+    )
+    mean, std = info["mean"], info["std"]
+    if args.kind == "attention":
+        out = viz.plot_attention(backbone, images, args.out or "attention.png", mean, std, args.threshold)
+        print(f"wrote {out}")
+    elif args.kind == "patterns":
+        from ibot.interop import load_head
+
+        head = load_head(args.source, args.which, args.allow_unsafe_pickle).eval()
+        paths = viz.plot_patterns(
+            backbone,
+            head,
+            images,
+            args.out or "patterns",
+            mean,
+            std,
+            topk=args.topk,
+            show=args.show,
+            window=args.window,
+            kind=args.type,
+        )
+        print(f"wrote {len(paths)} PNGs to {Path(paths[0]).parent if paths else args.out}")
+    else:  # correspond
+        if args.images and len(images) >= 2:
+            a, b = images[0], images[1]
+            title, acc = "two images", None
+        else:
+            size = images.shape[-1]
+            side = int(size * 0.75)
+            boxes = [(0, 0, side), (size - side, size - side, side)]
+            a, b = viz.crop_views(images[0], size, boxes)
+            title = "two views of one image"
+        match, sim = viz.match_patches(backbone, a, b)
+        if not (args.images and len(images) >= 2):
+            acc = viz.geometric_accuracy(match, backbone.grid_size(size, size)[0], boxes[0], boxes[1])
+            title += f": {100 * acc:.1f}% of matches where the crop geometry says"
+            print(f"correspondence accuracy {100 * acc:.1f}%")
+        out = viz.plot_correspondence(
+            a, b, match, sim, backbone.patch_size, args.out or "correspondence.png", mean, std, title=title
+        )
+        print(f"wrote {out}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from omegaconf import OmegaConf
 
@@ -245,6 +309,30 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--which", choices=("teacher", "student"), default="teacher")
     exp.add_argument("--allow-unsafe-pickle", action="store_true")
     exp.set_defaults(func=cmd_export)
+
+    vz = sub.add_parser(
+        "viz",
+        help="pictures: attention maps, prototype patterns, correspondences, curves",
+        description="attention: last-layer CLS attention per head; patterns: top-k patches of the "
+        "most populated teacher prototypes; correspond: patch matches between two images or two "
+        "views of one; curves: training curves of a run folder.",
+    )
+    vz.add_argument("kind", choices=("attention", "patterns", "correspond", "curves"))
+    vz.add_argument("source", help="run folder, ibot checkpoint, exported backbone, or official checkpoint")
+    vz.add_argument("--out", help="output PNG (a folder for patterns)")
+    vz.add_argument("--images", nargs="+", help="image files (default: the first test images of the dataset)")
+    vz.add_argument("--dataset", help="dataset name (default: the run's)")
+    vz.add_argument("--data", help="dataset folder")
+    vz.add_argument("--n", type=int, default=4, help="images to use (patterns: use many, e.g. 512)")
+    vz.add_argument("--img-size", type=int, help="image size (default: the model's)")
+    vz.add_argument("--which", choices=("teacher", "student"), default="teacher")
+    vz.add_argument("--threshold", type=float, help="attention: keep this share of the mass (official 0.6)")
+    vz.add_argument("--type", choices=("patch", "cls"), default="patch", help="patterns: patch or CLS tokens")
+    vz.add_argument("--topk", type=int, default=16)
+    vz.add_argument("--show", type=int, default=8, help="patterns: how many prototypes")
+    vz.add_argument("--window", type=int, default=3, help="patterns: context window in patches")
+    vz.add_argument("--allow-unsafe-pickle", action="store_true")
+    vz.set_defaults(func=cmd_viz)
 
     cfg = sub.add_parser(
         "config",

@@ -297,3 +297,20 @@ def export_backbone(backbone: MaskedViT, out_dir: str | Path, info: dict, arch: 
     }
     (out / "backbone.json").write_text(json.dumps(meta, indent=2))
     return out / "backbone.safetensors"
+
+
+def load_head(source: str | Path, which: str = "teacher", allow_unsafe: bool = False) -> iBOTHead:
+    """The projection head of a run folder, an ibot checkpoint or an official full checkpoint."""
+    src = Path(source)
+    src = src / "checkpoint.pth" if src.is_dir() else src
+    ckpt = load_safe(src, allow_unsafe=allow_unsafe)
+    if isinstance(ckpt, dict) and ckpt.get("format") == "ibot-1":
+        from ibot.config import build_model, from_dict
+
+        model = build_model(from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+        return model.teacher["head"] if which == "teacher" else model.student["head"]
+    _, head, _, _ = load_official(src, which, allow_unsafe)
+    if head is None:
+        raise CheckpointError(f"{src} has no projection head; patterns need a full (training) checkpoint")
+    return head

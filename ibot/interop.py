@@ -314,3 +314,38 @@ def load_head(source: str | Path, which: str = "teacher", allow_unsafe: bool = F
     if head is None:
         raise CheckpointError(f"{src} has no projection head; patterns need a full (training) checkpoint")
     return head
+
+
+def init_model_from(model, source: str | Path, allow_unsafe: bool = False) -> str:
+    """Initialise an :class:`ibot.iBOT` from an ibot checkpoint or an official full/backbone checkpoint.
+
+    Official files: the student backbone and head from ``student`` (the teacher from ``teacher``);
+    a backbone-only file initialises both backbones. Returns a readable report.
+    """
+    src = Path(source)
+    src = src / "checkpoint.pth" if src.is_dir() else src
+    ckpt = load_safe(src, allow_unsafe=allow_unsafe)
+    if isinstance(ckpt, dict) and ckpt.get("format") == "ibot-1":
+        model.load_state_dict(ckpt["model"])
+        return f"{src}: ibot checkpoint (student, teacher, centers)"
+    lines = []
+    for which in ("student", "teacher"):
+        key = which if isinstance(ckpt, dict) and which in ckpt else None
+        if key is None and isinstance(ckpt, dict) and ("teacher" in ckpt or "student" in ckpt):
+            key = "teacher" if "teacher" in ckpt else "student"
+        backbone, head, centers, report = load_official(src, key or "teacher", allow_unsafe)
+        target = model.student if which == "student" else model.teacher
+        sd = {k: v for k, v in backbone.state_dict().items() if k in target["backbone"].state_dict()}
+        r = target["backbone"].load_state_dict(sd, strict=False)
+        if head is not None:
+            hsd = {k: v for k, v in head.state_dict().items() if k in target["head"].state_dict()}
+            target["head"].load_state_dict(hsd, strict=False)
+        lines.append(
+            f"{which}: from {key or 'backbone file'} ({len(sd)} backbone tensors"
+            f"{', head' if head is not None else ''}; missing {list(r.missing_keys)[:5]})"
+        )
+        if which == "teacher" and "center" in centers:
+            model.cls_center.center.copy_(centers["center"].reshape(1, -1))
+            if "center2" in centers and centers["center2"].numel() == model.patch_center_ema.center.numel():
+                model.patch_center_ema.center.copy_(centers["center2"].reshape(1, -1))
+    return f"{src}: " + "; ".join(lines)

@@ -104,7 +104,12 @@ class Trainer:
         random.seed(cfg.run.seed + D.rank())
 
         self._build_data()
-        self.model = build_model(cfg).to(self.device)
+        self.model = build_model(cfg)
+        if cfg.run.init_from:
+            from ibot.interop import init_model_from
+
+            self.log(init_model_from(self.model, cfg.run.init_from))
+        self.model = self.model.to(self.device)
         student_bb = self.model.student["backbone"]
         student_bb.efficient_drop_path = cfg.model.efficient_drop_path
         if cfg.run.grad_checkpointing:

@@ -130,3 +130,30 @@ def test_export_loads_in_plain_timm_with_identical_features(tmp_path, model):
     torch.testing.assert_close(torch.load(tmp_path / "timm_features.pt"), backbone(x)[0], rtol=1e-5, atol=1e-5)
     loaded, info, _ = load_backbone(tmp_path / "backbone.safetensors")
     torch.testing.assert_close(loaded(x)[0], backbone(x)[0])
+
+
+def test_continued_pretraining_from_official_checkpoint(tmp_path, model):
+    from ibot.config import build_config
+    from ibot.train.trainer import Trainer
+
+    cfg = build_config(
+        "smoke",
+        [
+            f"run.output_dir={tmp_path / 'run'}",
+            "run.progress=false",
+            "run.knn_at_end=false",
+            "run.max_steps=1",
+            "model.embed_dim=48",
+            "model.num_heads=2",
+            "model.out_dim=40",
+            "model.patch_out_dim=40",
+            "model.bottleneck_dim=32",
+            "model.depth=2",
+            f"run.init_from={tmp_path / 'official.pth'}",
+        ],
+    )
+    torch.save(_official_layout(model), tmp_path / "official.pth")
+    tr = Trainer(cfg, log=lambda *a: None)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(tr.model.teacher["backbone"](x)[0], model.teacher["backbone"](x)[0])
+    tr.fit()

@@ -142,6 +142,37 @@ def cmd_linear(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from ibot.eval.finetune import finetune
+    from ibot.eval.protocols import resolve_data
+    from ibot.interop import load_backbone
+
+    backbone, info, report = load_backbone(args.source, args.which, args.allow_unsafe_pickle)
+    print(report, file=sys.stderr)
+    train, test, name = resolve_data(info, args.dataset, args.data)
+    if not hasattr(train, "images"):
+        print(
+            "ibot: error: finetune runs on in-memory datasets (mnist, fashion_mnist, cifar, synthetic)", file=sys.stderr
+        )
+        return 2
+    res = finetune(
+        backbone,
+        train,
+        test,
+        num_classes=len(train.classes),
+        image_size=info["img_size"],
+        preset=args.preset,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(f"fine-tuned ({res['preset']}, {res['epochs']} epochs) on {name}: test top-1 {res['test_top1']:.2f}%")
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
 def cmd_export(args) -> int:
     from ibot.interop import export_backbone, load_backbone
 

@@ -52,3 +52,25 @@ def test_run_protocols_and_cache_invalidation(tmp_path):
     assert any("recomputing" in m for m in logs)
     res = run_linear(run, epochs=2, n_last_blocks=2, avgpool=True, log=lambda m: None)
     assert 0 <= res["test_top1"] <= 100 and res["n_val"] > 0
+
+
+def test_finetune_layer_decay_and_run(tmp_path):
+    from ibot.eval.finetune import finetune, layer_decay_groups
+    from ibot.interop import load_backbone
+
+    run = tmp_path / "run"
+    cfg = build_config(
+        "smoke", [f"run.output_dir={run}", "run.progress=false", "run.knn_at_end=false", "run.max_steps=1"]
+    )
+    tr = Trainer(cfg, log=lambda *a: None)
+    tr.fit()
+    backbone, info, _ = load_backbone(run)
+    for p in backbone.vit.parameters():
+        p.requires_grad_(True)
+    groups = layer_decay_groups(backbone.vit, 0.05, 0.5)
+    scales = {g["lr_scale"] for g in groups}
+    assert max(scales) == 1.0 and min(scales) == pytest.approx(0.5**3)  # depth 2: layers 0..3
+    res = finetune(
+        backbone, tr.train_set, tr.bank_set, num_classes=4, image_size=32, epochs=1, batch_size=16, log=lambda m: None
+    )
+    assert 0 <= res["test_top1"] <= 100

@@ -1,0 +1,1 @@
+"""Data pipeline: datasets, multi-crop transforms, mask generators, collate."""

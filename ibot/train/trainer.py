@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ibot import distributed as D
-from ibot.config import build_model, from_dict, to_dict
+from ibot.config import build_model, flatten, from_dict, to_dict
 from ibot.data.datasets import DatasetError, build_dataset
 from ibot.data.loader import Batch, EpochSampler, MultiCropCollate, MultiCropDataset, TensorBatches
 from ibot.data.masking import MaskGenerator
@@ -57,16 +57,6 @@ NAN_ADVICE = (
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to try."""
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,7 +133,7 @@ class Trainer:
         if D.is_main():
             remove_stale_temporaries(self.run_dir)
         if resume != "never":
-            ckpt = Path(resume) if resume not in ("auto",) else self.run_dir / CHECKPOINT
+            ckpt = self.run_dir / CHECKPOINT if resume == "auto" else Path(resume)
             if ckpt.is_dir():
                 ckpt = ckpt / CHECKPOINT
             if ckpt.is_file():
@@ -226,14 +216,13 @@ class Trainer:
             self.mc_dataset = MultiCropDataset(self.train_set, tf, seed=cfg.run.seed)
 
     def _build_schedules(self) -> None:
-        o, lo = self.cfg.optim, self.cfg.loss
+        o = self.cfg.optim
         total_batch = o.batch_size * D.world_size()
         self.lr_schedule = cosine_scheduler(
             o.lr * total_batch / 256.0, o.min_lr, o.epochs, self.niter, warmup_epochs=o.warmup_epochs
         )
         self.wd_schedule = cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, self.niter)
         self.momentum_schedule = cosine_scheduler(o.momentum_teacher, 1.0, o.epochs, self.niter)
-        del lo
 
     def batches(self, epoch: int, start_step: int = 0):
         """This rank's batches of ``epoch`` from ``start_step`` on (deterministic)."""
@@ -476,7 +465,7 @@ class Trainer:
         ckpt = load_safe(path)
         if ckpt.get("format") != "ibot-1":
             raise CheckpointError(f"{path} is not an ibot training checkpoint (use `ibot` import tools for others)")
-        old, new = _flat(ckpt["config"]), _flat(to_dict(self.cfg))
+        old, new = flatten(ckpt["config"]), flatten(to_dict(self.cfg))
         diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in STRUCTURAL_KEYS if old.get(k) != new.get(k)]
         if diff:
             raise CheckpointError(

@@ -308,6 +308,7 @@ class Trainer:
         stopped = False
         t_start = time.time()
         self.train_seconds = 0.0  # excludes evaluation
+        self._warned_epoch = -1
         while self.epoch < cfg.optim.epochs and not stopped:
             epoch = self.epoch
             self.model.set_epoch(epoch)
@@ -335,8 +336,9 @@ class Trainer:
                             loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", ips=f"{rec['images_per_s']:.0f}"
                         )
                     warn = self._collapse_warning(rec)
-                    if warn:
-                        self.log(warn)
+                    if warn and self._warned_epoch != epoch:  # at most once per epoch
+                        self._warned_epoch = epoch
+                        self.log(f"epoch {epoch}, step {self.global_step}: {warn}")
                 save_due = cfg.run.save_every_steps and self.global_step % cfg.run.save_every_steps == 0
                 if save_due and self.bad_steps == 0:  # never checkpoint inside a streak of non-finite losses
                     self.save_checkpoint()

@@ -545,6 +545,8 @@ class Trainer:
             "n_train": tr_f.shape[0],
             "n_test": te_f.shape[0],
             "epoch": self.epoch,
+            "step": self.global_step,
+            "train_minutes": getattr(self, "train_seconds", 0.0) / 60,
             "all": {str(kk): v for kk, v in acc.items()},
             "seconds": time.time() - t0,
         }

@@ -15,54 +15,22 @@ import lightning as L
 import torch
 
 from ibot.config import build_model
-from ibot.data.datasets import build_dataset
-from ibot.data.loader import MultiCropCollate, MultiCropDataset
-from ibot.data.masking import MaskGenerator
-from ibot.data.transforms import MultiCropTransform
-from ibot.eval.knn import norm_stats
+from ibot.data.factory import collate_from_config, dataset_from_config, pil_transform_from_config
+from ibot.data.loader import MultiCropDataset
 from ibot.train.optim import cancel_last_layer_grads, clip_gradients, param_groups
 from ibot.train.schedules import cosine_scheduler
 
 
 def make_dataloader(cfg, num_workers: int | None = None) -> torch.utils.data.DataLoader:
     """A standard DataLoader of multi-crop batches with collate-side masks (Lightning adds its sampler)."""
-    d, m = cfg.data, cfg.model
-    ds = build_dataset(
-        d.dataset,
-        d.path,
-        train=True,
-        synthetic_size=d.synthetic_size,
-        image_size=m.img_size,
-        in_chans=m.in_chans,
-        seed=cfg.run.seed,
-    )
-    mean, std = norm_stats(m.in_chans)
-    tf = MultiCropTransform(
-        d.global_crops_number,
-        m.img_size,
-        d.global_crops_scale,
-        d.local_crops_number,
-        d.local_crop_size,
-        d.local_crops_scale,
-        m.in_chans,
-        mean,
-        std,
-        d.blur_scale,
-    )
-    mk = cfg.mask
-    gen = None
-    if cfg.method == "ibot" and cfg.loss.lambda2 > 0:
-        gen = MaskGenerator(
-            mk.shape, list(mk.ratio), list(mk.ratio_var), mk.start_epoch, mk.probability, mk.min_patches
-        )
-    collate = MultiCropCollate(d.global_crops_number, d.local_crops_number, m.patch_size, gen, seed=cfg.run.seed)
+    ds = MultiCropDataset(dataset_from_config(cfg), pil_transform_from_config(cfg), seed=cfg.run.seed)
     return torch.utils.data.DataLoader(
-        MultiCropDataset(ds, tf, seed=cfg.run.seed),
+        ds,
         batch_size=cfg.optim.batch_size,
         shuffle=True,
         drop_last=True,
-        num_workers=d.num_workers if num_workers is None else num_workers,
-        collate_fn=collate,
+        collate_fn=collate_from_config(cfg),
+        num_workers=cfg.data.num_workers if num_workers is None else num_workers,
     )
 
 

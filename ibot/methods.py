@@ -162,30 +162,24 @@ class iBOT(nn.Module):  # noqa: N801
         else:
             vit = encoder_name
         backbone = MaskedViT(vit, masked_im_modeling=self.use_patch_loss)
-        head = iBOTHead(
-            backbone.embed_dim,
-            n_cls_prototypes,
-            n_patch_prototypes,
-            shared_head=shared_head,
-            norm=head_norm,
-            act=head_act,
-            nlayers=head_layers,
-            hidden_dim=projector_hidden_dim,
-            bottleneck_dim=projector_bottleneck_dim,
-            norm_last_layer=norm_last_layer,
-        )
+
+        def make_head(norm_last: bool) -> iBOTHead:
+            return iBOTHead(
+                backbone.embed_dim,
+                n_cls_prototypes,
+                n_patch_prototypes,
+                shared_head=shared_head,
+                norm=head_norm,
+                act=head_act,
+                nlayers=head_layers,
+                hidden_dim=projector_hidden_dim,
+                bottleneck_dim=projector_bottleneck_dim,
+                norm_last_layer=norm_last,
+            )
+
+        head = make_head(norm_last_layer)
         self.student = nn.ModuleDict({"backbone": backbone, "head": head})
-        teacher_head = iBOTHead(
-            backbone.embed_dim,
-            n_cls_prototypes,
-            n_patch_prototypes,
-            shared_head=shared_head,
-            norm=head_norm,
-            act=head_act,
-            nlayers=head_layers,
-            hidden_dim=projector_hidden_dim,
-            bottleneck_dim=projector_bottleneck_dim,
-        )
+        teacher_head = make_head(True)  # the official teacher head always freezes the gain
         teacher_head.load_state_dict(head.state_dict())
         for p in teacher_head.parameters():
             p.requires_grad_(False)

@@ -18,11 +18,15 @@ import torch.distributed as dist
 
 from ibot import distributed as D
 from ibot.config import build_model, flatten, from_dict, to_dict
-from ibot.data.datasets import DatasetError, build_dataset
-from ibot.data.loader import Batch, EpochSampler, MultiCropCollate, MultiCropDataset, TensorBatches
-from ibot.data.masking import MaskGenerator
-from ibot.data.transforms import BatchMultiCrop, MultiCropTransform
-from ibot.eval.knn import extract_features, knn_classify, norm_stats
+from ibot.data.datasets import DatasetError
+from ibot.data.factory import (
+    batch_augment_from_config,
+    collate_from_config,
+    dataset_from_config,
+    pil_transform_from_config,
+)
+from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches
+from ibot.eval.knn import extract_features, knn_classify
 from ibot.train.checkpoint import CheckpointError, load_safe, remove_stale_temporaries, save_atomic
 from ibot.train.metrics import MetricsWriter, plot_curves
 from ibot.train.schedules import cosine_scheduler
@@ -153,15 +157,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
-        self.train_set = build_dataset(
-            d.dataset,
-            d.path,
-            train=True,
-            synthetic_size=d.synthetic_size,
-            image_size=m.img_size,
-            in_chans=m.in_chans,
-            seed=cfg.run.seed,
-        )
+        self.train_set = dataset_from_config(cfg, train=True)
         self.bank_set = self.train_set  # the k-NN memory bank is the whole training split
         if d.limit:
             self.train_set = _limit(self.train_set, d.limit)
@@ -178,42 +174,11 @@ class Trainer:
         if self.use_tensor and self.train_set.images.shape[1] != m.in_chans:
             ch = self.train_set.images.shape[1]
             raise DatasetError(f"the dataset has {ch} channel(s) but model.in_chans={m.in_chans}")
-        mask_gen = None
-        if cfg.method == "ibot" and cfg.loss.lambda2 > 0:
-            mk = cfg.mask
-            mask_gen = MaskGenerator(
-                mk.shape, list(mk.ratio), list(mk.ratio_var), mk.start_epoch, mk.probability, mk.min_patches
-            )
-        self.collate = MultiCropCollate(
-            d.global_crops_number, d.local_crops_number, m.patch_size, mask_gen, seed=cfg.run.seed
-        )
-        mean, std = norm_stats(m.in_chans)
+        self.collate = collate_from_config(cfg)
         if self.use_tensor:
-            self.augment = BatchMultiCrop(
-                d.global_crops_number,
-                m.img_size,
-                d.global_crops_scale,
-                d.local_crops_number,
-                d.local_crop_size,
-                d.local_crops_scale,
-                mean,
-                std,
-                blur_scale=d.blur_scale,
-            )
+            self.augment = batch_augment_from_config(cfg)
         else:
-            tf = MultiCropTransform(
-                d.global_crops_number,
-                m.img_size,
-                d.global_crops_scale,
-                d.local_crops_number,
-                d.local_crop_size,
-                d.local_crops_scale,
-                m.in_chans,
-                mean,
-                std,
-                d.blur_scale,
-            )
-            self.mc_dataset = MultiCropDataset(self.train_set, tf, seed=cfg.run.seed)
+            self.mc_dataset = MultiCropDataset(self.train_set, pil_transform_from_config(cfg), seed=cfg.run.seed)
 
     def _build_schedules(self) -> None:
         o = self.cfg.optim
@@ -503,15 +468,7 @@ class Trainer:
             if cfg.run.knn_split == "val":
                 bank, test_set = _split_val(self.bank_set, min(10000, len(self.bank_set) // 5))
             else:
-                test_set = build_dataset(
-                    d.dataset,
-                    d.path,
-                    train=False,
-                    synthetic_size=d.synthetic_size,
-                    image_size=m.img_size,
-                    in_chans=m.in_chans,
-                    seed=cfg.run.seed,
-                )
+                test_set = dataset_from_config(cfg, train=False)
         except DatasetError as err:
             self.log(f"k-NN skipped: no labelled test set ({err})")
             return None

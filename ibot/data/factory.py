@@ -1,0 +1,74 @@
+"""Build the data pipeline pieces a config describes (shared by the trainer and the Lightning module)."""
+
+from __future__ import annotations
+
+from ibot.data.datasets import build_dataset
+from ibot.data.loader import MultiCropCollate
+from ibot.data.masking import MaskGenerator
+from ibot.data.transforms import BatchMultiCrop, MultiCropTransform
+from ibot.eval.knn import norm_stats
+
+
+def dataset_from_config(cfg, train: bool = True):
+    d, m = cfg.data, cfg.model
+    return build_dataset(
+        d.dataset,
+        d.path,
+        train=train,
+        synthetic_size=d.synthetic_size,
+        image_size=m.img_size,
+        in_chans=m.in_chans,
+        seed=cfg.run.seed,
+    )
+
+
+def mask_generator_from_config(cfg) -> MaskGenerator | None:
+    """The collate's mask generator, or None when the method has no patch loss."""
+    if cfg.method != "ibot" or cfg.loss.lambda2 <= 0:
+        return None
+    mk = cfg.mask
+    return MaskGenerator(mk.shape, list(mk.ratio), list(mk.ratio_var), mk.start_epoch, mk.probability, mk.min_patches)
+
+
+def collate_from_config(cfg) -> MultiCropCollate:
+    d = cfg.data
+    return MultiCropCollate(
+        d.global_crops_number,
+        d.local_crops_number,
+        cfg.model.patch_size,
+        mask_generator_from_config(cfg),
+        seed=cfg.run.seed,
+    )
+
+
+def pil_transform_from_config(cfg) -> MultiCropTransform:
+    d, m = cfg.data, cfg.model
+    mean, std = norm_stats(m.in_chans)
+    return MultiCropTransform(
+        d.global_crops_number,
+        m.img_size,
+        d.global_crops_scale,
+        d.local_crops_number,
+        d.local_crop_size,
+        d.local_crops_scale,
+        m.in_chans,
+        mean,
+        std,
+        d.blur_scale,
+    )
+
+
+def batch_augment_from_config(cfg) -> BatchMultiCrop:
+    d, m = cfg.data, cfg.model
+    mean, std = norm_stats(m.in_chans)
+    return BatchMultiCrop(
+        d.global_crops_number,
+        m.img_size,
+        d.global_crops_scale,
+        d.local_crops_number,
+        d.local_crop_size,
+        d.local_crops_scale,
+        mean,
+        std,
+        blur_scale=d.blur_scale,
+    )

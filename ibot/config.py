@@ -189,7 +189,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "blur_scale": 0.25,
         },
         "optim": {
-            "epochs": 2,
+            "epochs": 1,
             "batch_size": 256,
             "lr": 1e-3,
             "warmup_epochs": 0.2,

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -323,8 +324,6 @@ class Trainer:
                 if self.bad_steps == 0:
                     self.save_checkpoint()
                 if cfg.run.saveckp_freq and epoch % cfg.run.saveckp_freq == 0 and epoch > 0 and D.is_main():
-                    import shutil
-
                     shutil.copyfile(self.run_dir / CHECKPOINT, self.run_dir / f"checkpoint{epoch:04d}.pth")
                 if cfg.run.knn_every and self.epoch % cfg.run.knn_every == 0 and self.epoch < cfg.optim.epochs:
                     result["knn"] = self.evaluate_knn()

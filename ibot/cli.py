@@ -48,7 +48,7 @@ def _known_errors():
 def cmd_pretrain(args) -> int:
     from pathlib import Path
 
-    from ibot.config import build_config, flatten
+    from ibot.config import build_config, flatten, parse_override
     from ibot.train.checkpoint import load_safe
     from ibot.train.trainer import CHECKPOINT, Trainer
 
@@ -58,7 +58,7 @@ def cmd_pretrain(args) -> int:
         ckpt = Path(args.resume)
         ckpt = ckpt / CHECKPOINT if ckpt.is_dir() else ckpt
         saved = flatten(load_safe(ckpt)["config"])
-        cfg = build_config(None, {**saved, **dict(_kv(o) for o in overrides)})
+        cfg = build_config(None, {**saved, **dict(parse_override(o) for o in overrides)})
         cfg.run.output_dir = str(ckpt.parent)
         trainer = Trainer(cfg, resume=str(ckpt))
     else:
@@ -69,15 +69,6 @@ def cmd_pretrain(args) -> int:
     if knn:
         print(f"RESULT k-NN top-1 {knn['top1']:.2f}% (k={knn['k']}) | run folder {cfg.run.output_dir}")
     return 0
-
-
-def _kv(text: str):
-    from ibot.config import ConfigError, parse_value
-
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not key=value")
-    k, v = text.split("=", 1)
-    return k.strip(), parse_value(v.strip())
 
 
 def cmd_knn(args) -> int:

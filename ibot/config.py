@@ -247,8 +247,27 @@ def _all_keys(cfg) -> list[str]:
 
 
 def parse_value(text: str) -> Any:
-    """YAML-ish scalar/list parsing of a command-line value (``[0,0.3]``, ``true``, ``1e-3``, ``null``)."""
-    return OmegaConf.create({"v": text})["v"] if text else text
+    """Command-line value -> Python: ``[0,0.3]`` lists, ``true``, ``null``, ``1e-3``, numbers, else the string."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text) if text else text
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.epochs=10"`` -> ``("optim.epochs", 10)``."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value (e.g. optim.epochs=10)")
+    key, value = text.split("=", 1)
+    return key.strip(), parse_value(value.strip())
 
 
 def build_config(preset: str | None = None, overrides: list[str] | dict | None = None):
@@ -266,11 +285,7 @@ def build_config(preset: str | None = None, overrides: list[str] | dict | None =
     if isinstance(overrides, dict):
         items = list(overrides.items())
     else:
-        for ov in overrides or []:
-            if "=" not in ov:
-                raise ConfigError(f"override {ov!r} is not key=value (e.g. optim.epochs=10)")
-            key, value = ov.split("=", 1)
-            items.append((key.strip(), parse_value(value.strip())))
+        items = [parse_override(ov) for ov in overrides or []]
     known = _all_keys(cfg)
     for key, value in items:
         if key not in known:

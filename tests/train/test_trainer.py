@@ -178,3 +178,19 @@ def test_tensor_and_pil_pipelines_shapes(tmp_path):
         assert b.global_crops.shape == (32, 3, 32, 32) and b.local_crops.shape == (32, 3, 16, 16)
         assert b.masks.masks.shape == (32, 16)
         assert torch.isfinite(b.global_crops).all()
+
+
+def test_override_values_parse_lists_bools_and_numbers():
+    cfg = build_config(
+        "smoke",
+        [
+            "mask.ratio=[0,0.3]",
+            "mask.ratio_var=[0,0.2]",
+            "optim.lr=2e-3",
+            "model.shared_head=false",
+            "model.embed_dim=null",
+            "run.output_dir=runs/x",
+        ],
+    )
+    assert list(cfg.mask.ratio) == [0.0, 0.3] and cfg.optim.lr == 2e-3 and cfg.model.shared_head is False
+    assert cfg.model.embed_dim is None and cfg.run.output_dir == "runs/x"

@@ -105,6 +105,18 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return img, int(self.labels[i])
 
 
+def slice_dataset(dataset, start: int, end: int):
+    """Images ``start:end`` of a dataset, keeping ``labels`` and ``classes`` (in-memory stays in memory)."""
+    end = min(end, len(dataset))
+    classes = getattr(dataset, "classes", None)
+    if hasattr(dataset, "images"):
+        return TensorImageDataset(dataset.images[start:end], dataset.labels[start:end], classes)
+    sub = torch.utils.data.Subset(dataset, range(start, end))
+    sub.labels = dataset.labels[start:end]
+    sub.classes = classes or []
+    return sub
+
+
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ibot import distributed as D
 from ibot.config import build_model, flatten, from_dict, to_dict
-from ibot.data.datasets import DatasetError
+from ibot.data.datasets import DatasetError, slice_dataset
 from ibot.data.factory import (
     batch_augment_from_config,
     collate_from_config,
@@ -161,7 +161,7 @@ class Trainer:
         self.train_set = dataset_from_config(cfg, train=True)
         self.bank_set = self.train_set  # the k-NN memory bank is the whole training split
         if d.limit:
-            self.train_set = _limit(self.train_set, d.limit)
+            self.train_set = slice_dataset(self.train_set, 0, d.limit)
         n, b, w = len(self.train_set), cfg.optim.batch_size, D.world_size()
         if n < b * w:
             raise DatasetError(
@@ -465,14 +465,18 @@ class Trainer:
                 self.log("k-NN skipped: data.dataset=folder has no labels")
                 return None
             if cfg.run.knn_split == "val":
-                bank, test_set = _split_val(self.bank_set, min(10000, len(self.bank_set) // 5))
+                n_bank = len(self.bank_set) - min(10000, len(self.bank_set) // 5)  # the last images are queries
+                bank, test_set = (
+                    slice_dataset(self.bank_set, 0, n_bank),
+                    slice_dataset(self.bank_set, n_bank, len(self.bank_set)),
+                )
             else:
                 test_set = dataset_from_config(cfg, train=False)
         except DatasetError as err:
             self.log(f"k-NN skipped: no labelled test set ({err})")
             return None
         if cfg.run.knn_train_limit:
-            bank = _limit(bank, cfg.run.knn_train_limit)
+            bank = slice_dataset(bank, 0, cfg.run.knn_train_limit)
         backbone = self.model.teacher["backbone"]
         backbone.eval()
         t0 = time.time()
@@ -517,29 +521,6 @@ class Trainer:
         return res
 
 
-def _limit(dataset, n: int):
-    from ibot.data.datasets import TensorImageDataset
-
-    if hasattr(dataset, "images"):
-        return TensorImageDataset(dataset.images[:n], dataset.labels[:n], getattr(dataset, "classes", None))
-    sub = torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
-    sub.labels = dataset.labels[: len(sub)]
-    sub.classes = getattr(dataset, "classes", [])
-    return sub
-
-
-def _shard(dataset, start: int, end: int):
-    from ibot.data.datasets import TensorImageDataset
-
-    if hasattr(dataset, "images"):
-        return TensorImageDataset(
-            dataset.images[start:end], dataset.labels[start:end], getattr(dataset, "classes", None)
-        )
-    sub = torch.utils.data.Subset(dataset, range(start, end))
-    sub.labels = dataset.labels[start:end]
-    return sub
-
-
 def _gathered_features(encode, dataset, kw):
     """Features of a dataset, each rank extracting one contiguous shard, gathered on every rank."""
     if not D.is_dist():
@@ -547,28 +528,11 @@ def _gathered_features(encode, dataset, kw):
     n, w, r = len(dataset), D.world_size(), D.rank()
     per = -(-n // w)
     start, end = min(n, r * per), min(n, (r + 1) * per)
-    local = extract_features(encode, _shard(dataset, start, end), **kw) if end > start else None
+    local = extract_features(encode, slice_dataset(dataset, start, end), **kw) if end > start else None
     parts = [None] * w
     dist.all_gather_object(parts, local)
     parts = [p for p in parts if p is not None]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-def _split_val(dataset, n_val: int):
-    """(memory bank, queries): all but the last ``n_val`` training images, and those."""
-    from ibot.data.datasets import TensorImageDataset
-
-    n = len(dataset) - n_val
-    if hasattr(dataset, "images"):
-        cls = getattr(dataset, "classes", None)
-        return (
-            TensorImageDataset(dataset.images[:n], dataset.labels[:n], cls),
-            TensorImageDataset(dataset.images[n:], dataset.labels[n:], cls),
-        )
-    bank, val = torch.utils.data.Subset(dataset, range(n)), torch.utils.data.Subset(dataset, range(n, len(dataset)))
-    bank.labels, val.labels = dataset.labels[:n], dataset.labels[n:]
-    bank.classes = val.classes = getattr(dataset, "classes", [])
-    return bank, val
 
 
 def config_from_checkpoint(path: str | Path):

@@ -42,7 +42,7 @@ def _known_errors():
     from ibot.train.checkpoint import CheckpointError
     from ibot.train.trainer import TrainingError
 
-    return (ConfigError, DatasetError, CheckpointError, TrainingError)
+    return (ConfigError, DatasetError, CheckpointError, TrainingError, NotImplementedError)
 
 
 def cmd_pretrain(args) -> int:

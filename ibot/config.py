@@ -18,13 +18,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small_patch16_224"  # any timm ViT name
-    patch_size: int = 16
+    arch: str = "vit_small_patch16_224"  # any timm ViT or Swin (swin_*) name
+    patch_size: int = 16  # ViT patch; Swin: patch-embedding size (masks use cells of patch_size * 8)
     img_size: int = 224  # global crop size; position embeddings are made for it
     in_chans: int = 3
     embed_dim: int | None = None  # override the timm width (custom small ViTs)
     depth: int | None = None
     num_heads: int | None = None
+    window_size: int | None = None  # Swin attention window (official: 7 or 14)
+    depths: list[int] | None = None  # Swin blocks per stage (timm default for the arch when None)
+    stage_heads: list[int] | None = None  # Swin attention heads per stage
     drop_path: float = 0.1  # student only
     efficient_drop_path: bool = False  # run residual branches on kept samples only (DINOv2)
     out_dim: int = 8192  # CLS prototypes
@@ -229,7 +232,65 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"epochs": 2, "batch_size": 16, "warmup_epochs": 1, "lr": 1e-3},
         "run": {"output_dir": "runs/smoke", "log_every": 1, "knn_k": 5},
     },
+    # The smoke run with a 3-stage Swin (patch 2, window 4): mask cells of 8 px, a 4 x 4 prediction grid.
+    "swin_smoke": {
+        "model": {
+            "arch": "swin_tiny_patch4_window7_224",
+            "patch_size": 2,
+            "img_size": 32,
+            "embed_dim": 16,
+            "depths": [2, 2, 2],
+            "stage_heads": [1, 2, 4],
+            "window_size": 4,
+            "drop_path": 0.1,
+            "out_dim": 64,
+            "patch_out_dim": 64,
+            "hidden_dim": 64,
+            "bottleneck_dim": 32,
+        },
+        "mask": {"ratio": [0.0, 0.3], "ratio_var": [0.0, 0.2]},
+        "loss": {"warmup_teacher_temp_epochs": 1, "teacher_temp": 0.07},
+        "data": {
+            "dataset": "synthetic",
+            "synthetic_size": 64,
+            "local_crops_number": 2,
+            "local_crop_size": 16,
+            "num_workers": 0,
+            "global_crops_scale": [0.4, 1.0],
+        },
+        "optim": {"epochs": 2, "batch_size": 16, "warmup_epochs": 1, "lr": 1e-3},
+        "run": {"output_dir": "runs/swin_smoke", "log_every": 1, "knn_k": 5},
+    },
 }
+
+# The official Swin-T recipes (README: ``--patch_size 4 --window_size {7,14} --pred_start_epoch 50``
+# with the ViT-S flags, 300 epochs). Swin-T/14 ran on 40 GPUs x 26; the README gives 16 GPUs for
+# Swin-T/7 but not its batch, so 16 x 64 (the ViT-S total of 1024) is used here.
+for _window, _batch in ((7, 64), (14, 26)):
+    PRESETS[f"swin_tiny_w{_window}_in1k"] = {
+        "model": {
+            "arch": "swin_tiny_patch4_window7_224",
+            "patch_size": 4,
+            "img_size": 224,
+            "window_size": _window,
+            "out_dim": 8192,
+            "patch_out_dim": 8192,
+            "shared_head": True,
+            "norm_last_layer": False,
+            "drop_path": 0.1,
+        },
+        "mask": {"shape": "block", "ratio": [0.0, 0.3], "ratio_var": [0.0, 0.2], "start_epoch": 50},
+        "loss": {"teacher_temp": 0.07, "warmup_teacher_temp_epochs": 30},
+        "data": {
+            "dataset": "imagefolder",
+            "global_crops_scale": [0.25, 1.0],
+            "local_crops_number": 10,
+            "local_crops_scale": [0.05, 0.25],
+            "local_crop_size": 96,
+            "num_workers": 10,
+        },
+        "optim": {"epochs": 300, "batch_size": _batch, "lr": 5e-4, "warmup_epochs": 10},
+    }
 
 
 class ConfigError(ValueError):
@@ -321,10 +382,19 @@ def validate(cfg) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             problems.append(f"{key}={value!r} is not one of {allowed}")
-    if m.img_size % m.patch_size:
-        problems.append(f"model.img_size={m.img_size} is not divisible by model.patch_size={m.patch_size}")
+    cell = mask_cell(cfg)
+    if m.img_size % cell:
+        what = "the Swin mask cell (model.patch_size x 8)" if cell != m.patch_size else "model.patch_size"
+        problems.append(f"model.img_size={m.img_size} is not divisible by {what} = {cell}")
     if d.local_crops_number and d.local_crop_size % m.patch_size:
         problems.append(f"data.local_crop_size={d.local_crop_size} is not divisible by model.patch_size={m.patch_size}")
+    swin_only = {"model.window_size": m.window_size, "model.depths": m.depths, "model.stage_heads": m.stage_heads}
+    if not m.arch.startswith("swin"):
+        problems += [f"{k} applies to Swin backbones only (model.arch={m.arch!r})" for k, v in swin_only.items() if v]
+    elif m.depth is not None or m.num_heads is not None:
+        problems.append("a Swin backbone takes model.depths and model.stage_heads (lists), not model.depth/num_heads")
+    if m.arch.startswith("swin") and m.efficient_drop_path:
+        problems.append("model.efficient_drop_path is implemented for ViT backbones only")
     if d.global_crops_number < 1 or d.global_crops_number + d.local_crops_number < 2:
         problems.append("need at least 1 global crop and 2 crops in all")
     if lo.warmup_teacher_temp_epochs + mk.start_epoch > o.epochs:
@@ -342,6 +412,15 @@ def validate(cfg) -> None:
         problems.append("optim.batch_size and optim.epochs must be >= 1")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def mask_cell(cfg) -> int:
+    """Pixels per mask cell: the ViT patch, or for Swin the final-stage cell (official ``patch_size * 8``)."""
+    m = cfg.model
+    if not m.arch.startswith("swin"):
+        return m.patch_size
+    stages = len(m.depths) if m.depths else 4
+    return m.patch_size * 2 ** (stages - 1)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -371,9 +450,11 @@ def build_model(cfg):
 
     m, lo, mk = cfg.model, cfg.loss, cfg.mask
     enc = {"patch_size": m.patch_size, "in_chans": m.in_chans}
-    for k in ("embed_dim", "depth", "num_heads"):
+    names = {"embed_dim": "embed_dim", "depth": "depth", "num_heads": "num_heads", "window_size": "window_size"}
+    names.update({"depths": "depths", "stage_heads": "num_heads"})  # Swin: one value per stage
+    for k, timm_name in names.items():
         if m[k] is not None:
-            enc[k] = m[k]
+            enc[timm_name] = tuple(m[k]) if k in ("depths", "stage_heads") else m[k]
     common = dict(
         projector_hidden_dim=m.hidden_dim,
         projector_bottleneck_dim=m.bottleneck_dim,

@@ -15,6 +15,7 @@ a timm ``VisionTransformer`` without renaming. Everything is loaded with ``weigh
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from ibot.models.backbone import MaskedViT, create_vit
+from ibot.models.backbone import MaskedViT, create_vit, wrap_backbone
 from ibot.models.head import iBOTHead
+from ibot.models.swin import is_swin
 from ibot.train.checkpoint import CheckpointError, load_safe
 
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
@@ -128,7 +130,7 @@ def load_official(path: str | Path, which: str = "teacher", allow_unsafe: bool =
         num_heads: attention heads when the width is not a standard ViT size.
 
     Returns:
-        ``(backbone MaskedViT, head iBOTHead or None, centers dict, report)``.
+        ``(backbone MaskedViT or MaskedSwin, head iBOTHead or None, centers dict, report)``.
     """
     ckpt = load_safe(path, allow_unsafe=allow_unsafe)
     if not isinstance(ckpt, dict):
@@ -142,25 +144,65 @@ def load_official(path: str | Path, which: str = "teacher", allow_unsafe: bool =
     else:
         state = ckpt
     backbone_sd, head_sd = split_official_state({k: v for k, v in state.items() if torch.is_tensor(v)})
-    geo = backbone_geometry(backbone_sd)
-    if num_heads:
-        geo["num_heads"] = num_heads
-    arch = TIMM_BY_WIDTH.get(geo["embed_dim"], "vit_small_patch16_224")
-    vit = create_vit(arch, **geo)
-    backbone = MaskedViT(vit, masked_im_modeling="masked_embed" in backbone_sd)
-    vit_sd = {("vit." + k if k != "masked_embed" else k): v for k, v in backbone_sd.items()}
-    report = _load_into(backbone, vit_sd, str(path))
+    if any(k.endswith("relative_position_bias_table") for k in backbone_sd):
+        backbone, report, dim = _load_official_swin(backbone_sd, str(path))
+    else:
+        geo = backbone_geometry(backbone_sd)
+        if num_heads:
+            geo["num_heads"] = num_heads
+        arch = TIMM_BY_WIDTH.get(geo["embed_dim"], "vit_small_patch16_224")
+        vit = create_vit(arch, **geo)
+        backbone = MaskedViT(vit, masked_im_modeling="masked_embed" in backbone_sd)
+        vit_sd = {("vit." + k if k != "masked_embed" else k): v for k, v in backbone_sd.items()}
+        report = _load_into(backbone, vit_sd, str(path))
+        dim = geo["embed_dim"]
     if not report.loaded:
         raise CheckpointError(f"{path}: no backbone tensor matched; is it an iBOT/DINO ViT checkpoint?")
     head = None
-    if head_sd:
-        head = _build_head(head_sd, geo["embed_dim"])
+    if head_sd and not any(k.startswith("last_layer") for k in head_sd):  # a classifier, not an iBOT head
+        report.unexpected += ["head." + k for k in head_sd]
+    elif head_sd:
+        head = _build_head(head_sd, dim)
         hr = _load_into(head, head_sd, str(path), prefix="head.")
         report.loaded += hr.loaded
         report.missing += hr.missing
         report.unexpected += [k for k in hr.unexpected if not k.startswith("head.last_layer2")]
     centers = ckpt.get("ibot_loss", {}) if isinstance(ckpt.get("ibot_loss"), dict) else {}
     return backbone, head, centers, report
+
+
+def swin_geometry(backbone: dict) -> dict:
+    """timm Swin kwargs (embed_dim, depths, num_heads, window_size, patch_size, in_chans) from official keys."""
+    proj = backbone["patch_embed.proj.weight"]
+    n_stages = 1 + max(int(k.split(".")[1]) for k in backbone if k.startswith("layers."))
+    depths = [
+        1 + max(int(k.split(".")[3]) for k in backbone if k.startswith(f"layers.{i}.blocks.")) for i in range(n_stages)
+    ]
+    tables = [backbone[f"layers.{i}.blocks.0.attn.relative_position_bias_table"] for i in range(n_stages)]
+    window = (math.isqrt(tables[0].shape[0]) + 1) // 2  # (2w - 1)^2 relative positions
+    return {
+        "embed_dim": proj.shape[0],
+        "depths": tuple(depths),
+        "num_heads": tuple(t.shape[1] for t in tables),
+        "window_size": window,
+        "patch_size": proj.shape[-1],
+        "in_chans": proj.shape[1],
+    }
+
+
+def _load_official_swin(backbone_sd: dict, source: str):
+    """Official iBOT Swin keys (downsample at the end of a stage) -> :class:`MaskedSwin` with timm keys."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    geo = swin_geometry(backbone_sd)
+    swin = create_vit("swin_tiny_patch4_window7_224", img_size=224, **geo)
+    backbone = wrap_backbone(swin, masked_im_modeling="masked_embed" in backbone_sd)
+    masked = {k: v for k, v in backbone_sd.items() if k == "masked_embed"}
+    timm_sd = checkpoint_filter_fn({k: v for k, v in backbone_sd.items() if k != "masked_embed"}, swin)
+    report = _load_into(backbone, {**masked, **{"swin." + k: v for k, v in timm_sd.items()}}, source)
+    if not report.loaded:
+        raise CheckpointError(f"{source}: no Swin backbone tensor matched")
+    return backbone, report, geo["embed_dim"] * 2 ** (len(geo["depths"]) - 1)
 
 
 def _build_head(head_sd: dict, in_dim: int) -> iBOTHead:
@@ -198,7 +240,7 @@ def _build_head(head_sd: dict, in_dim: int) -> iBOTHead:
 def load_backbone(source: str | Path, which: str = "teacher", allow_unsafe: bool = False):
     """A backbone from a run folder, an ibot checkpoint, an exported safetensors file or an official file.
 
-    Returns ``(MaskedViT, info dict with img_size / patch_size / in_chans / mean / std, report text)``.
+    Returns ``(MaskedViT or MaskedSwin, info dict with img_size / patch_size / in_chans / mean / std, report)``.
     """
     from ibot.eval.knn import norm_stats
 
@@ -214,10 +256,13 @@ def load_backbone(source: str | Path, which: str = "teacher", allow_unsafe: bool
         from safetensors.torch import load_file
 
         meta = json.loads(src.with_suffix(".json").read_text())
-        vit = create_vit(meta["arch"], **meta["timm_kwargs"])
-        vit.load_state_dict(load_file(str(src)))
+        kw = dict(meta["timm_kwargs"])
+        if "norm_eps" in meta:
+            kw["norm_layer"] = functools.partial(torch.nn.LayerNorm, eps=meta["norm_eps"])
+        model = create_vit(meta["arch"], **kw)
+        model.load_state_dict(load_file(str(src)))
         info = {k: meta[k] for k in ("img_size", "patch_size", "in_chans", "mean", "std")}
-        return MaskedViT(vit, masked_im_modeling=False), info, f"{src}: exported backbone"
+        return wrap_backbone(model, masked_im_modeling=False), info, f"{src}: exported backbone"
     ckpt = load_safe(src, allow_unsafe=allow_unsafe)
     if isinstance(ckpt, dict) and ckpt.get("format") == "ibot-1":
         from ibot.config import build_model, from_dict
@@ -238,9 +283,8 @@ def load_backbone(source: str | Path, which: str = "teacher", allow_unsafe: bool
         return backbone, info, f"{src}: ibot checkpoint ({which})"
     backbone, _, _, report = load_official(src, which, allow_unsafe)
     mean, std = norm_stats(backbone.in_chans)
-    n = backbone.vit.pos_embed.shape[1] - 1
     info = {
-        "img_size": math.isqrt(n) * backbone.patch_size,
+        "img_size": timm_kwargs(backbone.timm_model)["img_size"],
         "patch_size": backbone.patch_size,
         "in_chans": backbone.in_chans,
         "mean": list(mean),
@@ -250,6 +294,19 @@ def load_backbone(source: str | Path, which: str = "teacher", allow_unsafe: bool
 
 
 def timm_kwargs(vit: torch.nn.Module) -> dict:
+    """The ``timm.create_model`` arguments that rebuild this ViT or Swin's geometry."""
+    if is_swin(vit):
+        windows = getattr(vit, "_ref_window_sizes", None) or [blk.window_size for blk in vit.layers[0].blocks[:1]]
+        return {
+            "embed_dim": int(vit.embed_dim),
+            "depths": [len(stage.blocks) for stage in vit.layers],
+            "num_heads": [stage.blocks[0].attn.num_heads for stage in vit.layers],
+            "window_size": [list(w) for w in windows] if len(windows) > 1 else list(windows[0]),
+            "patch_size": vit.patch_embed.patch_size[0],
+            "img_size": vit.patch_embed.img_size[0],
+            "in_chans": vit.patch_embed.proj.in_channels,
+            "strict_img_size": False,
+        }
     n = vit.pos_embed.shape[1] - 1
     patch = vit.patch_embed.patch_size[0]
     return {
@@ -262,7 +319,7 @@ def timm_kwargs(vit: torch.nn.Module) -> dict:
     }
 
 
-def export_backbone(backbone: MaskedViT, out_dir: str | Path, info: dict, arch: str | None = None) -> Path:
+def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, info: dict, arch: str | None = None) -> Path:
     """Write ``backbone.safetensors`` (timm keys) and ``backbone.json`` into ``out_dir``.
 
     Load it with plain timm::
@@ -270,12 +327,15 @@ def export_backbone(backbone: MaskedViT, out_dir: str | Path, info: dict, arch: 
         meta = json.load(open("backbone.json"))
         model = timm.create_model(meta["arch"], num_classes=0, **meta["timm_kwargs"])
         model.load_state_dict(safetensors.torch.load_file("backbone.safetensors"))
+
+    A Swin export also records ``norm_eps`` (1e-6, the official value): pass
+    ``norm_layer=functools.partial(torch.nn.LayerNorm, eps=meta["norm_eps"])`` for identical features.
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vit = backbone.vit
+    vit = backbone.timm_model
     kw = timm_kwargs(vit)
     arch = (
         arch
@@ -292,9 +352,19 @@ def export_backbone(backbone: MaskedViT, out_dir: str | Path, info: dict, arch: 
         "in_chans": kw["in_chans"],
         "mean": list(info.get("mean", [])),
         "std": list(info.get("std", [])),
-        "features": "final-norm class token: timm model(x) with num_classes=0 (global_pool='token')",
+        "features": (
+            "average of the final-norm tokens: timm model(x) with num_classes=0 (global_pool='avg')"
+            if is_swin(vit)
+            else "final-norm class token: timm model(x) with num_classes=0 (global_pool='token')"
+        ),
         "format": "ibot-export-1",
     }
+    if is_swin(vit):  # the official Swin's LayerNorm eps; timm's Swin default is 1e-5
+        meta["norm_eps"] = vit.norm.eps
+        meta["load"] = (
+            "timm.create_model(arch, num_classes=0, norm_layer=functools.partial(torch.nn.LayerNorm, "
+            "eps=norm_eps), **timm_kwargs)"
+        )
     (out / "backbone.json").write_text(json.dumps(meta, indent=2))
     return out / "backbone.safetensors"
 

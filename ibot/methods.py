@@ -27,7 +27,7 @@ import torch.nn as nn
 from ibot.data.masking import MaskBatch, MaskGenerator, random_masks_torch
 from ibot.losses import Center, cls_distillation_loss, koleo_loss, masked_patch_loss, sinkhorn_knopp
 from ibot.losses.teacher import teacher_temperature
-from ibot.models.backbone import MaskedViT, create_vit, make_teacher_backbone
+from ibot.models.backbone import create_vit, make_teacher_backbone, wrap_backbone
 from ibot.models.head import iBOTHead
 
 
@@ -80,7 +80,7 @@ class iBOT(nn.Module):  # noqa: N801
     the keyword-only ones add the official recipe's options.
 
     Args:
-        encoder_name: timm ViT name or a built timm ``VisionTransformer``.
+        encoder_name: timm ViT or Swin name, or a built timm ``VisionTransformer`` / ``SwinTransformer``.
         projector_hidden_dim, projector_bottleneck_dim: head MLP sizes.
         n_cls_prototypes, n_patch_prototypes: prototypes K and K_p.
         mask_ratio: masking ratio, or a list of ratios (official ``pred_ratio`` pairs).
@@ -161,7 +161,7 @@ class iBOT(nn.Module):  # noqa: N801
             vit = create_vit(encoder_name, drop_path_rate=drop_path_rate, pretrained=pretrained, **kw)
         else:
             vit = encoder_name
-        backbone = MaskedViT(vit, masked_im_modeling=self.use_patch_loss)
+        backbone = wrap_backbone(vit, masked_im_modeling=self.use_patch_loss)
 
         def make_head(norm_last: bool) -> iBOTHead:
             return iBOTHead(
@@ -410,7 +410,7 @@ class iBOT(nn.Module):  # noqa: N801
 
     # ------------------------------------------------------------------ helpers
     @property
-    def backbone(self) -> MaskedViT:
+    def backbone(self) -> nn.Module:
         """The teacher backbone (the one evaluated and exported by default)."""
         return self.teacher["backbone"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ibot.config import mask_cell
 from ibot.data.datasets import build_dataset
 from ibot.data.loader import MultiCropCollate
 from ibot.data.masking import MaskGenerator
@@ -35,7 +36,7 @@ def collate_from_config(cfg) -> MultiCropCollate:
     return MultiCropCollate(
         d.global_crops_number,
         d.local_crops_number,
-        cfg.model.patch_size,
+        mask_cell(cfg),  # the mask grid: ViT patches, or Swin's coarse prediction cells
         mask_generator_from_config(cfg),
         seed=cfg.run.seed,
     )

@@ -81,6 +81,11 @@ def finetune(
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
+    if not hasattr(backbone, "vit"):
+        raise ValueError(
+            f"fine-tuning supports ViT backbones, not {type(backbone).__name__}; export the backbone "
+            "(ibot export) and fine-tune it with timm's train.py"
+        )
     hp = {**COMMON, **FINETUNE_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     vit = copy.deepcopy(backbone.vit)
     for p in vit.parameters():

@@ -1,6 +1,17 @@
-"""Backbone (mask-aware timm ViT) and projection head."""
+"""Backbones (mask-aware timm ViT and Swin) and projection head."""
 
-from ibot.models.backbone import MaskedViT, create_vit, interpolate_pos_embed, make_teacher_backbone
+from ibot.models.backbone import MaskedViT, create_vit, interpolate_pos_embed, make_teacher_backbone, wrap_backbone
 from ibot.models.head import WeightNormLinear, iBOTHead
+from ibot.models.swin import MaskedSwin, is_swin
 
-__all__ = ["MaskedViT", "WeightNormLinear", "create_vit", "iBOTHead", "interpolate_pos_embed", "make_teacher_backbone"]
+__all__ = [
+    "MaskedSwin",
+    "MaskedViT",
+    "WeightNormLinear",
+    "create_vit",
+    "iBOTHead",
+    "interpolate_pos_embed",
+    "is_swin",
+    "make_teacher_backbone",
+    "wrap_backbone",
+]

@@ -17,6 +17,7 @@ Shapes: B batch, C channels, H/W image size, h/w token grid, N = h*w patch token
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -63,11 +64,14 @@ def create_vit(
     pretrained: bool = False,
     **kwargs,
 ) -> nn.Module:
-    """Build a timm ViT without classifier. ``None`` arguments keep the timm default."""
+    """Build a timm ViT (or Swin) without classifier. ``None`` arguments keep the timm default."""
     import timm
 
     extra = {"patch_size": patch_size, "img_size": img_size, "in_chans": in_chans}
     kwargs.update({k: v for k, v in extra.items() if v is not None})
+    if name.startswith("swin"):
+        kwargs.setdefault("strict_img_size", False)  # any crop size: local crops, other resolutions
+        kwargs.setdefault("norm_layer", functools.partial(nn.LayerNorm, eps=1e-6))  # official Swin eps
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
     except RuntimeError as err:
@@ -100,6 +104,14 @@ class MaskedViT(nn.Module):
         self.in_chans: int = vit.patch_embed.proj.in_channels
         self.masked_embed = nn.Parameter(torch.zeros(1, self.embed_dim)) if masked_im_modeling else None
         self.efficient_drop_path = False  # DINOv2-style: compute residual branches on kept samples only
+
+    @property
+    def timm_model(self) -> nn.Module:
+        return self.vit
+
+    @property
+    def blocks(self) -> nn.Module:
+        return self.vit.blocks
 
     @property
     def num_heads(self) -> int:
@@ -215,10 +227,19 @@ def _without_drop_path(module: nn.Module) -> nn.Module:
     return module
 
 
-def make_teacher_backbone(student: MaskedViT) -> MaskedViT:
+def wrap_backbone(model: nn.Module, masked_im_modeling: bool = True) -> nn.Module:
+    """The iBOT wrapper of a timm model: :class:`MaskedSwin` for a Swin, :class:`MaskedViT` otherwise."""
+    from ibot.models.swin import MaskedSwin, is_swin
+
+    if is_swin(model):
+        return MaskedSwin(model, masked_im_modeling)
+    return MaskedViT(model, masked_im_modeling)
+
+
+def make_teacher_backbone(student: nn.Module) -> nn.Module:
     """A copy of the student with no mask token and no drop-path, as the official teacher."""
-    vit = _without_drop_path(copy.deepcopy(student.vit))
-    teacher = MaskedViT(vit, masked_im_modeling=False)
+    model = _without_drop_path(copy.deepcopy(student.timm_model))
+    teacher = type(student)(model, masked_im_modeling=False)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

@@ -108,10 +108,10 @@ class Trainer:
         student_bb = self.model.student["backbone"]
         student_bb.efficient_drop_path = cfg.model.efficient_drop_path
         if cfg.run.grad_checkpointing:
-            student_bb.vit.set_grad_checkpointing(True)
+            student_bb.timm_model.set_grad_checkpointing(True)
         if cfg.run.compile:
             for bb in (student_bb, self.model.teacher["backbone"]):
-                for blk in bb.vit.blocks:
+                for blk in bb.blocks:
                     blk.compile()
         self.ddp = None
         if D.is_dist():

@@ -111,6 +111,7 @@ class RunConfig:
     threads: int = 0  # torch CPU threads (0 = torch default)
     grad_checkpointing: bool = False  # activation checkpointing of the student blocks (memory for compute)
     compile: bool = False  # torch.compile each transformer block
+    fsdp: bool = False  # shard student and teacher with FSDP2 (torchrun; large backbones, see docs/distributed.md)
     log_every: int = 10  # steps between metric lines
     save_every_steps: int = 0  # also checkpoint every N steps (crash safety inside long epochs)
     saveckp_freq: int = 0  # keep checkpoint{epoch:04}.pth every N epochs (0 = only the last)
@@ -393,6 +394,10 @@ def validate(cfg) -> None:
         problems += [f"{k} applies to Swin backbones only (model.arch={m.arch!r})" for k, v in swin_only.items() if v]
     elif m.depth is not None or m.num_heads is not None:
         problems.append("a Swin backbone takes model.depths and model.stage_heads (lists), not model.depth/num_heads")
+    if cfg.run.fsdp and m.efficient_drop_path:
+        problems.append("model.efficient_drop_path bypasses the FSDP2 block hooks; turn one of them off")
+    if cfg.run.fsdp and m.head_norm == "bn":
+        problems.append("run.fsdp=true does not support model.head_norm=bn (SyncBatchNorm); use none or ln")
     if m.arch.startswith("swin") and m.efficient_drop_path:
         problems.append("model.efficient_drop_path is implemented for ViT backbones only")
     if d.global_crops_number < 1 or d.global_crops_number + d.local_crops_number < 2:

@@ -166,7 +166,7 @@ class MaskedViT(nn.Module):
 
     def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> final-norm class token (B, D): the features used by k-NN."""
-        return self.forward(x)[0]
+        return self(x)[0]  # through __call__, so FSDP2 hooks run
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
         """Final-norm tokens (B, 1+N, D) of the last ``n`` blocks, as the official helper."""

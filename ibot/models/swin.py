@@ -154,7 +154,7 @@ class MaskedSwin(nn.Module):
 
     def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> average-pooled final-norm tokens (B, D): the features used by k-NN."""
-        return self.forward(x)[0]
+        return self(x)[0]  # through __call__, so FSDP2 hooks run
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
         """``cat([avgpool, tokens])`` (B, 1+N_i, D_i) of the last ``n`` blocks, as the official helper.

@@ -114,7 +114,14 @@ class Trainer:
                 for blk in bb.blocks:
                     blk.compile()
         self.ddp = None
-        if D.is_dist():
+        self.fsdp = cfg.run.fsdp and D.is_dist()
+        if cfg.run.fsdp and not D.is_dist():
+            self.log("run.fsdp=true needs torchrun with several processes; training unsharded")
+        if self.fsdp:
+            from ibot.fsdp import shard_model
+
+            shard_model(self.model)
+        elif D.is_dist():
             if cfg.model.head_norm == "bn":
                 self.model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.student)
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -310,9 +317,13 @@ class Trainer:
                     self.save_checkpoint()
                 if self.global_step >= max_steps:
                     stopped = True
-                if cfg.run.time_limit_min and self.train_seconds + time.time() - t_epoch > 60 * cfg.run.time_limit_min:
-                    self.log(f"time limit of {cfg.run.time_limit_min} min reached at step {self.global_step}")
-                    stopped = True
+                if cfg.run.time_limit_min:
+                    over = self.train_seconds + time.time() - t_epoch > 60 * cfg.run.time_limit_min
+                    if D.is_dist():  # every rank stops at the same step (rank clocks differ)
+                        over = bool(D.all_reduce_max(torch.tensor([float(over)], device=self.device)).item())
+                    if over:
+                        self.log(f"time limit of {cfg.run.time_limit_min} min reached at step {self.global_step}")
+                        stopped = True
                 if stopped:
                     break
             if hasattr(bar, "close"):
@@ -406,9 +417,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        """The checkpoint (with FSDP: gathered to plain tensors; every rank must call it)."""
+        if self.fsdp:
+            from ibot.fsdp import full_model_state, full_optimizer_state
+
+            model_sd, optim_sd = full_model_state(self.model), full_optimizer_state(self.model.student, self.optimizer)
+        else:
+            model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_sd,
+            "optimizer": optim_sd,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
@@ -422,8 +440,9 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        state = self.state_dict() if self.fsdp or D.is_main() else None
         if D.is_main():
-            save_atomic(self.state_dict(), self.run_dir / CHECKPOINT)
+            save_atomic(state, self.run_dir / CHECKPOINT)
         if D.is_dist():
             dist.barrier()
 
@@ -439,8 +458,13 @@ class Trainer:
                 + "\n  ".join(diff)
                 + "\nuse the same settings or a new run.output_dir"
             )
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.fsdp:
+            from ibot.fsdp import load_sharded_state
+
+            load_sharded_state(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
@@ -522,17 +546,27 @@ class Trainer:
 
 
 def _gathered_features(encode, dataset, kw):
-    """Features of a dataset, each rank extracting one contiguous shard, gathered on every rank."""
+    """Features of a dataset, each rank extracting one contiguous shard, gathered on every rank.
+
+    Every rank encodes the same number of images (the last shard overlaps the one before it), so
+    ranks run the same number of forward passes, which FSDP2's collective all-gathers need.
+    """
     if not D.is_dist():
         return extract_features(encode, dataset, **kw)
     n, w, r = len(dataset), D.world_size(), D.rank()
     per = -(-n // w)
-    start, end = min(n, r * per), min(n, (r + 1) * per)
-    local = extract_features(encode, slice_dataset(dataset, start, end), **kw) if end > start else None
+    start = min(r * per, max(n - per, 0))
+    local = extract_features(encode, slice_dataset(dataset, start, start + per), **kw)
     parts = [None] * w
     dist.all_gather_object(parts, local)
-    parts = [p for p in parts if p is not None]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    feats, labels, covered = [], [], 0
+    for i, (f, y) in enumerate(parts):  # keep each image once, in dataset order
+        s = min(i * per, max(n - per, 0))
+        skip = max(covered - s, 0)
+        feats.append(f[skip:])
+        labels.append(y[skip:])
+        covered = max(covered, s + len(f))
+    return torch.cat(feats), torch.cat(labels)
 
 
 def config_from_checkpoint(path: str | Path):

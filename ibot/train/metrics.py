@@ -6,6 +6,19 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
+
+def rankme(features: torch.Tensor) -> float:
+    """Effective rank of (N, D) features: ``exp(H(p))`` with ``p = sigma / sum(sigma)`` (RankMe,
+    Garrido et al. 2023), between 1 (every row the same direction) and ``min(N, D)``. A value far
+    below the width means dimensional collapse, which hurts k-NN even when the head looks healthy."""
+    import torch
+
+    s = torch.linalg.svdvals(features.float())
+    p = s / s.sum().clamp_min(1e-12) + 1e-7
+    return float(torch.exp(-(p * p.log()).sum()))
+
 
 class MetricsWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to TensorBoard."""
@@ -59,6 +72,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
         ("lr", ["lr"]),
         ("teacher", ["teacher_temp", "momentum"]),
         ("collapse monitors", ["teacher_entropy", "prototypes_used_frac"]),
+        ("feature rank (RankMe)", ["feature_rank"]),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     steps = [r["step"] for r in rows]

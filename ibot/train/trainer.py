@@ -29,7 +29,7 @@ from ibot.data.factory import (
 from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches
 from ibot.eval.knn import extract_features, knn_classify
 from ibot.train.checkpoint import CheckpointError, load_safe, remove_stale_temporaries, save_atomic
-from ibot.train.metrics import MetricsWriter, plot_curves
+from ibot.train.metrics import MetricsWriter, plot_curves, rankme
 from ibot.train.schedules import cosine_scheduler
 from ibot.train.step import NonFiniteLossError, TrainStep
 
@@ -263,6 +263,8 @@ class Trainer:
             "prototypes_used_frac": used,
             "center_norm": float(self.model.cls_center.center.norm()),
             "view_agreement": float(agree),
+            "feature_rank": rankme(out.embedding.detach()),
+            "feature_dim": out.embedding.shape[-1],
         }
 
     # ------------------------------------------------------------------ loop
@@ -398,6 +400,11 @@ class Trainer:
             return (
                 "warning: teacher outputs are nearly uniform (collapse to uniform): try a lower "
                 "loss.teacher_temp or less centering (loss.center_momentum closer to 1)"
+            )
+        if rec["feature_rank"] < 0.1 * rec["feature_dim"]:
+            return (
+                f"warning: the teacher's CLS features span few directions (RankMe {rec['feature_rank']:.1f} of "
+                f"{rec['feature_dim']}; dimensional collapse, k-NN suffers): try loss.koleo_weight=0.1"
             )
         if rec["prototypes_used"] <= 1:
             return (

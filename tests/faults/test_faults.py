@@ -92,12 +92,17 @@ def test_collapse_monitors_are_logged_and_warn(tmp_path):
     tr = Trainer(smoke(tmp_path, "run.max_steps=2"), log=lambda *a: None)
     tr.fit()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "loss" in x]
-    for key in ("teacher_entropy", "prototypes_used", "center_norm", "view_agreement"):
+    for key in ("teacher_entropy", "prototypes_used", "center_norm", "view_agreement", "feature_rank"):
         assert key in rows[-1]
-    collapsed = {"epoch": 2, "teacher_entropy": 0.0, "teacher_entropy_max": 4.0, "prototypes_used": 1}
+    assert 1 <= rows[-1]["feature_rank"] <= rows[-1]["feature_dim"]
+    healthy = {"feature_rank": 20.0, "feature_dim": 32}
+    collapsed = {"epoch": 2, "teacher_entropy": 0.0, "teacher_entropy_max": 4.0, "prototypes_used": 1, **healthy}
     assert "collapse to one prototype" in tr._collapse_warning(collapsed)
-    uniform = {"epoch": 2, "teacher_entropy": 3.99, "teacher_entropy_max": 4.0, "prototypes_used": 30}
+    uniform = {"epoch": 2, "teacher_entropy": 3.99, "teacher_entropy_max": 4.0, "prototypes_used": 30, **healthy}
     assert "uniform" in tr._collapse_warning(uniform)
+    few_dims = {**uniform, "teacher_entropy": 2.0, "feature_rank": 2.5}
+    assert "dimensional collapse" in tr._collapse_warning(few_dims)
+    assert tr._collapse_warning({**few_dims, "feature_rank": 20.0}) is None
 
 
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):

@@ -209,15 +209,18 @@ def cmd_viz(args) -> int:
             title, acc = "two images", None
         else:
             size = images.shape[-1]
-            side = int(size * 0.75)
-            boxes = [(0, 0, side), (size - side, size - side, side)]
+            boxes = viz.two_view_boxes(size)
             a, b = viz.crop_views(images[0], size, boxes)
             title = "two views of one image"
         match, sim = viz.match_patches(backbone, a, b)
         if not (args.images and len(images) >= 2):
             acc = viz.geometric_accuracy(match, backbone.grid_size(size, size)[0], boxes[0], boxes[1])
             title += f": {100 * acc:.1f}% of matches where the crop geometry says"
-            print(f"correspondence accuracy {100 * acc:.1f}%")
+            score = viz.correspondence_accuracy(backbone, images)
+            print(
+                f"correspondence accuracy {100 * acc:.1f}% (drawn image); over {score['n']} images "
+                f"{100 * score['accuracy']:.1f}%, random matches {100 * score['chance']:.1f}%"
+            )
         out = viz.plot_correspondence(
             a, b, match, sim, backbone.patch_size, args.out or "correspondence.png", mean, std, title=title
         )

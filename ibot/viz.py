@@ -187,6 +187,35 @@ def geometric_accuracy(match: torch.Tensor, grid: int, box_a, box_b, tolerance: 
     return hits / max(total, 1)
 
 
+def two_view_boxes(size: int, share: float = 0.75) -> list[tuple[int, int, int]]:
+    """Two square crops (top, left, side) of a ``size`` image: top-left and bottom-right, ``share`` wide."""
+    side = int(size * share)
+    return [(0, 0, side), (size - side, size - side, side)]
+
+
+@torch.no_grad()
+def correspondence_accuracy(backbone, images: torch.Tensor, tolerance: float = 0.5, share: float = 0.75) -> dict:
+    """Mean geometric accuracy of patch matches between two overlapping views of each image.
+
+    Each (C, S, S) image gives two crops (:func:`two_view_boxes`) resized back to S; every patch of
+    view A that lies inside view B is matched to its most similar patch of B, and counts as right
+    when it lands within ``tolerance`` patches of where the crop geometry puts it. Also returns the
+    same score for uniformly random matches (chance), averaged over the same images.
+    """
+    size = images.shape[-1]
+    boxes = two_view_boxes(size, share)
+    grid = backbone.grid_size(size, size)[0]
+    gen = torch.Generator().manual_seed(0)
+    model, chance = [], []
+    for x in images:
+        a, b = crop_views(x, size, boxes)
+        match, _ = match_patches(backbone, a, b)
+        model.append(geometric_accuracy(match, grid, boxes[0], boxes[1], tolerance))
+        rand = torch.randint(0, grid * grid, (grid * grid,), generator=gen)
+        chance.append(geometric_accuracy(rand, grid, boxes[0], boxes[1], tolerance))
+    return {"accuracy": sum(model) / len(model), "chance": sum(chance) / len(chance), "n": len(model)}
+
+
 def plot_correspondence(
     a: torch.Tensor,
     b: torch.Tensor,

@@ -67,6 +67,15 @@ def test_geometric_accuracy_of_true_vs_random_matches():
     assert viz.geometric_accuracy(rand, grid, box_a, box_b) < 0.3
 
 
+def test_correspondence_accuracy_over_images(run):
+    backbone, info, _ = load_backbone(run)
+    images = viz.load_images(info, n=6)
+    score = viz.correspondence_accuracy(backbone.eval(), images)
+    assert score["n"] == 6 and 0.0 <= score["accuracy"] <= 1.0
+    assert 0.0 < score["chance"] < 0.5  # 4 x 4 grid, tolerance half a patch
+    assert viz.two_view_boxes(32) == [(0, 0, 24), (8, 8, 24)]
+
+
 def test_correspondence_png_and_cli(run, tmp_path):
     from ibot.cli import main
 

@@ -51,7 +51,7 @@ def full_model_state(model: nn.Module) -> dict:
     return {k: _full(v).detach().cpu() for k, v in model.state_dict().items()}
 
 
-def full_optimizer_state(student: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """AdamW state of sharded parameters as a plain ``optimizer.state_dict()`` (collective)."""
     sd = optimizer.state_dict()
     sd["state"] = {
@@ -70,10 +70,12 @@ def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, model
             return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
         return full
 
+    from ibot.train.checkpoint import CheckpointError
+
     own = model.state_dict()
     missing = sorted(set(own) - set(model_sd))
     if missing:
-        raise KeyError(f"checkpoint lacks {len(missing)} model tensors, e.g. {missing[:3]}")
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} model tensors, e.g. {missing[:3]}")
     with torch.no_grad():
         for k, ref in own.items():
             value = shard_like(ref, model_sd[k])

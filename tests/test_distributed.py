@@ -145,7 +145,7 @@ def _fsdp_worker(rank, world, port, out_path):
     out = step(_batch(glob, loc, masks, rows), epoch=0, momentum=0.9)
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
-    state, optim = full_model_state(model), full_optimizer_state(model.student, step.optimizer)
+    state, optim = full_model_state(model), full_optimizer_state(step.optimizer)
     # a round trip through the plain (world-size-free) checkpoint format gives the same shards back
     before = [p.to_local().clone() for p in model.student.parameters()]
     with torch.no_grad():

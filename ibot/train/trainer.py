@@ -431,7 +431,7 @@ class Trainer:
         if self.fsdp:
             from ibot.fsdp import full_model_state, full_optimizer_state
 
-            model_sd, optim_sd = full_model_state(self.model), full_optimizer_state(self.model.student, self.optimizer)
+            model_sd, optim_sd = full_model_state(self.model), full_optimizer_state(self.optimizer)
         else:
             model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
         return {

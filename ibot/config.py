@@ -407,6 +407,8 @@ def validate(cfg) -> None:
         problems.append("run.fsdp=true does not support model.head_norm=bn (SyncBatchNorm); use none or ln")
     if m.arch.startswith("swin") and m.efficient_drop_path:
         problems.append("model.efficient_drop_path is implemented for ViT backbones only")
+    if m.arch.startswith("swin") and cfg.run.compile:
+        problems.append("run.compile (per-block torch.compile) is implemented for ViT backbones only")
     if d.global_crops_number < 1 or d.global_crops_number + d.local_crops_number < 2:
         problems.append("need at least 1 global crop and 2 crops in all")
     if lo.warmup_teacher_temp_epochs + mk.start_epoch > o.epochs:

@@ -240,35 +240,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"epochs": 2, "batch_size": 16, "warmup_epochs": 1, "lr": 1e-3},
         "run": {"output_dir": "runs/smoke", "log_every": 1, "knn_k": 5},
     },
-    # The smoke run with a 3-stage Swin (patch 2, window 4): mask cells of 8 px, a 4 x 4 prediction grid.
-    "swin_smoke": {
-        "model": {
-            "arch": "swin_tiny_patch4_window7_224",
-            "patch_size": 2,
-            "img_size": 32,
-            "embed_dim": 16,
-            "depths": [2, 2, 2],
-            "stage_heads": [1, 2, 4],
-            "window_size": 4,
-            "drop_path": 0.1,
-            "out_dim": 64,
-            "patch_out_dim": 64,
-            "hidden_dim": 64,
-            "bottleneck_dim": 32,
-        },
-        "mask": {"ratio": [0.0, 0.3], "ratio_var": [0.0, 0.2]},
-        "loss": {"warmup_teacher_temp_epochs": 1, "teacher_temp": 0.07},
-        "data": {
-            "dataset": "synthetic",
-            "synthetic_size": 64,
-            "local_crops_number": 2,
-            "local_crop_size": 16,
-            "num_workers": 0,
-            "global_crops_scale": [0.4, 1.0],
-        },
-        "optim": {"epochs": 2, "batch_size": 16, "warmup_epochs": 1, "lr": 1e-3},
-        "run": {"output_dir": "runs/swin_smoke", "log_every": 1, "knn_k": 5},
+}
+
+# The smoke run with a 3-stage Swin (patch 2, window 4): mask cells of 8 px, a 4 x 4 prediction grid.
+_smoke = PRESETS["smoke"]
+PRESETS["swin_smoke"] = {
+    **_smoke,
+    "model": {
+        **{k: v for k, v in _smoke["model"].items() if k not in ("depth", "num_heads")},
+        "arch": "swin_tiny_patch4_window7_224",
+        "patch_size": 2,
+        "embed_dim": 16,
+        "depths": [2, 2, 2],
+        "stage_heads": [1, 2, 4],
+        "window_size": 4,
     },
+    "run": {**_smoke["run"], "output_dir": "runs/swin_smoke"},
 }
 
 # The official Swin-T recipes (README: ``--patch_size 4 --window_size {7,14} --pred_start_epoch 50``

@@ -79,6 +79,8 @@ class DataConfig:
     local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
     local_crop_size: int = 96
     blur_scale: float = 1.0  # multiplies the blur radius range (0.1, 2.0)
+    color_jitter_p: float = 0.8  # probability of brightness/contrast(/saturation/hue) jitter per crop
+    solarization_p: float = 0.2  # probability of solarizing the second global crop
     num_workers: int = 4
     synthetic_size: int = 256
     limit: int = 0  # use only the first N training images (0 = all)

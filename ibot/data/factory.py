@@ -56,6 +56,8 @@ def pil_transform_from_config(cfg) -> MultiCropTransform:
         mean,
         std,
         d.blur_scale,
+        d.color_jitter_p,
+        d.solarization_p,
     )
 
 
@@ -72,4 +74,6 @@ def batch_augment_from_config(cfg) -> BatchMultiCrop:
         mean,
         std,
         blur_scale=d.blur_scale,
+        jitter_p=d.color_jitter_p,
+        solarize_p=d.solarization_p,
     )

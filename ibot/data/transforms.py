@@ -56,6 +56,8 @@ class MultiCropTransform:
         in_chans: 3 (RGB) or 1 (grayscale: no saturation/hue jitter, no random grayscale).
         mean, std: normalisation (default ImageNet for RGB, 0.5 for grayscale).
         blur_scale: multiplies the blur radius range (0.1, 2.0), useful for tiny images.
+        jitter_p: probability of colour jitter per crop (official 0.8).
+        solarize_p: probability of solarizing global crop 2 (official 0.2).
     """
 
     def __init__(
@@ -70,6 +72,8 @@ class MultiCropTransform:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         blur_scale: float = 1.0,
+        jitter_p: float = 0.8,
+        solarize_p: float = 0.2,
     ) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
@@ -78,7 +82,7 @@ class MultiCropTransform:
         std = std or ((0.5,) if gray else IMAGENET_STD)
         mode = "L" if gray else "RGB"
         jitter = T.ColorJitter(0.4, 0.4) if gray else T.ColorJitter(0.4, 0.4, 0.2, 0.1)
-        flip_jitter = [T.RandomHorizontalFlip(p=0.5), T.RandomApply([jitter], p=0.8)]
+        flip_jitter = [T.RandomHorizontalFlip(p=0.5), T.RandomApply([jitter], p=jitter_p)]
         if not gray:
             flip_jitter.append(T.RandomGrayscale(p=0.2))
         normalize = [T.ToTensor(), T.Normalize(mean, std)]
@@ -91,7 +95,7 @@ class MultiCropTransform:
         self.convert = lambda img: img if img.mode == mode else img.convert(mode)
         self.global1 = T.Compose([crop(global_size, global_scale), *flip_jitter, GaussianBlur(1.0, *r), *normalize])
         self.global2 = T.Compose(
-            [crop(global_size, global_scale), *flip_jitter, GaussianBlur(0.1, *r), Solarization(0.2), *normalize]
+            [crop(global_size, global_scale), *flip_jitter, GaussianBlur(0.1, *r), Solarization(solarize_p), *normalize]
         )
         self.local = T.Compose([crop(local_size, local_scale), *flip_jitter, GaussianBlur(0.5, *r), *normalize])
         self.global_crops_number = global_crops_number

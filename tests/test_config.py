@@ -1,0 +1,27 @@
+import pytest
+
+from ibot.config import PRESETS, ConfigError, build_config
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_validates_with_and_without_local_crops(preset):
+    cfg = build_config(preset)
+    assert cfg.model.img_size % cfg.model.patch_size == 0
+    # turning local crops on (or off) must give a valid config: sizes divisible by the patch
+    build_config(preset, ["data.local_crops_number=2"])
+    build_config(preset, ["data.local_crops_number=0"])
+
+
+def test_fmnist_tiny_is_the_tuned_cpu_recipe():
+    cfg = build_config("fmnist_tiny")
+    assert (cfg.data.dataset, cfg.data.pipeline) == ("fashion_mnist", "tensor")
+    assert cfg.data.local_crops_number == 0 and cfg.loss.lambda2 == 2.0 and cfg.loss.koleo_weight == 2.0
+    with_local = build_config("fmnist_tiny", ["data.local_crops_number=4"])
+    assert with_local.data.local_crop_size == 14  # small local crops for 28-px images, not the 96-px default
+
+
+def test_augmentation_probabilities_are_checked():
+    with pytest.raises(ConfigError, match="color_jitter_p"):
+        build_config("smoke", ["data.color_jitter_p=1.5"])
+    with pytest.raises(ConfigError, match="solarization_p"):
+        build_config("smoke", ["data.solarization_p=-0.1"])

@@ -53,7 +53,7 @@ def main() -> None:
         m.arch, patch_size=m.patch_size, img_size=m.img_size, in_chans=m.in_chans,
         embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
     )  # fmt: skip
-    clf = torch.nn.Linear(m.embed_dim, 10)
+    clf = torch.nn.Linear(m.embed_dim, int(train.labels.max()) + 1)
     params = [*net.parameters(), *clf.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=o.weight_decay)
     augment = batch_augment_from_config(build_config(args.preset, [*args.set, "data.local_crops_number=0"]))

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ibot.config import build_config  # noqa: E402
-from ibot.data.datasets import build_dataset, slice_dataset  # noqa: E402
-from ibot.data.factory import batch_augment_from_config  # noqa: E402
+from ibot.data.datasets import validation_split  # noqa: E402
+from ibot.data.factory import batch_augment_from_config, dataset_from_config  # noqa: E402
 from ibot.eval.knn import extract_features, knn_classify  # noqa: E402
 from ibot.models.backbone import create_vit  # noqa: E402
 
@@ -44,11 +44,11 @@ def main() -> None:
     cfg = build_config(args.preset, args.set)
     m, o = cfg.model, cfg.optim
     torch.manual_seed(cfg.run.seed)
-    train = build_dataset(cfg.data.dataset, cfg.data.path, train=True)
+    train = dataset_from_config(cfg, train=True)
     if args.split == "val":
-        test, train = slice_dataset(train, 50000, 60000), slice_dataset(train, 0, 50000)
+        train, test = validation_split(train)  # the same 50k / 10k split as fmnist_quality.py --split val
     else:
-        test = build_dataset(cfg.data.dataset, cfg.data.path, train=False)
+        test = dataset_from_config(cfg, train=False)
     net = create_vit(
         m.arch, patch_size=m.patch_size, img_size=m.img_size, in_chans=m.in_chans,
         embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
@@ -56,7 +56,8 @@ def main() -> None:
     clf = torch.nn.Linear(m.embed_dim, int(train.labels.max()) + 1)
     params = [*net.parameters(), *clf.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=o.weight_decay)
-    augment = batch_augment_from_config(build_config(args.preset, [*args.set, "data.local_crops_number=0"]))
+    cfg.data.local_crops_number = 0  # one global crop per image is used below
+    augment = batch_augment_from_config(cfg)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     kw = {"image_size": m.img_size, "in_chans": m.in_chans}
 

@@ -117,6 +117,13 @@ def slice_dataset(dataset, start: int, end: int):
     return sub
 
 
+def validation_split(dataset, queries: int = 10000):
+    """(memory bank, queries) carved from a labelled training set: the last ``min(queries, N // 5)``
+    images are the queries (the ``run.knn_split=val`` tuning protocol)."""
+    n_bank = len(dataset) - min(queries, len(dataset) // 5)
+    return slice_dataset(dataset, 0, n_bank), slice_dataset(dataset, n_bank, len(dataset))
+
+
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ibot import distributed as D
 from ibot.config import build_model, flatten, from_dict, to_dict
-from ibot.data.datasets import DatasetError, slice_dataset
+from ibot.data.datasets import DatasetError, slice_dataset, validation_split
 from ibot.data.factory import (
     batch_augment_from_config,
     collate_from_config,
@@ -499,11 +499,7 @@ class Trainer:
                 self.log("k-NN skipped: data.dataset=folder has no labels")
                 return None
             if cfg.run.knn_split == "val":
-                n_bank = len(self.bank_set) - min(10000, len(self.bank_set) // 5)  # the last images are queries
-                bank, test_set = (
-                    slice_dataset(self.bank_set, 0, n_bank),
-                    slice_dataset(self.bank_set, n_bank, len(self.bank_set)),
-                )
+                bank, test_set = validation_split(self.bank_set)
             else:
                 test_set = dataset_from_config(cfg, train=False)
         except DatasetError as err:

@@ -49,12 +49,15 @@ class MaskConfig:
     start_epoch: int = 0  # official pred_start_epoch
     probability: float = 1.0  # fraction of images masked at all (DINOv2); 1.0 = official
     min_patches: int | None = None  # minimum block area; None = (min(h, w) // 3) ** 2
+    # mask the student's global crops (official --use_masked_im_modeling); null = only with a patch loss
+    # (loss.lambda2 > 0). true with loss.lambda2=0 is the official --lambda2 0; method=dino never masks
+    enabled: bool | None = None
 
 
 @dataclass
 class LossConfig:
     lambda1: float = 1.0  # CLS loss weight
-    lambda2: float = 1.0  # patch loss weight (0 = DINO)
+    lambda2: float = 1.0  # patch loss weight (0: no patch loss; masks stay off unless mask.enabled=true)
     student_temp: float = 0.1
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.04
@@ -414,6 +417,14 @@ def validate(cfg) -> None:
         )
     if o.warmup_epochs > o.epochs:
         problems.append(f"optim.warmup_epochs={o.warmup_epochs} > optim.epochs={o.epochs}")
+    if cfg.method == "dino" and mk.enabled:
+        problems.append(
+            "method=dino never masks; for the official --lambda2 0 use method=ibot loss.lambda2=0 mask.enabled=true"
+        )
+    if cfg.method == "ibot" and lo.lambda2 > 0 and mk.enabled is False:
+        problems.append(
+            f"loss.lambda2={lo.lambda2} needs masked student crops; drop mask.enabled=false or set loss.lambda2=0"
+        )
     if m.shared_head and m.out_dim != m.patch_out_dim and cfg.method == "ibot":
         problems.append("model.shared_head needs model.out_dim == model.patch_out_dim")
     if len(mk.ratio) != len(mk.ratio_var) and len(mk.ratio_var) != 1:
@@ -502,5 +513,6 @@ def build_model(cfg):
         temperature_teacher_patch=lo.teacher_patch_temp,
         center_momentum=lo.center_momentum,
         patch_center=lo.patch_center,
+        masked_im_modeling=mk.enabled,
         **common,
     )

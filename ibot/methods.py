@@ -106,6 +106,9 @@ class iBOT(nn.Module):  # noqa: N801
         center_momentum: momentum of both centers.
         patch_center: "all" (official: center of every patch token) or "masked" (DINOv2).
         koleo_loss_weight: weight of the KoLeo regulariser on student global CLS features.
+        masked_im_modeling: mask the student's global crops (official ``--use_masked_im_modeling``).
+            None: only when there is a patch loss. ``True`` with ``patch_loss_weight=0`` is the official
+            ``--lambda2 0`` (the CLS loss sees masked student crops); ``False`` is DINO.
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class iBOT(nn.Module):  # noqa: N801
         center_momentum: float = 0.9,
         patch_center: str = "all",
         koleo_loss_weight: float = 0.0,
+        masked_im_modeling: bool | None = None,
     ) -> None:
         super().__init__()
         if centering not in ("center", "sinkhorn"):
@@ -156,12 +160,17 @@ class iBOT(nn.Module):  # noqa: N801
                 f"shared_head needs n_cls_prototypes == n_patch_prototypes ({n_cls_prototypes} != {n_patch_prototypes})"
             )
         self.use_patch_loss = patch_loss_weight > 0
+        self.masked_im_modeling = self.use_patch_loss if masked_im_modeling is None else bool(masked_im_modeling)
+        if self.use_patch_loss and not self.masked_im_modeling:
+            raise ValueError(
+                "the patch loss needs masked student crops: masked_im_modeling=False needs patch_loss_weight=0"
+            )
         if isinstance(encoder_name, str):
             kw = {"img_size": image_size, **(encoder_kwargs or {})}
             vit = create_vit(encoder_name, drop_path_rate=drop_path_rate, pretrained=pretrained, **kw)
         else:
             vit = encoder_name
-        backbone = wrap_backbone(vit, masked_im_modeling=self.use_patch_loss)
+        backbone = wrap_backbone(vit, masked_im_modeling=self.masked_im_modeling)
 
         def make_head(norm_last: bool) -> iBOTHead:
             return iBOTHead(
@@ -184,7 +193,7 @@ class iBOT(nn.Module):  # noqa: N801
         for p in teacher_head.parameters():
             p.requires_grad_(False)
         self.teacher = nn.ModuleDict({"backbone": make_teacher_backbone(backbone), "head": teacher_head})
-        self.teacher.eval()
+        self.teacher["backbone"].eval()
 
         self.embed_dim = backbone.embed_dim
         self.image_size = image_size
@@ -239,7 +248,10 @@ class iBOT(nn.Module):  # noqa: N801
 
     def train(self, mode: bool = True) -> iBOT:
         super().train(mode)
-        self.teacher.eval()  # the teacher never uses train-mode behaviour
+        # The teacher backbone never uses train-mode behaviour (it has no drop-path). Its head follows the
+        # module's mode, as in the official code (whose teacher is never put in eval mode): with
+        # ``head_norm="bn"`` it normalises with the batch statistics of its own tokens.
+        self.teacher["backbone"].eval()
         return self
 
     def _apply(self, fn, recurse=True):  # keep EMA pairs pointing at the moved tensors
@@ -282,8 +294,8 @@ class iBOT(nn.Module):  # noqa: N801
         """
         if batch is not None:
             b = batch.global_crops.shape[0] // batch.n_global
-            mb = batch.masks if self.use_patch_loss else None
-            if self.use_patch_loss and mb is None:
+            mb = batch.masks if self.masked_im_modeling else None
+            if self.masked_im_modeling and mb is None:
                 raise ValueError("this batch has no masks; build the collate with a mask generator")
             return self.step(batch.global_crops, batch.local_crops, mb, batch.n_global, batch.n_local, b, epoch)
         if images is not None:
@@ -297,7 +309,7 @@ class iBOT(nn.Module):  # noqa: N801
         if n_global + n_local < 2:
             raise ValueError("need at least two views (e.g. 2 global views, or 1 global + local views)")
         b = g_imgs.shape[0] // n_global
-        mb = self._mask_batch(masks, g_imgs, n_global) if self.use_patch_loss else None
+        mb = self._mask_batch(masks, g_imgs, n_global) if self.masked_im_modeling else None
         return self.step(g_imgs, l_imgs, mb, n_global, n_local, b, epoch)
 
     def _mask_batch(self, masks, g_imgs: torch.Tensor, n_global: int) -> MaskBatch:
@@ -333,45 +345,55 @@ class iBOT(nn.Module):  # noqa: N801
         t_head: iBOTHead = self.teacher["head"]
         s_head: iBOTHead = self.student["head"]
         n_cls = g_imgs.shape[0]
+        patch = mb is not None and self.use_patch_loss  # masked student crops may feed the CLS loss alone
+        # A BatchNorm head normalises with the statistics of every token of a crop group, as the official
+        # head (which always runs on all tokens); otherwise it runs only on the rows the loss reads.
+        bn = s_head.batch_norm
 
         # teacher: unmasked global crops, no grad
         with torch.no_grad():
             t_cls_tok, t_patch_tok = self.teacher["backbone"](g_imgs)
+            flat = t_patch_tok.reshape(-1, t_patch_tok.shape[-1])
+            all_patches = bn or (self.centering == "center" and self.patch_center == "all")
             patch_rows = None
-            if mb is not None:
-                flat = t_patch_tok.reshape(-1, t_patch_tok.shape[-1])
-                all_patches = self.centering == "center" and self.patch_center == "all"
+            if bn or patch:
                 patch_rows = flat if all_patches else flat[mb.index]
             rows = t_cls_tok if patch_rows is None else torch.cat([t_cls_tok, patch_rows])
             z = t_head.project(rows)
             t_cls = t_head.last_layer(z[:n_cls]).float()
-            if mb is not None:
+            if patch:
                 t_patch = t_head.patch_prototypes(z[n_cls:]).float()
                 t_patch_m = t_patch[mb.index] if all_patches else t_patch
             if self.centering == "center":
                 t_cls_probs = self.cls_center.softmax(t_cls, cls_temp)
-                t_patch_probs = self.patch_center_ema.softmax(t_patch_m, patch_temp) if mb is not None else None
+                t_patch_probs = self.patch_center_ema.softmax(t_patch_m, patch_temp) if patch else None
             else:
                 t_cls_probs = sinkhorn_knopp(t_cls, cls_temp, self.sinkhorn_iterations)
-                t_patch_probs = (
-                    sinkhorn_knopp(t_patch_m, patch_temp, self.sinkhorn_iterations) if mb is not None else None
-                )
+                t_patch_probs = sinkhorn_knopp(t_patch_m, patch_temp, self.sinkhorn_iterations) if patch else None
 
         # student: masked global crops (one pass), local crops (one pass)
         s_cls_g, s_patch_g = self.student["backbone"](g_imgs, mask=None if mb is None else mb.masks)
-        cls_rows = [s_cls_g]
-        if l_imgs is not None:
-            cls_rows.append(self.student["backbone"](l_imgs)[0])
-        n_rows = n_cls + (0 if l_imgs is None else l_imgs.shape[0])
-        if mb is not None:
-            cls_rows.append(s_patch_g.reshape(-1, s_patch_g.shape[-1])[mb.index])
-        z = s_head.project(torch.cat(cls_rows))
+        s_flat = s_patch_g.reshape(-1, s_patch_g.shape[-1])
+        local = None if l_imgs is None else self.student["backbone"](l_imgs)
+        n_rows = n_cls + (0 if local is None else local[0].shape[0])
+        if bn:  # one head pass per crop group over all of its tokens, then the rows the loss reads
+            z_g = s_head.project(torch.cat([s_cls_g, s_flat]))
+            parts = [z_g[:n_cls]]
+            if local is not None:
+                z_l = s_head.project(torch.cat([local[0], local[1].reshape(-1, local[1].shape[-1])]))
+                parts.append(z_l[: local[0].shape[0]])
+            if patch:
+                parts.append(z_g[n_cls:][mb.index])
+            z = torch.cat(parts)
+        else:
+            rows = [s_cls_g] + ([] if local is None else [local[0]]) + ([s_flat[mb.index]] if patch else [])
+            z = s_head.project(torch.cat(rows))
         if s_head.shared_head:
             logits = s_head.last_layer(z)
             s_cls, s_patch_m = logits[:n_rows], logits[n_rows:]
         else:
             s_cls = s_head.last_layer(z[:n_rows])
-            s_patch_m = s_head.last_layer2(z[n_rows:]) if mb is not None else None
+            s_patch_m = s_head.last_layer2(z[n_rows:]) if patch else None
 
         v = n_global + n_local
         loss_cls = self.lambda1 * cls_distillation_loss(
@@ -379,7 +401,7 @@ class iBOT(nn.Module):  # noqa: N801
         )
         loss = loss_cls
         loss_patch = loss_koleo = None
-        if mb is not None:
+        if patch:
             loss_patch = self.lambda2 * masked_patch_loss(s_patch_m, t_patch_probs, mb.weight, self.student_temp)
             loss = loss + loss_patch
         if self.koleo_weight > 0:
@@ -389,7 +411,7 @@ class iBOT(nn.Module):  # noqa: N801
         if self.centering == "center":  # after the loss: this step used the previous centers
             with torch.no_grad():
                 self.cls_center.update(t_cls.sum(0), t_cls.shape[0])
-                if mb is not None:
+                if patch:
                     if self.patch_center == "all":
                         n_tok = t_patch_tok.shape[1]
                         per_image = t_patch.reshape(n_cls, n_tok, -1).mean(1)

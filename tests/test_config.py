@@ -25,3 +25,22 @@ def test_augmentation_probabilities_are_checked():
         build_config("smoke", ["data.color_jitter_p=1.5"])
     with pytest.raises(ConfigError, match="solarization_p"):
         build_config("smoke", ["data.solarization_p=-0.1"])
+
+
+def test_mask_enabled_switch_is_the_official_use_masked_im_modeling():
+    from ibot.config import build_model
+    from ibot.data.factory import mask_generator_from_config
+
+    official = build_config("smoke", ["loss.lambda2=0", "mask.enabled=true"])  # official --lambda2 0
+    assert mask_generator_from_config(official) is not None
+    model = build_model(official)
+    assert model.masked_im_modeling and not model.use_patch_loss
+    assert model.student["backbone"].masked_embed is not None
+    plain = build_config("smoke", ["loss.lambda2=0"])  # no patch loss, no masks (DINO's inputs)
+    assert mask_generator_from_config(plain) is None and not build_model(plain).masked_im_modeling
+    dino = build_config("smoke", ["method=dino"])
+    assert mask_generator_from_config(dino) is None and not build_model(dino).masked_im_modeling
+    with pytest.raises(ConfigError, match="method=dino never masks"):
+        build_config("smoke", ["method=dino", "mask.enabled=true"])
+    with pytest.raises(ConfigError, match="needs masked student crops"):
+        build_config("smoke", ["mask.enabled=false"])

@@ -24,6 +24,7 @@ def _reference_loss(model, g, loc, masks, epoch):
     """Faithful official computation: heads on every token of every crop, loop over view pairs."""
     b = g[0].shape[0]
     gi = torch.cat(g)
+    model.teacher["head"].train()  # the official teacher is never put in eval mode (matters for a BN head)
     with torch.no_grad():
         t_tok = torch.cat([t.unsqueeze(1) if t.ndim == 2 else t for t in model.teacher["backbone"](gi)], 1)
         t_cls, t_patch = model.teacher["head"](t_tok)
@@ -52,10 +53,13 @@ def _reference_loss(model, g, loc, masks, epoch):
     )
 
 
-@pytest.mark.parametrize("n_local,shared", [(3, False), (0, True)])
-def test_lean_step_equals_faithful_reference(n_local, shared):
+@pytest.mark.parametrize("n_local,shared,norm", [(3, False, None), (0, True, None), (3, False, "bn"), (2, True, "ln")])
+def test_lean_step_equals_faithful_reference(n_local, shared, norm):
+    """Also ``head_norm="bn"``: official batch statistics over every token of each crop group, teacher too."""
     torch.manual_seed(0)
-    model = tiny_ibot(drop_path_rate=0.0, shared_head=shared, cls_loss_weight=0.8, patch_loss_weight=1.2)
+    model = tiny_ibot(
+        drop_path_rate=0.0, shared_head=shared, cls_loss_weight=0.8, patch_loss_weight=1.2, head_norm=norm
+    )
     with torch.no_grad():  # non-trivial centers and a teacher different from the student
         model.cls_center.center.normal_()
         model.patch_center_ema.center.normal_()
@@ -195,3 +199,35 @@ def test_vit_tiny_224_with_local_crops_done_when():
     assert all(p.grad is not None for p in model.student.parameters() if p.requires_grad)
     assert out.embedding.shape == (4, 192)
     assert model(images=g[0]).embedding.shape == (2, 192)
+
+
+def test_head_norm_is_one_module_reused_after_every_hidden_layer_as_official():
+    """Official DINOHead appends the same norm module after each hidden layer (keys mlp.1 and mlp.4)."""
+    model = tiny_ibot(head_norm="bn")
+    head = model.student["head"]
+    assert head.mlp[1] is head.mlp[4] and isinstance(head.mlp[1], torch.nn.BatchNorm1d)
+    sd = head.state_dict()
+    assert torch.equal(sd["mlp.1.weight"], sd["mlp.4.weight"]) and "mlp.4.running_mean" in sd
+    assert model.train().teacher["head"].training and not model.teacher["backbone"].training
+
+
+def test_masked_student_without_patch_loss_is_official_lambda2_zero():
+    """``masked_im_modeling=True, patch_loss_weight=0`` = official ``--lambda2 0``: the CLS loss sees masked crops."""
+    torch.manual_seed(0)
+    g, loc, masks = _views(n_local=2)
+    official = tiny_ibot(drop_path_rate=0.0, patch_loss_weight=0.0, masked_im_modeling=True)
+    dino_like = tiny_ibot(drop_path_rate=0.0, patch_loss_weight=0.0)
+    assert official.student["backbone"].masked_embed is not None
+    assert dino_like.student["backbone"].masked_embed is None and not dino_like.masked_im_modeling
+    with torch.no_grad():
+        official.student["backbone"].masked_embed.normal_()
+        for name, p in dino_like.named_parameters():
+            p.copy_(dict(official.named_parameters())[name])
+    ref_cls, _, _, _ = _reference_loss(official, g, loc, masks, 1)  # before the step moves the centers
+    out = official(global_views=g, local_views=loc, masks=masks, epoch=1)
+    assert out.loss_patch is None
+    torch.testing.assert_close(out.loss_cls, ref_cls, rtol=1e-5, atol=1e-5)
+    unmasked = dino_like(global_views=g, local_views=loc, epoch=1)
+    assert not torch.allclose(out.loss_cls, unmasked.loss_cls, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="needs masked student crops"):
+        tiny_ibot(patch_loss_weight=1.0, masked_im_modeling=False)

@@ -24,8 +24,9 @@ def dataset_from_config(cfg, train: bool = True):
 
 
 def mask_generator_from_config(cfg) -> MaskGenerator | None:
-    """The collate's mask generator, or None when the method has no patch loss."""
-    if cfg.method != "ibot" or cfg.loss.lambda2 <= 0:
+    """The collate's mask generator, or None when the student's crops are not masked."""
+    masked = cfg.loss.lambda2 > 0 if cfg.mask.enabled is None else cfg.mask.enabled
+    if cfg.method != "ibot" or not masked:
         return None
     mk = cfg.mask
     return MaskGenerator(mk.shape, list(mk.ratio), list(mk.ratio_var), mk.start_epoch, mk.probability, mk.min_patches)

@@ -54,7 +54,9 @@ class iBOTHead(nn.Module):  # noqa: N801 - the method's name
         out_dim: CLS prototypes K.
         patch_out_dim: patch prototypes K_p (ignored when ``shared_head``).
         shared_head: patch tokens use the CLS prototypes (``last_layer2`` is ``last_layer``).
-        norm: None, "bn" or "ln" after each hidden linear layer.
+        norm: None, "bn" or "ln" after each hidden linear layer (one module shared by all of them, as the
+            official head). With "bn" the statistics are those of every row passed in: the official head
+            sees every token of a crop group, and :class:`ibot.iBOT` passes the same rows.
         act: "gelu" or "relu".
         nlayers, hidden_dim, bottleneck_dim: MLP shape (official: 3, 2048, 256).
         norm_last_layer: freeze the prototype gains at 1.
@@ -81,12 +83,14 @@ class iBOTHead(nn.Module):  # noqa: N801 - the method's name
             raise ValueError("the head needs at least one layer")
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        # one norm module reused after every hidden layer, as the official DINOHead builds it
+        # (``mlp.1`` and ``mlp.4`` are the same BatchNorm/LayerNorm: one set of weights and statistics)
+        shared_norm = _norm_layer(norm, hidden_dim)
         for i in range(nlayers):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < nlayers - 1:
-                nl = _norm_layer(norm, dims[i + 1])
-                if nl is not None:
-                    layers.append(nl)
+                if shared_norm is not None:
+                    layers.append(shared_norm)
                 layers.append(nn.GELU() if act == "gelu" else nn.ReLU())
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp.modules():
@@ -96,6 +100,11 @@ class iBOTHead(nn.Module):  # noqa: N801 - the method's name
         self.shared_head = shared_head
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, norm_last_layer)
         self.last_layer2 = None if shared_head else WeightNormLinear(bottleneck_dim, patch_out_dim, norm_last_layer)
+
+    @property
+    def batch_norm(self) -> bool:
+        """True when the MLP normalises with batch statistics (``norm="bn"``, or SyncBatchNorm after conversion)."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.mlp)
 
     @property
     def out_dim(self) -> int:

@@ -54,6 +54,7 @@ STRUCTURAL_KEYS = (
     "model.bottleneck_dim",
     "model.head_layers",
     "model.head_norm",
+    "mask.enabled",  # the student's mask token
 )
 
 NAN_ADVICE = (
@@ -125,8 +126,9 @@ class Trainer:
 
             shard_model(self.model)
         elif D.is_dist():
-            if cfg.model.head_norm == "bn":
+            if cfg.model.head_norm == "bn":  # both heads, as the official code (the teacher's uses batch stats too)
                 self.model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.student)
+                self.model.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.teacher)
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )

@@ -121,18 +121,26 @@ def _load_into(module: torch.nn.Module, state: dict, source: str, prefix: str = 
     return report
 
 
-def load_official(path: str | Path, which: str = "teacher", allow_unsafe: bool = False, num_heads: int | None = None):
+def load_official(
+    path: str | Path,
+    which: str = "teacher",
+    allow_unsafe: bool = False,
+    num_heads: int | None = None,
+    ckpt: dict | None = None,
+):
     """Load an official checkpoint (full or backbone-only) into ibot modules.
 
     Args:
         path: ``checkpoint.pth`` (full), or a backbone file (``{'state_dict': ...}`` or flat).
         which: "teacher" or "student" for full checkpoints.
         num_heads: attention heads when the width is not a standard ViT size.
+        ckpt: the file's content when the caller has already loaded it (``path`` then names it).
 
     Returns:
         ``(backbone MaskedViT or MaskedSwin, head iBOTHead or None, centers dict, report)``.
     """
-    ckpt = load_safe(path, allow_unsafe=allow_unsafe)
+    if ckpt is None:
+        ckpt = load_safe(path, allow_unsafe=allow_unsafe)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} does not hold a state dict")
     if which in ckpt and isinstance(ckpt[which], dict):
@@ -234,6 +242,36 @@ def _build_head(head_sd: dict, in_dim: int) -> iBOTHead:
         norm_last_layer=False,
     )
     return head
+
+
+def _head_state_for(head: iBOTHead, target: iBOTHead, which: str) -> tuple[dict, str]:
+    """A loaded head's state in the layout of ``target``, and a note on what was adapted.
+
+    The official defaults train an unshared student head with a *shared* teacher head (its
+    ``last_layer2`` is ``last_layer``): into an unshared target the teacher's prototypes become both
+    layers. A shape that cannot be adapted is an error, never a silent random init.
+    """
+    hsd, own = head.state_dict(), target.state_dict()
+    note = ""
+    if "last_layer2.weight_v" in own and "last_layer2.weight_v" not in hsd:
+        if own["last_layer2.weight_v"].shape != hsd["last_layer.weight_v"].shape:
+            raise CheckpointError(
+                f"the {which} head of this checkpoint is shared ({hsd['last_layer.weight_v'].shape[0]} prototypes) but "
+                f"the model's patch prototypes number {own['last_layer2.weight_v'].shape[0]}; "
+                "set model.patch_out_dim equal to model.out_dim (or model.shared_head=true)"
+            )
+        hsd.update({k.replace("last_layer.", "last_layer2."): v for k, v in hsd.items() if k.startswith("last_layer.")})
+        note = " (shared prototypes copied into last_layer2)"
+    for k, v in hsd.items():
+        if k in own and own[k].shape != v.shape:
+            raise CheckpointError(
+                f"the {which} head's {k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the "
+                "model; set model.out_dim / model.patch_out_dim / model.bottleneck_dim / model.hidden_dim to match"
+            )
+    dropped = sorted(k for k in hsd if k not in own)
+    if dropped:
+        note += f" (not loaded: {', '.join(dropped)})"
+    return {k: v for k, v in hsd.items() if k in own}, note
 
 
 # ---------------------------------------------------------------------- any source -> backbone
@@ -403,17 +441,18 @@ def init_model_from(model, source: str | Path, allow_unsafe: bool = False) -> st
         key = which if isinstance(ckpt, dict) and which in ckpt else None
         if key is None and isinstance(ckpt, dict) and ("teacher" in ckpt or "student" in ckpt):
             key = "teacher" if "teacher" in ckpt else "student"
-        backbone, head, centers, report = load_official(src, key or "teacher", allow_unsafe)
+        backbone, head, centers, report = load_official(src, key or "teacher", allow_unsafe, ckpt=ckpt)
         target = model.student if which == "student" else model.teacher
         sd = {k: v for k, v in backbone.state_dict().items() if k in target["backbone"].state_dict()}
         r = target["backbone"].load_state_dict(sd, strict=False)
+        line = f"{which}: from {key or 'backbone file'} ({len(sd)} backbone tensors"
+        missing = [k for k in r.missing_keys if k != "masked_embed"]  # the teacher has no mask token
         if head is not None:
-            hsd = {k: v for k, v in head.state_dict().items() if k in target["head"].state_dict()}
-            target["head"].load_state_dict(hsd, strict=False)
-        lines.append(
-            f"{which}: from {key or 'backbone file'} ({len(sd)} backbone tensors"
-            f"{', head' if head is not None else ''}; missing {list(r.missing_keys)[:5]})"
-        )
+            hsd, note = _head_state_for(head, target["head"], which)
+            missing += ["head." + k for k in target["head"].load_state_dict(hsd, strict=False).missing_keys]
+            line += f", head{note}"
+        line += f"; missing {missing[:5]}{' ...' if len(missing) > 5 else ''})" if missing else "; nothing missing)"
+        lines.append(line)
         if which == "teacher" and "center" in centers:
             model.cls_center.center.copy_(centers["center"].reshape(1, -1))
             if "center2" in centers and centers["center2"].numel() == model.patch_center_ema.center.numel():

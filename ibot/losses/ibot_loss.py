@@ -58,6 +58,10 @@ class iBOTLoss(nn.Module):  # noqa: N801
         self.temps2 = (warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, mim_start_epoch)
         self.cls_center = Center(out_dim, center_momentum)
         self.patch_center = Center(patch_out_dim, center_momentum2)
+        # state dicts use the official buffers, ``center`` (1, K) and ``center2`` (1, 1, K_p), so that the
+        # official ``restart_from_checkpoint`` (strict=False) restores them; the inner names load too
+        self.register_state_dict_post_hook(_official_center_keys)
+        self.register_load_state_dict_pre_hook(_from_official_center_keys)
 
     @property
     def center(self) -> torch.Tensor:
@@ -101,3 +105,19 @@ class iBOTLoss(nn.Module):  # noqa: N801
     def update_center(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:
         self.cls_center.update(teacher_cls.float().sum(0), teacher_cls.shape[0])
         self.patch_center.update(teacher_patch.float().mean(1).sum(0), teacher_patch.shape[0])
+
+
+_INNER = {"center": "cls_center.center", "center2": "patch_center.center"}
+
+
+def _official_center_keys(module, state_dict, prefix, local_metadata) -> None:
+    for official, inner in _INNER.items():
+        if prefix + inner in state_dict:
+            value = state_dict.pop(prefix + inner)
+            state_dict[prefix + official] = value.reshape(1, 1, -1) if official == "center2" else value
+
+
+def _from_official_center_keys(module, state_dict, prefix, *args) -> None:
+    for official, inner in _INNER.items():
+        if prefix + official in state_dict:
+            state_dict[prefix + inner] = state_dict.pop(prefix + official).reshape(1, -1)

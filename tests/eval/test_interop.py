@@ -157,3 +157,33 @@ def test_continued_pretraining_from_official_checkpoint(tmp_path, model):
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(tr.model.teacher["backbone"](x)[0], model.teacher["backbone"](x)[0])
     tr.fit()
+
+
+def test_official_default_heads_unshared_student_shared_teacher_load_completely(tmp_path, monkeypatch):
+    """Official defaults: ``--shared_head false`` for the student, a shared teacher head (last_layer2 is last_layer)."""
+    import ibot.interop as interop
+
+    torch.manual_seed(0)
+    source = tiny_ibot(shared_head=False)
+    ckpt = _official_layout(source, shared=False)
+    teacher_head = {k: v for k, v in ckpt["teacher"].items() if not k.startswith("head.last_layer2.")}
+    for k in [k for k in teacher_head if k.startswith("head.last_layer.")]:  # the shared module is saved twice
+        teacher_head[k.replace("last_layer.", "last_layer2.")] = teacher_head[k]
+    ckpt["teacher"] = teacher_head
+    torch.save(ckpt, tmp_path / "official.pth")
+    calls = []
+    real_load = interop.load_safe
+    monkeypatch.setattr(interop, "load_safe", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    torch.manual_seed(1)
+    target = tiny_ibot(shared_head=False)
+    report = interop.init_model_from(target, tmp_path / "official.pth")
+    assert len(calls) == 1  # the file is read once
+    t_head, s_head = target.teacher["head"], target.student["head"]
+    torch.testing.assert_close(t_head.last_layer2.weight_v, ckpt["teacher"]["head.last_layer.weight_v"])
+    torch.testing.assert_close(s_head.last_layer2.weight_v, source.student["head"].last_layer2.weight_v)
+    assert "shared prototypes copied into last_layer2" in report and "missing" not in report.replace(
+        "nothing missing", ""
+    )
+    bigger = tiny_ibot(shared_head=False, n_patch_prototypes=48)
+    with pytest.raises(CheckpointError, match="last_layer2.weight_. has shape .*model.patch_out_dim"):
+        interop.init_model_from(bigger, tmp_path / "official.pth")

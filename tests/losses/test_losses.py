@@ -133,3 +133,25 @@ def test_koleo_guards_and_value():
     pts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     expected = -torch.log(torch.tensor(2.0).sqrt() + 1e-8)
     torch.testing.assert_close(koleo_loss(pts), expected)
+
+
+def test_ibot_loss_state_uses_the_official_center_keys_and_shapes():
+    """The official ``restart_from_checkpoint`` loads ``ibot_loss`` with strict=False: keys ``center``, ``center2``."""
+    kw = dict(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp2=0.04, teacher_temp2=0.07)
+    loss = iBOTLoss(5, 7, 2, 0, warmup_teacher_temp_epochs=1, nepochs=2, **kw)
+    loss.cls_center.center.copy_(torch.arange(5.0).reshape(1, 5))
+    loss.patch_center.center.copy_(torch.arange(7.0).reshape(1, 7) + 10)
+    sd = loss.state_dict()
+    assert set(sd) == {"center", "center2"}
+    assert sd["center"].shape == (1, 5) and sd["center2"].shape == (1, 1, 7)
+    official = {"center": torch.full((1, 5), 2.0), "center2": torch.full((1, 1, 7), 3.0)}
+    fresh = iBOTLoss(5, 7, 2, 0, warmup_teacher_temp_epochs=1, nepochs=2, **kw)
+    result = fresh.load_state_dict(official, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(fresh.center, official["center"])
+    torch.testing.assert_close(fresh.center2, official["center2"])
+    fresh.load_state_dict(sd)  # round trip, strict
+    torch.testing.assert_close(fresh.center2, loss.center2)
+    inner = {"cls_center.center": torch.ones(1, 5), "patch_center.center": torch.ones(1, 7)}
+    fresh.load_state_dict(inner)  # the previous ibot layout still loads
+    torch.testing.assert_close(fresh.center, torch.ones(1, 5))

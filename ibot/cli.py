@@ -67,7 +67,10 @@ def cmd_pretrain(args) -> int:
     result = trainer.fit()
     knn = result.get("knn")
     if knn:
-        print(f"RESULT k-NN top-1 {knn['top1']:.2f}% (k={knn['k']}) | run folder {cfg.run.output_dir}")
+        print(
+            f"RESULT k-NN top-1 {knn['top1']:.2f}% (k={knn['k']}) on {knn.get('split', 'the test split')} "
+            f"| run folder {cfg.run.output_dir}"
+        )
     return 0
 
 
@@ -86,12 +89,21 @@ def cmd_knn(args) -> int:
         image_size=args.img_size,
         allow_unsafe=args.allow_unsafe_pickle,
         log=lambda m: print(m, file=sys.stderr),
+        **_eval_loop_args(args),
     )
+    print(f"k-NN queries: {res['split']}")
     for k, v in res["knn"].items():
         print(f"k-NN {res['which']} {res['pool']} k={k:>3}: top-1 {v['top1']:.2f}%  top-5 {v['top5']:.2f}%")
     if args.json:
         print(json.dumps(res))
     return 0
+
+
+def _eval_loop_args(args) -> dict:
+    """The feature-extraction settings shared by ``knn`` and ``linear``."""
+    return dict(
+        batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit, progress=not args.no_progress
+    )
 
 
 def cmd_linear(args) -> int:
@@ -109,11 +121,13 @@ def cmd_linear(args) -> int:
         val_fraction=args.val_fraction,
         allow_unsafe=args.allow_unsafe_pickle,
         log=lambda m: print(m, file=sys.stderr),
+        **_eval_loop_args(args),
     )
     feats = f"last {res['n_last_blocks']} CLS" + (" + patch mean" if res["avgpool"] else "")
     print(
         f"linear probe ({res['which']}, {feats}): lr {res['best_lr']:g} picked on {res['n_val']} validation "
-        f"images ({res['val_top1']:.2f}%); test top-1 {res['test_top1']:.2f}%  top-5 {res['test_top5']:.2f}%"
+        f"images ({res['val_top1']:.2f}%); test top-1 {res['test_top1']:.2f}%  top-5 {res['test_top5']:.2f}% "
+        f"on {res['split']}"
     )
     if args.json:
         print(json.dumps(res))
@@ -278,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="load files that need arbitrary unpickling (only files you trust)",
         )
 
+    def eval_loop_args(sp):
+        sp.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+        sp.add_argument("--num-workers", type=int, default=0, help="image-decoding workers for folders (default 0)")
+        sp.add_argument("--limit", type=int, default=0, help="use N images spread over each split (default all)")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     knn = sub.add_parser(
         "knn",
         help="k-NN accuracy of a backbone (DINO / iBOT protocol)",
@@ -294,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="final-norm CLS (default), mean of patch tokens, or both concatenated",
     )
     knn.add_argument("--img-size", type=int, help="evaluation image size (default: the model's)")
+    eval_loop_args(knn)
     knn.set_defaults(func=cmd_knn)
 
     lin = sub.add_parser(
@@ -308,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--avgpool", action="store_true", help="append the mean of the final patch tokens")
     lin.add_argument("--epochs", type=int, default=30)
     lin.add_argument("--val-fraction", type=float, default=0.1)
+    eval_loop_args(lin)
     lin.set_defaults(func=cmd_linear)
 
     exp = sub.add_parser(
@@ -356,6 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def interrupted_message(args) -> str:
+    """What to tell the user after Ctrl-C: the command that stopped, and how to go on."""
+    if args.command == "pretrain":
+        dirs = [o.split("=", 1)[1] for o in args.overrides if o.startswith("run.output_dir=")]
+        run = args.resume or (dirs[-1] if dirs else "RUN_DIR")
+        return f"ibot: pretrain interrupted; the last checkpoint is kept: continue with `ibot pretrain --resume {run}`"
+    what = " ".join(x for x in (args.command, getattr(args, "kind", None), getattr(args, "source", None)) if x)
+    return f"ibot: `ibot {what}` interrupted; run it again to start over"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -373,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ibot: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ibot: interrupted; resume with `ibot pretrain --resume RUN_DIR`", file=sys.stderr)
+        print(interrupted_message(args), file=sys.stderr)
         return 130
 
 

@@ -87,6 +87,7 @@ class DataConfig:
     num_workers: int = 4
     synthetic_size: int = 256
     limit: int = 0  # use only the first N training images (0 = all)
+    holdout: float = 0.1  # imagefolder without val/: share of each class held out of training to evaluate on (0 = none)
     max_skip_fraction: float = 0.05  # stop when more unreadable images than this were skipped
 
 
@@ -389,6 +390,8 @@ def validate(cfg) -> None:
     probabilities = {"data.color_jitter_p": d.color_jitter_p, "data.solarization_p": d.solarization_p}
     probabilities["mask.probability"] = mk.probability
     problems += [f"{k}={v} is not a probability in [0, 1]" for k, v in probabilities.items() if not 0 <= v <= 1]
+    if not 0 <= d.holdout < 1:
+        problems.append(f"data.holdout={d.holdout} must be in [0, 1) (the share of each class held out for evaluation)")
     cell = mask_cell(cfg)
     if m.img_size % cell:
         what = "the Swin mask cell (model.patch_size x 8)" if cell != m.patch_size else "model.patch_size"

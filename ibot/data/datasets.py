@@ -2,12 +2,17 @@
 
 Every dataset returns ``(PIL image, label)`` (label -1 when unlabelled). In-memory datasets also
 expose ``images`` (uint8 (N, C, H, W)) and ``labels`` for the vectorised augmentation path.
+An ``imagefolder`` without a ``val/`` folder is split: a seeded, stratified share of each class
+(``holdout``) is held out of the training split and is the evaluation split, so evaluation
+never scores images that pretraining or the k-NN memory bank saw. Each dataset's ``split``
+says which images it holds.
 A file that cannot be decoded is reported with its path and reason and skipped (the item is
 ``None``; the collate drops it and counts it), never a crash mid-epoch.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import logging
 import os
@@ -73,6 +78,15 @@ class FileImageDataset(torch.utils.data.Dataset):
         if not self.samples:
             raise DatasetError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root}")
         self.labels = torch.tensor([s[1] for s in self.samples])
+        self.split = f"all {len(self.samples)} images of {root}"
+
+    def select(self, indices, split: str) -> FileImageDataset:
+        """A copy holding only the samples at ``indices`` (in that order), described by ``split``."""
+        part = copy.copy(self)
+        part.samples = [self.samples[int(i)] for i in indices]
+        part.labels = self.labels[torch.as_tensor(indices, dtype=torch.long)]
+        part.split = split
+        return part
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -95,6 +109,7 @@ class TensorImageDataset(torch.utils.data.Dataset):
         self.images = images.contiguous()
         self.labels = torch.as_tensor(labels).long()
         self.classes = classes or [str(i) for i in range(int(self.labels.max()) + 1)]
+        self.split = f"{self.images.shape[0]} in-memory images"
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -117,11 +132,51 @@ def slice_dataset(dataset, start: int, end: int):
     return sub
 
 
+def spread_subset(dataset, n: int):
+    """``n`` images spread evenly over a dataset (every class of a class-sorted folder), or all when ``n`` is 0."""
+    if not n or n >= len(dataset):
+        return dataset
+    idx = torch.linspace(0, len(dataset) - 1, n).round().long()
+    split = f"{n} images spread over {getattr(dataset, 'split', 'the dataset')}"
+    if hasattr(dataset, "images"):
+        part = TensorImageDataset(dataset.images[idx], dataset.labels[idx], getattr(dataset, "classes", None))
+    elif hasattr(dataset, "select"):
+        return dataset.select(idx, split)
+    else:
+        part = torch.utils.data.Subset(dataset, idx.tolist())
+        part.labels, part.classes = dataset.labels[idx], getattr(dataset, "classes", [])
+    part.split = split
+    return part
+
+
 def validation_split(dataset, queries: int = 10000):
     """(memory bank, queries) carved from a labelled training set: the last ``min(queries, N // 5)``
     images are the queries (the ``run.knn_split=val`` tuning protocol)."""
     n_bank = len(dataset) - min(queries, len(dataset) // 5)
     return slice_dataset(dataset, 0, n_bank), slice_dataset(dataset, n_bank, len(dataset))
+
+
+def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held-out) sorted indices: ``round(fraction * n_c)`` random images of each class c held out.
+
+    A class with at least 2 images keeps at least one and (for ``fraction > 0``) holds out at least
+    one. The draw depends only on the labels and ``seed``, and a smaller ``fraction`` holds out a
+    subset of a larger one's images, so every run and evaluation over the same folder agrees.
+
+    Args:
+        labels: (N,) int class labels.
+        fraction: share of each class to hold out, in [0, 1).
+        seed: the draw's seed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    kept, held = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        n_held = min(max(round(fraction * idx.numel()), 1 if fraction > 0 else 0), idx.numel() - 1)
+        held.append(idx[:n_held])
+        kept.append(idx[n_held:])
+    return torch.cat(kept).sort().values, torch.cat(held).sort().values
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -240,24 +295,54 @@ def build_dataset(
     image_size: int = 32,
     in_chans: int = 3,
     seed: int = 0,
+    holdout: float = 0.1,
 ):
-    """Dataset by name (see ``DATASETS``). ``path`` is the folder for image datasets, or where to look first."""
-    if name in ("fashion_mnist", "mnist"):
-        return _mnist_like(name, train, path)
-    if name in ("cifar10", "cifar100"):
-        return _cifar(name, train, path)
-    if name == "synthetic":
-        return synthetic_dataset(
-            synthetic_size if train else max(synthetic_size // 4, 8),
-            image_size,
-            in_chans,
-            seed=seed if train else seed + 1,
-        )
+    """Dataset by name (see ``DATASETS``). ``path`` is the folder for image datasets, or where to look first.
+
+    ``holdout``: for an ``imagefolder`` without ``val/``, the share of each class held out of the
+    training split (``train=True`` returns the rest, ``train=False`` the held-out images; the draw
+    is :func:`stratified_holdout` with a fixed seed, so it depends only on the folder).
+    """
+    if name in ("fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic"):
+        if name == "synthetic":
+            ds = synthetic_dataset(
+                synthetic_size if train else max(synthetic_size // 4, 8),
+                image_size,
+                in_chans,
+                seed=seed if train else seed + 1,
+            )
+        else:
+            ds = (_mnist_like if "mnist" in name else _cifar)(name, train, path)
+        ds.split = f"the {name} {'train' if train else 'test'} split ({len(ds)} images)"
+        return ds
     if name in ("imagefolder", "folder"):
         if not path:
             raise DatasetError(f"data.dataset={name} needs data.path=/path/to/images")
         root = Path(path).expanduser()
-        if name == "imagefolder" and (root / ("train" if train else "val")).is_dir():
-            root = root / ("train" if train else "val")
-        return FileImageDataset(root, labelled=name == "imagefolder")
+        if name == "folder":
+            ds = FileImageDataset(root, labelled=False)
+            ds.split = f"all {len(ds)} images of {root} (unlabelled)"
+            return ds
+        if (root / "val").is_dir():
+            if not (root / "train").is_dir():
+                raise DatasetError(
+                    f"{root} has a val/ folder but no train/ folder; put the training images in {root}/train/CLASS/"
+                )
+            ds = FileImageDataset(root / ("train" if train else "val"))
+            ds.split = f"{ds.root.name}/ of {root} ({len(ds)} images)"
+            return ds
+        base = root / "train" if (root / "train").is_dir() else root
+        full = FileImageDataset(base)
+        if holdout <= 0:
+            if not train:
+                raise DatasetError(
+                    f"{root} has no val/ folder and data.holdout=0, so there are no held-out images to evaluate on; "
+                    "add a val/ folder (same class sub-folders) or set data.holdout=0.1"
+                )
+            full.split = f"all {len(full)} images of {base} (no held-out split)"
+            return full
+        kept, held = stratified_holdout(full.labels, holdout, seed=0)
+        if not train:
+            return full.select(held, f"held-out {len(held)} of {len(full)} images of {base} ({holdout:.0%} per class)")
+        return full.select(kept, f"{len(kept)} of {len(full)} images of {base} ({len(held)} held out for evaluation)")
     raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

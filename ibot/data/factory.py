@@ -20,6 +20,7 @@ def dataset_from_config(cfg, train: bool = True):
         image_size=m.img_size,
         in_chans=m.in_chans,
         seed=cfg.run.seed,
+        holdout=d.holdout,
     )
 
 

@@ -42,6 +42,19 @@ def _file_batches(dataset, size: int, in_chans: int, batch_size: int, num_worker
             yield x
 
 
+def progress_images(batches, total: int, desc: str, enabled: bool = True):
+    """Yield ``batches`` of images, with a progress bar (images/s, ETA) on stderr when ``enabled``."""
+    if not enabled:
+        yield from batches
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True, leave=False) as bar:
+        for x in batches:
+            yield x
+            bar.update(x.shape[0])
+
+
 @torch.no_grad()
 def extract_features(
     encode,
@@ -53,11 +66,14 @@ def extract_features(
     batch_size: int = 256,
     num_workers: int = 0,
     limit: int = 0,
+    progress: bool = False,
+    desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features (N, D) of ``encode(images)`` over a dataset, and its labels (N,).
 
     ``dataset`` is an in-memory :class:`~ibot.data.datasets.TensorImageDataset` (fast path) or
-    any ``(PIL image, label)`` dataset. ``limit`` keeps the first N images.
+    any ``(PIL image, label)`` dataset. ``limit`` keeps the first N images; ``progress`` shows a
+    bar named ``desc``.
     """
     n = len(dataset) if not limit else min(limit, len(dataset))
     if hasattr(dataset, "images"):
@@ -67,6 +83,7 @@ def extract_features(
         sub = torch.utils.data.Subset(dataset, range(n))
         batches = _file_batches(sub, image_size, in_chans, batch_size, num_workers)
         labels = None
+    batches = progress_images(batches, n, desc, progress)
     feats = [F.normalize(encode(x.to(device)).float(), dim=-1).cpu() for x in batches]
     if labels is None:  # file datasets: unreadable files were skipped, re-read the labels of kept ones
         labels = torch.tensor([dataset.labels[i] for i in range(n)])

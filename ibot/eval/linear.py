@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ibot.eval.knn import _file_batches, _tensor_batches
+from ibot.eval.knn import _file_batches, _tensor_batches, progress_images
 
 DEFAULT_LRS = tuple(m * 10.0**k for k in range(-4, 1) for m in range(1, 10))  # official {1..9} x 10^k, k=-4..0
 
@@ -31,17 +31,20 @@ def extract_linear_features(
     device="cpu",
     batch_size: int = 256,
     limit: int = 0,
+    num_workers: int = 0,
+    progress: bool = False,
+    desc: str = "linear features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, n_last_blocks * D [+ D]) features and (N,) labels."""
+    """(N, n_last_blocks * D [+ D]) features and (N,) labels of the first ``limit`` images (0 = all)."""
     n = len(dataset) if not limit else min(limit, len(dataset))
     if hasattr(dataset, "images"):
         batches = _tensor_batches(dataset.images[:n], image_size, batch_size)
     else:
         batches = _file_batches(
-            torch.utils.data.Subset(dataset, range(n)), image_size, backbone.in_chans, batch_size, 0
+            torch.utils.data.Subset(dataset, range(n)), image_size, backbone.in_chans, batch_size, num_workers
         )
     feats = []
-    for x in batches:
+    for x in progress_images(batches, n, desc, progress):
         layers = backbone.get_intermediate_layers(x.to(device), n_last_blocks)
         f = torch.cat([t[:, 0] for t in layers], dim=-1)
         if avgpool:
@@ -60,11 +63,12 @@ def train_linear_sweep(
     epochs: int = 30,
     batch_size: int = 256,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[float, torch.Tensor, torch.Tensor, dict]:
     """Train one linear classifier per lr on (train_x, train_y); pick the best by val top-1.
 
-    ``lr`` is scaled by batch/256 as the official code. Returns ``(best lr, W (F, C), b (C,),
-    {lr: val top-1})``.
+    ``lr`` is scaled by batch/256 as the official code. ``progress`` shows a bar over the epochs.
+    Returns ``(best lr, W (F, C), b (C,), {lr: val top-1})``.
     """
     gen = torch.Generator().manual_seed(seed)
     n_lr, d = len(lrs), train_x.shape[1]
@@ -77,7 +81,12 @@ def train_linear_sweep(
     steps_per_epoch = max(1, tx.shape[0] // batch_size)
     total = epochs * steps_per_epoch
     step = 0
-    for _ in range(epochs):
+    epoch_iter = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epoch_iter = tqdm(epoch_iter, desc=f"linear probe ({n_lr} lrs)", unit="epoch", dynamic_ncols=True, leave=False)
+    for _ in epoch_iter:
         order = torch.randperm(tx.shape[0], generator=gen)
         for i in range(steps_per_epoch):
             idx = order[i * batch_size : (i + 1) * batch_size]

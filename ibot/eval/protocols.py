@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ibot.data.datasets import build_dataset
+from ibot.data.datasets import DatasetError, build_dataset, spread_subset
 from ibot.eval.knn import extract_features, knn_classify
 from ibot.eval.linear import extract_linear_features, linear_accuracy, train_linear_sweep
 from ibot.interop import load_backbone
@@ -28,7 +28,7 @@ def _dataset_id(ds) -> tuple:
     labels = getattr(ds, "labels", None)
     lab = hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16] if labels is not None else ""
     first = ds.images[:4].float().sum().item() if hasattr(ds, "images") else getattr(ds, "root", "")
-    return (type(ds).__name__, len(ds), lab, str(first))
+    return (type(ds).__name__, len(ds), lab, str(first), getattr(ds, "split", ""))
 
 
 def _cached(cache: str | None, key: str, compute, log=print):
@@ -48,14 +48,26 @@ def _cached(cache: str | None, key: str, compute, log=print):
 
 
 def resolve_data(info: dict, dataset: str | None, data_path: str | None):
+    """(train split, held-out split, dataset name) of the source's dataset or the one named.
+
+    The held-out split never overlaps the train split: an ImageFolder without ``val/`` is split
+    as for pretraining (the run's ``data.holdout``, else 10% of each class, fixed seed); each
+    returned dataset's ``split`` says which images it holds.
+    """
     cfg = info.get("config")
     name = dataset or (cfg["data"]["dataset"] if cfg else None)
     path = data_path or (cfg["data"]["path"] if cfg else None)
     if not name:
-        raise ValueError("say which dataset to evaluate on: --dataset NAME [--data PATH]")
+        raise DatasetError("say which dataset to evaluate on: --dataset NAME [--data PATH]")
+    if name == "folder":
+        raise DatasetError(
+            f"{path} is an unlabelled folder (data.dataset=folder); evaluation needs class sub-folders: "
+            "--dataset imagefolder --data DIR"
+        )
     kw = dict(image_size=info["img_size"], in_chans=info["in_chans"])
     if cfg:
         kw.update(synthetic_size=cfg["data"]["synthetic_size"], seed=cfg["run"]["seed"])
+        kw.update(holdout=cfg["data"].get("holdout", 0.1))
     return build_dataset(name, path, train=True, **kw), build_dataset(name, path, train=False, **kw), name
 
 
@@ -73,13 +85,23 @@ def run_knn(
     device="cpu",
     log=print,
     allow_unsafe=False,
+    batch_size=256,
+    num_workers=0,
+    limit=0,
+    progress=False,
 ) -> dict:
-    """k-NN of a backbone (run folder, checkpoint, export or official file) on a labelled dataset."""
+    """k-NN of a backbone (run folder, checkpoint, export or official file) on a labelled dataset.
+
+    The memory bank is the train split, the queries the held-out split (see :func:`resolve_data`);
+    ``limit`` keeps N images spread over each; ``progress`` shows bars on stderr.
+    """
     backbone, info, report = load_backbone(source, which, allow_unsafe)
     log(report)
     backbone = backbone.to(device).eval()
     size = image_size or info["img_size"]
     train, test, name = resolve_data(info, dataset, data_path)
+    train, test = spread_subset(train, limit), spread_subset(test, limit)
+    log(f"k-NN: memory bank {train.split}; queries {test.split}")
 
     def encode(x):
         cls, patches = backbone(x)
@@ -92,8 +114,12 @@ def run_knn(
     key = fingerprint(backbone, name, size, pool, _dataset_id(train), _dataset_id(test))
 
     def compute():
-        kw = dict(image_size=size, in_chans=info["in_chans"], device=device)
-        return extract_features(encode, train, **kw), extract_features(encode, test, **kw)
+        kw = dict(image_size=size, in_chans=info["in_chans"], device=device, batch_size=batch_size)
+        kw.update(num_workers=num_workers, progress=progress)
+        return (
+            extract_features(encode, train, desc="k-NN bank features", **kw),
+            extract_features(encode, test, desc="k-NN query features", **kw),
+        )
 
     (tr_f, tr_y), (te_f, te_y) = _cached(cache, key, compute, log)
     acc = knn_classify(
@@ -105,6 +131,7 @@ def run_knn(
         "which": which,
         "n_train": len(tr_y),
         "n_test": len(te_y),
+        "split": test.split,
         "knn": {str(k): {"top1": a, "top5": b} for k, (a, b) in acc.items()},
     }
 
@@ -124,17 +151,28 @@ def run_linear(
     log=print,
     allow_unsafe=False,
     seed=0,
+    batch_size=256,
+    num_workers=0,
+    limit=0,
+    progress=False,
 ) -> dict:
-    """Linear probe: lr sweep trained on train minus a validation split, picked on it, tested once."""
+    """Linear probe: lr sweep trained on train minus a validation split, picked on it, tested once
+    on the held-out split (see :func:`resolve_data`); ``limit`` keeps N images spread over each split."""
     backbone, info, report = load_backbone(source, which, allow_unsafe)
     log(report)
     backbone = backbone.to(device).eval()
     train, test, name = resolve_data(info, dataset, data_path)
+    train, test = spread_subset(train, limit), spread_subset(test, limit)
+    log(f"linear probe: fitted on {train.split}; tested on {test.split}")
     key = fingerprint(backbone, "linear", name, n_last_blocks, avgpool, _dataset_id(train), _dataset_id(test))
 
     def compute():
         kw = dict(image_size=info["img_size"], n_last_blocks=n_last_blocks, avgpool=avgpool, device=device)
-        return extract_linear_features(backbone, train, **kw), extract_linear_features(backbone, test, **kw)
+        kw.update(batch_size=batch_size, num_workers=num_workers, progress=progress)
+        return (
+            extract_linear_features(backbone, train, desc="linear train features", **kw),
+            extract_linear_features(backbone, test, desc="linear test features", **kw),
+        )
 
     (tr_x, tr_y), (te_x, te_y) = _cached(cache, key, compute, log)
     gen = torch.Generator().manual_seed(seed)
@@ -143,7 +181,7 @@ def run_linear(
     val_idx, fit_idx = perm[:n_val], perm[n_val:]
     c = len(getattr(train, "classes", [])) or int(max(tr_y.max(), te_y.max())) + 1
     best_lr, w, b, sweep = train_linear_sweep(
-        tr_x[fit_idx], tr_y[fit_idx], tr_x[val_idx], tr_y[val_idx], c, epochs=epochs, seed=seed
+        tr_x[fit_idx], tr_y[fit_idx], tr_x[val_idx], tr_y[val_idx], c, epochs=epochs, seed=seed, progress=progress
     )
     top1, top5 = linear_accuracy(w, b, te_x, te_y)
     return {
@@ -158,6 +196,7 @@ def run_linear(
         "n_fit": len(fit_idx),
         "n_val": n_val,
         "n_test": len(te_y),
+        "split": test.split,
     }
 
 

@@ -282,6 +282,8 @@ class Trainer:
             f"-> {self.run_dir} | {self.niter} steps/epoch x {cfg.optim.epochs} epochs, batch "
             f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}"
         )
+        if cfg.data.dataset in ("imagefolder", "folder") and getattr(self.train_set, "split", None):
+            self.log(f"data: training on {self.train_set.split}")
         if self.global_step:
             self.log(f"resumed at epoch {self.epoch}, step {self.global_step}")
         result = {}
@@ -502,10 +504,12 @@ class Trainer:
                 return None
             if cfg.run.knn_split == "val":
                 bank, test_set = validation_split(self.bank_set)
+                split = f"the last {len(test_set)} training images (run.knn_split=val)"
             else:
                 test_set = dataset_from_config(cfg, train=False)
+                split = getattr(test_set, "split", f"the {d.dataset} test split")
         except DatasetError as err:
-            self.log(f"k-NN skipped: no labelled test set ({err})")
+            self.log(f"k-NN skipped: no labelled held-out images ({err})")
             return None
         if cfg.run.knn_train_limit:
             bank = slice_dataset(bank, 0, cfg.run.knn_train_limit)
@@ -513,9 +517,10 @@ class Trainer:
         backbone.eval()
         t0 = time.time()
         kw = dict(image_size=m.img_size, in_chans=m.in_chans, device=self.device, num_workers=d.num_workers)
+        kw["progress"] = cfg.run.progress and D.is_main()
         with self._autocast():
-            tr_f, tr_y = _gathered_features(backbone.forward_cls, bank, kw)
-            te_f, te_y = _gathered_features(backbone.forward_cls, test_set, kw)
+            tr_f, tr_y = _gathered_features(backbone.forward_cls, bank, {**kw, "desc": "k-NN bank features"})
+            te_f, te_y = _gathered_features(backbone.forward_cls, test_set, {**kw, "desc": "k-NN query features"})
         if not D.is_main():
             return None
         ks = sorted({10, 20, 100, 200, cfg.run.knn_k})
@@ -541,10 +546,11 @@ class Trainer:
             "train_minutes": getattr(self, "train_seconds", 0.0) / 60,
             "all": {str(kk): v for kk, v in acc.items()},
             "seconds": time.time() - t0,
+            "split": split,
         }
         self.log(
             f"k-NN (teacher CLS, k={k}, T={cfg.run.knn_temperature}) on {d.dataset}: top-1 {top1:.2f}%  "
-            f"top-5 {top5:.2f}%  ({tr_f.shape[0]} train / {te_f.shape[0]} test, epoch {self.epoch})"
+            f"top-5 {top5:.2f}%  ({tr_f.shape[0]} bank / {te_f.shape[0]} queries: {split}; epoch {self.epoch})"
         )
         if self.metrics:
             self.metrics.write({"step": self.global_step, "knn_top1": top1, "knn_top5": top5, "epoch": self.epoch})

@@ -94,6 +94,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
         tmp_path / "run",
         "data.dataset=imagefolder",
         f"data.path={data}",
+        "data.holdout=0",  # train on all 13 files (no val/: the default holds 10% out for evaluation)
         "optim.batch_size=13",
         "data.max_skip_fraction=0.5",
         "run.max_steps=2",

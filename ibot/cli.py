@@ -48,7 +48,7 @@ def _known_errors():
 def cmd_pretrain(args) -> int:
     from pathlib import Path
 
-    from ibot.config import build_config, flatten, parse_override
+    from ibot.config import build_config, flatten, parse_override, to_dict
     from ibot.train.checkpoint import load_safe
     from ibot.train.trainer import CHECKPOINT, Trainer
 
@@ -62,7 +62,13 @@ def cmd_pretrain(args) -> int:
         cfg.run.output_dir = str(ckpt.parent)
         trainer = Trainer(cfg, resume=str(ckpt))
     else:
-        cfg = build_config(preset or "fmnist_tiny", overrides)
+        from ibot.data_setup import folder_overrides
+
+        user = dict(parse_override(o) for o in overrides)
+        found, message = folder_overrides(flatten(to_dict(build_config(preset or "fmnist_tiny"))), user)
+        if message:
+            print(message)
+        cfg = build_config(preset or "fmnist_tiny", {**found, **user})
         trainer = Trainer(cfg, resume="never" if args.fresh else "auto")
     result = trainer.fit()
     knn = result.get("knn")
@@ -171,7 +177,10 @@ def cmd_export(args) -> int:
     backbone, info, report = load_backbone(args.source, args.which, args.allow_unsafe_pickle)
     print(report, file=sys.stderr)
     path = export_backbone(backbone, args.out, info)
-    print(f"exported {args.which} backbone to {path} (+ backbone.json)")
+    print(
+        f"exported {args.which} backbone to {path} (+ config.json for timm, backbone.json); "
+        f'load it with timm.create_model("local-dir:{path.parent}", pretrained=True)'
+    )
     return 0
 
 
@@ -334,9 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser(
         "export",
-        help="export a backbone as safetensors with timm keys + JSON metadata",
-        description="Write OUT/backbone.safetensors (timm VisionTransformer keys) and "
-        "OUT/backbone.json (arch, timm kwargs, image size, patch size, channels, mean, std).",
+        help="export a backbone as a folder timm loads by itself (local-dir:OUT)",
+        description="Write OUT/backbone.safetensors (timm keys), OUT/config.json (timm's format: architecture, "
+        "model_args with dynamic_img_size, pretrained_cfg with the evaluation preprocessing, num_classes=0) and "
+        "OUT/backbone.json (ibot's metadata). Load with timm.create_model('local-dir:OUT', pretrained=True).",
     )
     exp.add_argument("source", help="run folder, ibot checkpoint, or official iBOT checkpoint")
     exp.add_argument("--out", required=True, help="output folder")

@@ -26,7 +26,7 @@ import torch
 from ibot.models.backbone import MaskedViT, create_vit, wrap_backbone
 from ibot.models.head import iBOTHead
 from ibot.models.swin import is_swin
-from ibot.train.checkpoint import CheckpointError, load_safe
+from ibot.train.checkpoint import CheckpointError, file_mode, load_safe
 
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 TIMM_BY_WIDTH = {
@@ -147,6 +147,8 @@ def load_official(
         state = ckpt[which]
     elif "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
         state = ckpt["state_dict"]
+    elif "model" in ckpt and isinstance(ckpt["model"], dict):  # DeiT / timm-train style {"model": state}
+        state = ckpt["model"]
     elif any(k in ckpt for k in ("teacher", "student")):
         raise CheckpointError(f"{path} has no {which!r} entry (it has {sorted(ckpt)})")
     else:
@@ -357,17 +359,67 @@ def timm_kwargs(vit: torch.nn.Module) -> dict:
     }
 
 
+def eval_crop_pct(size: int) -> float:
+    """timm's ``crop_pct`` for ibot's evaluation transform at ``size`` px (resize to size * 256/224, crop).
+
+    Chosen so that timm's ``floor(size / crop_pct)`` equals ibot's resize side exactly.
+    """
+    resize = int(round(size * 256 / 224)) if size >= 64 else size
+    pct = round(size / resize, 4)
+    while math.floor(size / pct) != resize:  # rounding moved it across an integer: nudge it
+        pct = round(pct + (1e-4 if math.floor(size / pct) > resize else -1e-4), 4)
+    return pct
+
+
+def export_arch(vit: torch.nn.Module, info: dict) -> str:
+    """The timm architecture name an export records: the run's own when it names this backbone's family."""
+    arch = (info.get("config") or {}).get("model", {}).get("arch")
+    if is_swin(vit):
+        return arch if arch and arch.startswith("swin") else "swin_tiny_patch4_window7_224"
+    if arch and not arch.startswith("swin"):
+        return arch
+    return TIMM_BY_WIDTH.get(timm_kwargs(vit)["embed_dim"], "vit_small_patch16_224")
+
+
+def timm_config(vit: torch.nn.Module, arch: str, mean, std) -> dict:
+    """The ``config.json`` timm's ``local-dir:`` / Hugging Face loader reads (architecture, model_args,
+    a complete ``pretrained_cfg`` with ibot's evaluation preprocessing, no classifier)."""
+    kw = timm_kwargs(vit)
+    size = kw["img_size"]
+    return {
+        "architecture": arch,
+        "num_classes": 0,
+        "num_features": int(vit.num_features),
+        "global_pool": "avg" if is_swin(vit) else "token",
+        "model_args": {**kw, "dynamic_img_size": True},  # any input size (position embeddings resampled)
+        "pretrained_cfg": {
+            "input_size": [kw["in_chans"], size, size],
+            "fixed_input_size": False,
+            "interpolation": "bicubic",
+            "crop_pct": eval_crop_pct(size),
+            "crop_mode": "center",
+            "mean": list(mean),
+            "std": list(std),
+            "num_classes": 0,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+
+
 def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, info: dict, arch: str | None = None) -> Path:
-    """Write ``backbone.safetensors`` (timm keys) and ``backbone.json`` into ``out_dir``.
+    """Write a folder timm loads by itself: ``backbone.safetensors`` (timm keys), ``config.json``
+    (timm's format) and ``backbone.json`` (ibot's metadata).
 
-    Load it with plain timm::
+    Load it with plain timm (the weights, the architecture and the preprocessing)::
 
-        meta = json.load(open("backbone.json"))
-        model = timm.create_model(meta["arch"], num_classes=0, **meta["timm_kwargs"])
-        model.load_state_dict(safetensors.torch.load_file("backbone.safetensors"))
+        model = timm.create_model("local-dir:OUT", pretrained=True).eval()
+        transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
 
-    A Swin export also records ``norm_eps`` (1e-6, the official value): pass
-    ``norm_layer=functools.partial(torch.nn.LayerNorm, eps=meta["norm_eps"])`` for identical features.
+    The model is built with ``dynamic_img_size=True`` (any input size) and ``num_classes=0``
+    (``model(x)`` gives the features: the final-norm class token, or for Swin the token average).
+    A Swin export also records ``norm_eps`` (1e-6, the official value) in ``backbone.json``: timm's
+    Swin uses 1e-5 unless given ``norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)``.
     """
     from safetensors.torch import save_file
 
@@ -375,11 +427,8 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, info: dict, 
     out.mkdir(parents=True, exist_ok=True)
     vit = backbone.timm_model
     kw = timm_kwargs(vit)
-    arch = (
-        arch
-        or info.get("config", {}).get("model", {}).get("arch")
-        or TIMM_BY_WIDTH.get(kw["embed_dim"], "vit_small_patch16_224")
-    )
+    arch = arch or export_arch(vit, info)
+    mean, std = info.get("mean") or [0.5] * kw["in_chans"], info.get("std") or [0.5] * kw["in_chans"]
     state = {k: v.detach().contiguous().clone() for k, v in vit.state_dict().items()}
     save_file(state, str(out / "backbone.safetensors"))
     meta = {
@@ -388,8 +437,8 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, info: dict, 
         "img_size": kw["img_size"],
         "patch_size": kw["patch_size"],
         "in_chans": kw["in_chans"],
-        "mean": list(info.get("mean", [])),
-        "std": list(info.get("std", [])),
+        "mean": list(mean),
+        "std": list(std),
         "features": (
             "average of the final-norm tokens: timm model(x) with num_classes=0 (global_pool='avg')"
             if is_swin(vit)
@@ -404,6 +453,9 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, info: dict, 
             "eps=norm_eps), **timm_kwargs)"
         )
     (out / "backbone.json").write_text(json.dumps(meta, indent=2))
+    (out / "config.json").write_text(json.dumps(timm_config(vit, arch, mean, std), indent=2))
+    for name in ("backbone.safetensors", "backbone.json", "config.json"):
+        (out / name).chmod(file_mode())  # safetensors writes 0600; exports are meant to be shared
     return out / "backbone.safetensors"
 
 
@@ -424,14 +476,40 @@ def load_head(source: str | Path, which: str = "teacher", allow_unsafe: bool = F
     return head
 
 
+def _fit_backbone_state(sd: dict, target: torch.nn.Module, source: str) -> dict:
+    """``sd`` restricted to ``target``'s keys, position embeddings resized to its grid (official
+    bicubic formula); any other shape mismatch is an error naming the tensor."""
+    from ibot.models.backbone import interpolate_pos_embed
+
+    own = target.state_dict()
+    out = {}
+    for k, v in sd.items():
+        if k not in own:
+            continue
+        if k.endswith("pos_embed") and v.shape != own[k].shape and v.ndim == 3 and v.shape[-1] == own[k].shape[-1]:
+            side = math.isqrt(own[k].shape[1] - 1)
+            v = interpolate_pos_embed(v, side, side)
+        if v.shape != own[k].shape:
+            raise CheckpointError(
+                f"{source}: {k} has shape {tuple(v.shape)} but the model's is {tuple(own[k].shape)}; "
+                "set the model.* keys (arch, embed_dim, depth, patch_size, in_chans) to the file's geometry"
+            )
+        out[k] = v
+    return out
+
+
 def init_model_from(model, source: str | Path, allow_unsafe: bool = False) -> str:
-    """Initialise an :class:`ibot.iBOT` from an ibot checkpoint or an official full/backbone checkpoint.
+    """Initialise an :class:`ibot.iBOT` from an ibot checkpoint, an official full/backbone checkpoint,
+    or a timm-format backbone (``.safetensors`` or ``.pth`` state dict with timm keys, or an
+    ``ibot export`` folder).
 
     Official files: the student backbone and head from ``student`` (the teacher from ``teacher``);
-    a backbone-only file initialises both backbones. Returns a readable report.
+    a backbone-only file initialises both backbones (position embeddings resized to the model's
+    grid). Returns a readable report.
     """
     src = Path(source)
-    src = src / "checkpoint.pth" if src.is_dir() else src
+    if src.is_dir():
+        src = src / "checkpoint.pth" if (src / "checkpoint.pth").is_file() else src / "backbone.safetensors"
     ckpt = load_safe(src, allow_unsafe=allow_unsafe)
     if isinstance(ckpt, dict) and ckpt.get("format") == "ibot-1":
         model.load_state_dict(ckpt["model"])
@@ -443,7 +521,7 @@ def init_model_from(model, source: str | Path, allow_unsafe: bool = False) -> st
             key = "teacher" if "teacher" in ckpt else "student"
         backbone, head, centers, report = load_official(src, key or "teacher", allow_unsafe, ckpt=ckpt)
         target = model.student if which == "student" else model.teacher
-        sd = {k: v for k, v in backbone.state_dict().items() if k in target["backbone"].state_dict()}
+        sd = _fit_backbone_state(backbone.state_dict(), target["backbone"], str(src))
         r = target["backbone"].load_state_dict(sd, strict=False)
         line = f"{which}: from {key or 'backbone file'} ({len(sd)} backbone tensors"
         missing = [k for k in r.missing_keys if k != "masked_embed"]  # the teacher has no mask token

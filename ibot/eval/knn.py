@@ -49,7 +49,7 @@ def progress_images(batches, total: int, desc: str, enabled: bool = True):
         return
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True, leave=False) as bar:
+    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True) as bar:
         for x in batches:
             yield x
             bar.update(x.shape[0])

@@ -85,7 +85,7 @@ def train_linear_sweep(
     if progress:
         from tqdm.auto import tqdm
 
-        epoch_iter = tqdm(epoch_iter, desc=f"linear probe ({n_lr} lrs)", unit="epoch", dynamic_ncols=True, leave=False)
+        epoch_iter = tqdm(epoch_iter, desc=f"linear probe ({n_lr} lrs)", unit="epoch", dynamic_ncols=True)
     for _ in epoch_iter:
         order = torch.randperm(tx.shape[0], generator=gen)
         for i in range(steps_per_epoch):

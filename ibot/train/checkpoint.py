@@ -16,6 +16,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message says why and what to do."""
 
 
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 minus the process umask (0644 under umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_atomic(obj, path: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -30,6 +37,7 @@ def save_atomic(obj, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
@@ -48,7 +56,7 @@ def remove_stale_temporaries(folder: str | Path) -> int:
 
 
 def load_safe(path: str | Path, allow_unsafe: bool = False, map_location="cpu"):
-    """``torch.load`` with ``weights_only=True`` and a small allow-list.
+    """``torch.load`` with ``weights_only=True`` and a small allow-list (``.safetensors``: its tensors).
 
     A file that needs arbitrary unpickling is refused unless ``allow_unsafe`` (only for files you
     trust: unpickling can run code).
@@ -56,6 +64,10 @@ def load_safe(path: str | Path, allow_unsafe: bool = False, map_location="cpu"):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":  # a flat tensor dict (e.g. timm weights): nothing to unpickle
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(map_location))
     if allow_unsafe:
         return torch.load(path, map_location=map_location, weights_only=False)
     try:

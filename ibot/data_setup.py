@@ -1,0 +1,107 @@
+"""``data.path=DIR`` alone: recognise what the folder holds and fit the config to it.
+
+``ibot pretrain data.path=my_images`` should train on ``my_images``, not on the preset's dataset.
+When the user names a folder but no ``data.dataset``, :func:`folder_overrides` looks at the
+folder (class sub-folders: ``imagefolder``; loose images: ``folder``; no images, e.g. the IDX files
+of Fashion-MNIST: left to the preset) and returns the overrides that make the preset train on it,
+with one line saying what it found and what it changed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ibot.data.datasets import IMG_EXTENSIONS, DatasetError, load_image, stratified_holdout
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+
+def inspect_folder(path: str | Path) -> dict | None:
+    """What a folder holds: ``{"dataset", "root", "classes", "n_images", "has_val", "channels"}`` or None.
+
+    ``imagefolder`` when it (or its ``train/``) has at least two sub-folders with images and no loose
+    images; ``folder`` when it has images otherwise; None when it has none (or does not exist).
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        return None
+    base = root / "train" if (root / "val").is_dir() and (root / "train").is_dir() else root
+    loose = [p for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
+    classes = {d.name: _images(d) for d in sorted(base.iterdir()) if d.is_dir()}
+    classes = {c: files for c, files in classes.items() if files}
+    if len(classes) >= 2 and not loose:
+        files = [f for fs in classes.values() for f in fs]
+        kind = "imagefolder"
+    else:
+        files = _images(root)
+        kind = "folder"
+    if not files:
+        return None
+    try:
+        channels = 1 if load_image(files[0]).mode == "L" else 3
+    except Exception:  # noqa: BLE001 - an unreadable first file: assume colour
+        channels = 3
+    return {
+        "dataset": kind,
+        "root": str(root),
+        "classes": sorted(classes) if kind == "imagefolder" else [],
+        "n_images": len(files),
+        "per_class": [len(v) for _, v in sorted(classes.items())] if kind == "imagefolder" else [],
+        "has_val": base != root,
+        "channels": channels,
+    }
+
+
+def folder_overrides(preset: dict, user: dict) -> tuple[dict, str | None]:
+    """Overrides that make ``preset`` (flattened config) train on the folder in ``user['data.path']``.
+
+    Args:
+        preset: the flattened config the preset gives (``{"data.dataset": ..., ...}``).
+        user: the user's flattened overrides.
+
+    Returns:
+        ``(overrides to add, message)``; ``({}, None)`` when nothing applies (no ``data.path``, an
+        explicit ``data.dataset``, or a folder without images).
+    """
+    if not user.get("data.path") or "data.dataset" in user:
+        return {}, None
+    if not Path(str(user["data.path"])).expanduser().is_dir():
+        raise DatasetError(f"data folder {user['data.path']!r} does not exist; pass data.path=/path/to/images")
+    info = inspect_folder(user["data.path"])
+    if info is None:
+        return {}, None
+    add: dict = {}
+    if preset.get("data.dataset") != info["dataset"]:
+        add["data.dataset"] = info["dataset"]
+    if preset.get("data.pipeline") == "tensor" and "data.pipeline" not in user:
+        add["data.pipeline"] = "auto"  # the tensor pipeline is for in-memory datasets
+    if preset.get("model.in_chans") != info["channels"] and "model.in_chans" not in user:
+        add["model.in_chans"] = info["channels"]
+    n_train = info["n_images"]
+    holdout = float(user.get("data.holdout", preset.get("data.holdout", 0.1)))
+    if info["dataset"] == "imagefolder" and not info["has_val"] and holdout > 0:
+        import torch
+
+        labels = torch.cat([torch.full((n,), i) for i, n in enumerate(info["per_class"])])
+        kept, held = stratified_holdout(labels, holdout, seed=0)
+        n_train = len(kept)
+    batch = int(user.get("optim.batch_size", preset.get("optim.batch_size", 1)))
+    if "optim.batch_size" not in user and n_train < 8 * batch:
+        add["optim.batch_size"] = batch = max(2, 1 << max(1, (n_train // 8).bit_length() - 1))
+    if info["dataset"] == "imagefolder":
+        split = (
+            "train/ + val/"
+            if info["has_val"]
+            else (
+                f"no val/: {len(held)} images ({holdout:.0%} of each class, seeded) held out for evaluation"
+                if holdout > 0
+                else "no val/ and data.holdout=0: no evaluation"
+            )
+        )
+        found = f"ImageFolder with {len(info['classes'])} classes, {info['n_images']} images ({split})"
+    else:
+        found = f"a folder of {info['n_images']} unlabelled images (no class sub-folders: no k-NN evaluation)"
+    changes = ", ".join(f"{k}={v}" for k, v in add.items()) or "nothing to change"
+    return add, f"data.path={user['data.path']}: {found}; set {changes}"

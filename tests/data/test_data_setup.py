@@ -1,0 +1,75 @@
+"""``ibot pretrain data.path=DIR`` alone trains on DIR: what the folder holds is detected and printed."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ibot.cli import main
+from ibot.config import build_config, flatten, to_dict
+from ibot.data.datasets import DatasetError
+from ibot.data_setup import folder_overrides, inspect_folder
+
+
+def _images(folder, n, mode="RGB", seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shape = (32, 32, 3) if mode == "RGB" else (32, 32)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"{i}.jpg")
+
+
+def _preset(name):
+    return flatten(to_dict(build_config(name)))
+
+
+def test_inspect_tells_imagefolder_flat_folder_and_no_images(tmp_path):
+    for c in ("cat", "dog", "eel"):
+        _images(tmp_path / "cls" / c, 4)
+    info = inspect_folder(tmp_path / "cls")
+    assert (info["dataset"], info["classes"], info["n_images"], info["channels"]) == (
+        "imagefolder",
+        ["cat", "dog", "eel"],
+        12,
+        3,
+    )
+    _images(tmp_path / "flat", 5, mode="L")
+    (tmp_path / "flat" / "sub").mkdir()  # one sub-folder with images is not a class layout
+    _images(tmp_path / "flat" / "sub", 2, mode="L")
+    info = inspect_folder(tmp_path / "flat")
+    assert (info["dataset"], info["n_images"], info["channels"]) == ("folder", 7, 1)
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "train-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03")
+    assert inspect_folder(tmp_path / "idx") is None  # e.g. Fashion-MNIST files: the preset's dataset stays
+
+
+def test_overrides_fit_the_default_preset_to_the_folder(tmp_path):
+    for c in ("a", "b", "c"):
+        _images(tmp_path / "imgs" / c, 100)
+    add, msg = folder_overrides(_preset("fmnist_tiny"), {"data.path": str(tmp_path / "imgs")})
+    assert add == {
+        "data.dataset": "imagefolder",
+        "data.pipeline": "auto",
+        "model.in_chans": 3,
+        "optim.batch_size": 32,  # 270 training images: 8 steps per epoch, not 1
+    }
+    assert "ImageFolder with 3 classes, 300 images (no val/: 30 images" in msg
+    user = {"data.path": str(tmp_path / "imgs"), "data.dataset": "imagefolder"}
+    assert folder_overrides(_preset("fmnist_tiny"), user) == ({}, None)  # an explicit dataset is kept
+    add, _ = folder_overrides(_preset("smoke"), {"data.path": str(tmp_path / "imgs"), "optim.batch_size": 4})
+    assert add == {"data.dataset": "imagefolder"}  # smoke is RGB already; the user's batch is kept
+    with pytest.raises(DatasetError, match="does not exist"):
+        folder_overrides(_preset("smoke"), {"data.path": str(tmp_path / "nope")})
+
+
+def test_pretrain_with_only_data_path_trains_on_the_folder(tmp_path, capsys):
+    _images(tmp_path / "flat", 24)
+    run = tmp_path / "run"
+    args = ["pretrain", "preset=smoke", f"data.path={tmp_path / 'flat'}", f"run.output_dir={run}"]
+    assert main([*args, "run.progress=false", "run.max_steps=1"]) == 0
+    out = capsys.readouterr().out
+    assert "a folder of 24 unlabelled images" in out and "set data.dataset=folder" in out
+    assert "k-NN skipped: data.dataset=folder has no labels" in out
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["dataset"] == "folder" and cfg["data"]["path"] == str(tmp_path / "flat")

@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         "knn",
         help="k-NN accuracy of a backbone (DINO / iBOT protocol)",
         description="Weighted k-NN (cosine, votes exp(sim/T)) on L2-normalised features: the train "
-        "split is the memory bank, the test split the queries.",
+        "split is the memory bank, the held-out split the queries (test set, val/ folder, or the images an "
+        "ImageFolder without val/ holds out: data.holdout of each class, seeded).",
     )
     source_args(knn)
     knn.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200])
@@ -330,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
         "linear",
         help="linear probe on frozen features (lr sweep, picked on a validation split)",
         description="Train one linear classifier per learning rate (official sweep) on cached "
-        "features of the train split minus a validation split; report the test accuracy of the "
-        "classifier that is best on validation.",
+        "features of the train split minus a validation split; report the accuracy on the held-out split "
+        "(as for knn) of the classifier that is best on validation.",
     )
     source_args(lin)
     lin.add_argument("--n-last-blocks", type=int, default=4)

@@ -110,7 +110,7 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/ibot"
-    init_from: str | None = None  # start from weights: an ibot checkpoint or an official iBOT checkpoint
+    init_from: str | None = None  # start from weights: ibot or official iBOT checkpoint, timm .safetensors/.pth
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16

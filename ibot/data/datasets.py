@@ -149,10 +149,39 @@ def spread_subset(dataset, n: int):
     return part
 
 
+def in_memory(dataset, size: int, in_chans: int = 3) -> TensorImageDataset:
+    """A file dataset decoded into memory: every image resized (shorter side, bicubic) and center-cropped
+    to ``size`` as uint8 (N, C, size, size), for the in-memory paths (tensor pipeline, fine-tuning)."""
+    if hasattr(dataset, "images"):
+        return dataset
+    from torchvision.transforms import functional as TF
+
+    images, labels = [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if item is None:
+            continue
+        img, label = item
+        img = img.convert("L" if in_chans == 1 else "RGB")
+        img = TF.center_crop(TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC), size)
+        images.append(TF.pil_to_tensor(img))
+        labels.append(label)
+    part = TensorImageDataset(torch.stack(images), torch.tensor(labels), list(getattr(dataset, "classes", [])) or None)
+    part.split = getattr(dataset, "split", part.split)
+    return part
+
+
 def validation_split(dataset, queries: int = 10000):
     """(memory bank, queries) carved from a labelled training set: the last ``min(queries, N // 5)``
-    images are the queries (the ``run.knn_split=val`` tuning protocol)."""
+    images are the queries (the ``run.knn_split=val`` tuning protocol). An image folder (sorted by
+    class, so its last images are one class) gives a stratified draw of the same size instead."""
     n_bank = len(dataset) - min(queries, len(dataset) // 5)
+    if hasattr(dataset, "select"):
+        bank, held = stratified_holdout(dataset.labels, (len(dataset) - n_bank) / len(dataset), seed=1)
+        return (
+            dataset.select(bank, f"{len(bank)} training images (memory bank of run.knn_split=val)"),
+            dataset.select(held, f"{len(held)} training images drawn per class (run.knn_split=val)"),
+        )
     return slice_dataset(dataset, 0, n_bank), slice_dataset(dataset, n_bank, len(dataset))
 
 

@@ -504,7 +504,7 @@ class Trainer:
                 return None
             if cfg.run.knn_split == "val":
                 bank, test_set = validation_split(self.bank_set)
-                split = f"the last {len(test_set)} training images (run.knn_split=val)"
+                split = getattr(test_set, "split", f"the last {len(test_set)} training images (run.knn_split=val)")
             else:
                 test_set = dataset_from_config(cfg, train=False)
                 split = getattr(test_set, "split", f"the {d.dataset} test split")

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ibot.cli import main
@@ -73,3 +74,17 @@ def test_pretrain_with_only_data_path_trains_on_the_folder(tmp_path, capsys):
     assert "k-NN skipped: data.dataset=folder has no labels" in out
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["data"]["dataset"] == "folder" and cfg["data"]["path"] == str(tmp_path / "flat")
+
+
+def test_in_memory_decodes_a_folder_for_the_in_memory_paths(tmp_path):
+    from ibot.data.datasets import FileImageDataset, in_memory
+
+    for c in ("a", "b"):
+        _images(tmp_path / "imgs" / c, 3, seed=ord(c))
+    Image.new("RGB", (40, 20), (10, 200, 30)).save(tmp_path / "imgs" / "b" / "wide.png")
+    files = FileImageDataset(tmp_path / "imgs")
+    mem = in_memory(files, 16)
+    assert mem.images.shape == (7, 3, 16, 16) and mem.images.dtype == torch.uint8
+    assert mem.labels.tolist() == files.labels.tolist() and mem.classes == ["a", "b"]
+    wide = [i for i, (p, _) in enumerate(files.samples) if p.endswith("wide.png")][0]
+    assert mem.images[wide, :, 8, 8].tolist() == [10, 200, 30]  # resized by the shorter side, center-cropped

@@ -143,3 +143,12 @@ def test_interrupt_messages_name_the_command(monkeypatch, capsys):
     monkeypatch.setattr(trainer.Trainer, "__init__", interrupted)
     assert main(["pretrain", "preset=smoke", "run.output_dir=runs/y"]) == 130
     assert "ibot pretrain --resume runs/y" in capsys.readouterr().err
+
+
+def test_knn_split_val_on_a_folder_draws_every_class(tmp_path):
+    from ibot.data.datasets import validation_split
+
+    train = build_dataset("imagefolder", str(noise_folder(tmp_path / "imgs")), train=True)
+    bank, queries = validation_split(train)
+    assert torch.bincount(queries.labels).tolist() == [2, 2, 2]  # not the last 6 images (all class c)
+    assert not {p for p, _ in bank.samples} & {p for p, _ in queries.samples} and len(bank) + len(queries) == 27

@@ -182,7 +182,10 @@ def validation_split(dataset, queries: int = 10000):
             dataset.select(bank, f"{len(bank)} training images (memory bank of run.knn_split=val)"),
             dataset.select(held, f"{len(held)} training images drawn per class (run.knn_split=val)"),
         )
-    return slice_dataset(dataset, 0, n_bank), slice_dataset(dataset, n_bank, len(dataset))
+    bank, queries = slice_dataset(dataset, 0, n_bank), slice_dataset(dataset, n_bank, len(dataset))
+    bank.split = f"the first {len(bank)} training images (memory bank of run.knn_split=val)"
+    queries.split = f"the last {len(queries)} training images (run.knn_split=val)"
+    return bank, queries
 
 
 def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

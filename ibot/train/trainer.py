@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ibot import distributed as D
 from ibot.config import build_model, flatten, from_dict, to_dict
-from ibot.data.datasets import DatasetError, slice_dataset, validation_split
+from ibot.data.datasets import DatasetError, slice_dataset, spread_subset, validation_split
 from ibot.data.factory import (
     batch_augment_from_config,
     collate_from_config,
@@ -504,15 +504,15 @@ class Trainer:
                 return None
             if cfg.run.knn_split == "val":
                 bank, test_set = validation_split(self.bank_set)
-                split = getattr(test_set, "split", f"the last {len(test_set)} training images (run.knn_split=val)")
+                split = test_set.split
             else:
                 test_set = dataset_from_config(cfg, train=False)
                 split = getattr(test_set, "split", f"the {d.dataset} test split")
         except DatasetError as err:
             self.log(f"k-NN skipped: no labelled held-out images ({err})")
             return None
-        if cfg.run.knn_train_limit:
-            bank = slice_dataset(bank, 0, cfg.run.knn_train_limit)
+        if cfg.run.knn_train_limit:  # spread over the bank: a class-sorted folder keeps every class
+            bank = spread_subset(bank, cfg.run.knn_train_limit)
         backbone = self.model.teacher["backbone"]
         backbone.eval()
         t0 = time.time()

@@ -27,7 +27,7 @@ def inspect_folder(path: str | Path) -> dict | None:
     root = Path(path).expanduser()
     if not root.is_dir():
         return None
-    base = root / "train" if (root / "val").is_dir() and (root / "train").is_dir() else root
+    base = root / "train" if (root / "train").is_dir() else root
     loose = [p for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
     classes = {d.name: _images(d) for d in sorted(base.iterdir()) if d.is_dir()}
     classes = {c: files for c, files in classes.items() if files}
@@ -49,7 +49,7 @@ def inspect_folder(path: str | Path) -> dict | None:
         "classes": sorted(classes) if kind == "imagefolder" else [],
         "n_images": len(files),
         "per_class": [len(v) for _, v in sorted(classes.items())] if kind == "imagefolder" else [],
-        "has_val": base != root,
+        "has_val": (root / "val").is_dir(),
         "channels": channels,
     }
 

@@ -40,6 +40,12 @@ def test_inspect_tells_imagefolder_flat_folder_and_no_images(tmp_path):
     _images(tmp_path / "flat" / "sub", 2, mode="L")
     info = inspect_folder(tmp_path / "flat")
     assert (info["dataset"], info["n_images"], info["channels"]) == ("folder", 7, 1)
+    for c in ("cat", "dog"):
+        _images(tmp_path / "tv" / "train" / c, 3)
+    info = inspect_folder(tmp_path / "tv")  # train/ without val/: its classes, evaluated on a held-out share
+    assert (info["dataset"], info["classes"], info["has_val"]) == ("imagefolder", ["cat", "dog"], False)
+    _images(tmp_path / "tv" / "val" / "cat", 1)
+    assert inspect_folder(tmp_path / "tv")["has_val"]
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "train-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03")
     assert inspect_folder(tmp_path / "idx") is None  # e.g. Fashion-MNIST files: the preset's dataset stays

@@ -152,3 +152,12 @@ def test_knn_split_val_on_a_folder_draws_every_class(tmp_path):
     bank, queries = validation_split(train)
     assert torch.bincount(queries.labels).tolist() == [2, 2, 2]  # not the last 6 images (all class c)
     assert not {p for p, _ in bank.samples} & {p for p, _ in queries.samples} and len(bank) + len(queries) == 27
+
+
+def test_holdout_zero_trains_on_everything_and_skips_evaluation_with_the_reason(tmp_path):
+    logs = []
+    tr = Trainer(smoke_on(noise_folder(tmp_path / "imgs"), tmp_path / "run", "data.holdout=0"), log=logs.append)
+    assert len(tr.train_set) == 30
+    assert "knn" not in tr.fit()
+    skipped = [m for m in logs if m.startswith("k-NN skipped")]
+    assert len(skipped) == 1 and "no val/ folder and data.holdout=0" in skipped[0]

@@ -158,6 +158,6 @@ def test_holdout_zero_trains_on_everything_and_skips_evaluation_with_the_reason(
     logs = []
     tr = Trainer(smoke_on(noise_folder(tmp_path / "imgs"), tmp_path / "run", "data.holdout=0"), log=logs.append)
     assert len(tr.train_set) == 30
-    assert "knn" not in tr.fit()
+    assert tr.fit()["knn"] is None
     skipped = [m for m in logs if m.startswith("k-NN skipped")]
     assert len(skipped) == 1 and "no val/ folder and data.holdout=0" in skipped[0]

@@ -18,8 +18,12 @@ class CheckpointError(RuntimeError):
 
 def file_mode() -> int:
     """The mode ``open()`` gives a new file: 0o666 minus the process umask (0644 under umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    try:  # Linux: read the umask without changing it (os.umask would, for a moment, for every thread)
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 

@@ -31,7 +31,7 @@ from ibot.eval.knn import extract_features, knn_classify
 from ibot.train.checkpoint import CheckpointError, load_safe, remove_stale_temporaries, save_atomic
 from ibot.train.metrics import MetricsWriter, plot_curves, rankme
 from ibot.train.schedules import cosine_scheduler
-from ibot.train.step import NonFiniteLossError, TrainStep
+from ibot.train.step import TrainStep
 
 CHECKPOINT = "checkpoint.pth"
 # keys whose change makes a checkpoint incompatible (shapes / the method itself)
@@ -236,27 +236,31 @@ class Trainer:
     def _autocast(self):
         return self.step_fn.autocast()
 
-    def train_step(self, batch: Batch, epoch: int, it: int):
-        """One optimisation step at iteration ``it``. Returns the model output, or None when skipped."""
+    def train_step(self, batch: Batch, epoch: int, it: int, stop_vote: bool = False):
+        """One optimisation step at iteration ``it``. Returns the model output, or None when skipped.
+
+        The step itself never waits for the device; its flags (non-finite loss, a rank's stop vote)
+        are read once here, after the whole step is queued.
+        """
         self.step_fn.set_hyperparameters(float(self.lr_schedule[it]), float(self.wd_schedule[it]))
-        try:
-            out = self.step_fn(batch.to(self.device), epoch, float(self.momentum_schedule[it]))
-        except NonFiniteLossError as err:
+        res = self.step_fn(batch.to(self.device), epoch, float(self.momentum_schedule[it]), stop_vote=stop_vote)
+        bad, stop = res.flags.tolist()
+        self.stop_voted = stop > 0
+        if bad:
             self.bad_steps += 1
             if self.bad_steps >= self.cfg.run.max_bad_steps:
-                raise TrainingError(NAN_ADVICE.format(n=self.bad_steps)) from err
+                raise TrainingError(NAN_ADVICE.format(n=self.bad_steps))
             self.log(f"warning: non-finite loss at step {it}; step skipped ({self.bad_steps} in a row)")
             return None
         self.bad_steps = 0
-        return out
+        return res.out
 
     def _monitors(self, out, epoch: int) -> dict:
         """Collapse monitors from the teacher's CLS logits of this step."""
         t = out.teacher_logits.float()  # (G, B, K)
         temp = self.model.teacher_temperatures(epoch)[0]
-        probs = (
-            self.model.cls_center.softmax(t, temp) if self.model.centering == "center" else torch.softmax(t / temp, -1)
-        )
+        # the targets the loss used (the center before this step's update), not a re-centering
+        probs = out.teacher_probs if self.model.centering == "center" else torch.softmax(t / temp, -1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         arg = t.argmax(-1)
         used = arg.unique().numel() / t.shape[-1]
@@ -301,7 +305,9 @@ class Trainer:
                 it = epoch * self.niter + self.step_in_epoch
                 self.skipped_images += batch.n_skipped
                 self._check_skips()
-                res = self.train_step(batch, epoch, it)
+                limit = cfg.run.time_limit_min
+                over = bool(limit) and self.train_seconds + time.time() - t_epoch > 60 * limit
+                res = self.train_step(batch, epoch, it, stop_vote=over and D.is_dist())
                 self.step_in_epoch += 1
                 self.global_step += 1
                 n_last += batch.batch_size * batch.n_global
@@ -324,10 +330,10 @@ class Trainer:
                     self.save_checkpoint()
                 if self.global_step >= max_steps:
                     stopped = True
-                if cfg.run.time_limit_min:
-                    over = self.train_seconds + time.time() - t_epoch > 60 * cfg.run.time_limit_min
-                    if D.is_dist():  # every rank stops at the same step (rank clocks differ)
-                        over = bool(D.all_reduce_max(torch.tensor([float(over)], device=self.device)).item())
+                if limit:
+                    # one process: the clock after this step; several: any rank's vote taken before
+                    # the step, all-reduced with the step's own flags (rank clocks differ; no extra sync)
+                    over = self.stop_voted if D.is_dist() else self.train_seconds + time.time() - t_epoch > 60 * limit
                     if over:
                         self.log(f"time limit of {cfg.run.time_limit_min} min reached at step {self.global_step}")
                         stopped = True

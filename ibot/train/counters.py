@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # data-dependent output shapes: the host must wait for the device to know the size

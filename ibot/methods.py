@@ -308,6 +308,7 @@ class iBOT(nn.Module):  # noqa: N801
         images: torch.Tensor | None = None,
         epoch: int | None = None,
         batch=None,
+        temps: torch.Tensor | None = None,
     ) -> iBOTOutput:
         """Training step loss, or teacher CLS embeddings for ``images``.
 
@@ -319,13 +320,15 @@ class iBOT(nn.Module):  # noqa: N801
             images: (B, C, H, W) for evaluation: returns the teacher's CLS embedding.
             epoch: epoch of the temperature schedules (default: the last :meth:`set_epoch`).
             batch: a :class:`ibot.data.loader.Batch` from the collate (what the trainer passes).
+            temps: optional (2,) tensor of the (CLS, patch) teacher temperatures, used instead of
+                the epoch's schedule (a compiled forward takes them as a tensor: no recompiles).
         """
         if batch is not None:
             b = batch.global_crops.shape[0] // batch.n_global
             mb = batch.masks if self.masked_im_modeling else None
             if self.masked_im_modeling and mb is None:
                 raise ValueError("this batch has no masks; build the collate with a mask generator")
-            return self.step(batch.global_crops, batch.local_crops, mb, batch.n_global, batch.n_local, b, epoch)
+            return self.step(batch.global_crops, batch.local_crops, mb, batch.n_global, batch.n_local, b, epoch, temps)
         if images is not None:
             with torch.no_grad():
                 cls = self.teacher["backbone"].forward_cls(images)
@@ -367,9 +370,10 @@ class iBOT(nn.Module):  # noqa: N801
         n_local: int,
         b: int,
         epoch: int | None = None,
+        temps: torch.Tensor | None = None,
     ) -> iBOTOutput:
         """The training loss on crop-major stacked views (what the trainer calls)."""
-        cls_temp, patch_temp = self.teacher_temperatures(epoch)
+        cls_temp, patch_temp = self.teacher_temperatures(epoch) if temps is None else (temps[0], temps[1])
         t_head: iBOTHead = self.teacher["head"]
         s_head: iBOTHead = self.student["head"]
         n_cls = g_imgs.shape[0]

@@ -113,7 +113,8 @@ class Trainer:
         student_bb.efficient_drop_path = cfg.model.efficient_drop_path
         if cfg.run.grad_checkpointing:
             student_bb.timm_model.set_grad_checkpointing(True)
-        if cfg.run.compile:
+        self.pad_ratio = None  # run.compile_mode=full: masked-token batches padded to a fixed bound
+        if cfg.run.compile and cfg.run.compile_mode == "blocks":
             for bb in (student_bb, self.model.teacher["backbone"]):
                 for blk in bb.blocks:
                     blk.compile()
@@ -129,9 +130,8 @@ class Trainer:
             if cfg.model.head_norm == "bn":  # both heads, as the official code (the teacher's uses batch stats too)
                 self.model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.student)
                 self.model.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.teacher)
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+            # SyncBatchNorm keeps the BN running statistics identical on every rank, as the centers
+            self.ddp = D.wrap_ddp(self.model, self.device)
         o = cfg.optim
         self.step_fn = TrainStep(
             self.model,
@@ -143,6 +143,13 @@ class Trainer:
             freeze_last_layer=o.freeze_last_layer,
             betas=tuple(o.betas),
         )
+        if cfg.run.compile and cfg.run.compile_mode == "full":
+            from ibot.train.compiled import compile_forward
+
+            # one graph for the whole forward; under DDP the wrapper is compiled (its graph splits
+            # at the gradient buckets, so fullgraph is off there)
+            self.step_fn.module = compile_forward(self.model, module=self.ddp)
+            self.pad_ratio = self.model.mask_generator.max_ratio if self.model.use_patch_loss else None
         self.optimizer, self.scaler = self.step_fn.optimizer, self.step_fn.scaler
         self._build_schedules()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -165,8 +172,14 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _init_distributed(self) -> None:
         if D.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not D.is_dist():
-            backend = "nccl" if torch.cuda.is_available() and self.cfg.run.device != "cpu" else "gloo"
-            dist.init_process_group(backend)
+            if torch.cuda.is_available() and self.cfg.run.device != "cpu":
+                # binding the process group to this rank's GPU lets NCCL connect eagerly and
+                # never guess the device
+                local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(local)
+                dist.init_process_group("nccl", device_id=local)
+            else:
+                dist.init_process_group("gloo")
 
     def _build_data(self) -> None:
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
@@ -243,6 +256,10 @@ class Trainer:
         are read once here, after the whole step is queued.
         """
         self.step_fn.set_hyperparameters(float(self.lr_schedule[it]), float(self.wd_schedule[it]))
+        if self.pad_ratio is not None and batch.masks is not None:
+            from ibot.train.compiled import pad_mask_batch
+
+            batch.masks = pad_mask_batch(batch.masks, self.pad_ratio)  # host-side, before the copy
         res = self.step_fn(batch.to(self.device), epoch, float(self.momentum_schedule[it]), stop_vote=stop_vote)
         bad, stop = res.flags.tolist()
         self.stop_voted = stop > 0
@@ -434,8 +451,12 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        """The checkpoint (with FSDP: gathered to plain tensors; every rank must call it)."""
+    def state_dict(self, rng: list[dict] | None = None) -> dict:
+        """The checkpoint (with FSDP: gathered to plain tensors; every rank must call it).
+
+        ``rng``: every rank's RNG states (:func:`_gather_rng_states`); default this process's only.
+        """
+        rng = rng or [_rng_state()]
         if self.fsdp:
             from ibot.fsdp import full_model_state, full_optimizer_state
 
@@ -453,12 +474,14 @@ class Trainer:
             "skipped_images": self.skipped_images,
             "config": to_dict(self.cfg),
             "world_size": D.world_size(),
-            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
+            "rng": rng[0],
+            "rng_per_rank": rng,
             "format": "ibot-1",
         }
 
     def save_checkpoint(self) -> None:
-        state = self.state_dict() if self.fsdp or D.is_main() else None
+        rng = _gather_rng_states()  # every rank's streams (a collective: every rank calls it)
+        state = self.state_dict(rng) if self.fsdp or D.is_main() else None
         if D.is_main():
             save_atomic(state, self.run_dir / CHECKPOINT)
         if D.is_dist():
@@ -492,9 +515,10 @@ class Trainer:
             # the epoch order is (seed, epoch)-determined; a different world size restarts the epoch's position
             self.step_in_epoch = min(self.step_in_epoch * ckpt["world_size"] // D.world_size(), self.niter)
         if D.world_size() == ckpt.get("world_size", 1):
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            state = random.getstate()
-            random.setstate((state[0], tuple(ckpt["rng"]["python"]), None))
+            # each rank continues its own streams (drop-path differs per rank); older checkpoints
+            # hold rank 0's only
+            per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]] * D.world_size()
+            _set_rng_state(per_rank[D.rank()])
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_knn(self) -> dict | None:
@@ -557,6 +581,32 @@ class Trainer:
             with open(self.run_dir / "knn.jsonl", "a") as f:
                 f.write(json.dumps(res) + "\n")
         return res
+
+
+def _rng_state() -> dict:
+    """This process's CPU torch, CUDA (current device, when initialised) and Python RNG states."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _gather_rng_states() -> list[dict]:
+    """Every rank's :func:`_rng_state`, in rank order (one process: a list of one)."""
+    mine = _rng_state()
+    if not D.is_dist():
+        return [mine]
+    parts = [None] * D.world_size()
+    dist.all_gather_object(parts, mine)
+    return parts
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    py = random.getstate()
+    random.setstate((py[0], tuple(state["python"]), None))
 
 
 def _gathered_features(encode, dataset, kw):

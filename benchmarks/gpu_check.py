@@ -48,7 +48,7 @@ import sys
 import time
 import traceback
 import types
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -236,10 +236,20 @@ def _official_runner(device, quick: bool, src: str):
     cfg, ours = _build(sz)
     m = cfg.model
     k = m.out_dim
-    arch = {384: "vit_small", 192: "vit_tiny", 768: "vit_base"}.get(ours.embed_dim, "vit_small")
+    vit = ours.student["backbone"].timm_model  # the same sizes as ibot's model (ViT-S/16 on a GPU)
+    dims = dict(embed_dim=vit.embed_dim, depth=len(vit.blocks), num_heads=vit.blocks[0].attn.num_heads)
 
     def net(**kw):
-        return models.__dict__[arch](patch_size=m.patch_size, img_size=[sz["img"]], return_all_tokens=True, **kw)
+        return models.VisionTransformer(
+            img_size=[sz["img"]],
+            patch_size=m.patch_size,
+            in_chans=m.in_chans,
+            mlp_ratio=4,
+            qkv_bias=True,
+            return_all_tokens=True,
+            **dims,
+            **kw,
+        )
 
     def head(**kw):
         return iBOTHead(ours.embed_dim, k, patch_out_dim=k, act="gelu", shared_head=True, **kw)
@@ -254,7 +264,8 @@ def _official_runner(device, quick: bool, src: str):
         p.requires_grad = False
     loss_fn = main_ibot.iBOTLoss(k, k, 2, sz["n_local"], 0.04, 0.07, 0.04, 0.07, 30, 800).to(device)
     opt = torch.optim.AdamW(utils.get_params_groups(student))
-    pairs = [(q, dict(teacher.named_parameters())[n]) for n, q in student.named_parameters()]
+    t_params = dict(teacher.named_parameters())
+    pairs = [(q, t_params[n]) for n, q in student.named_parameters() if n in t_params]
     b = _batch(cfg, ours, sz, sz["batch"])
     bs = sz["batch"]
     images = [x.to(device) for x in b.global_crops.split(bs)]
@@ -262,7 +273,8 @@ def _official_runner(device, quick: bool, src: str):
         images += [x.to(device) for x in b.local_crops.split(bs)]
     grid = sz["img"] // m.patch_size
     masks = [x.reshape(bs, grid, grid).to(device) for x in b.masks.masks.split(bs)]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu")
+    # bf16 on CUDA as ibot's run; fp32 on the CPU smoke (as ibot's there)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     def step():
         with autocast:
@@ -290,8 +302,11 @@ def check_throughput(device, quick: bool, official_src: str | None, steps: int) 
     warmup = 1 if quick else 5
     rows = {}
     runners = [("ibot eager", None), ("ibot compiled (blocks)", "blocks"), ("ibot compiled (full)", "full")]
-    if quick:
-        runners = runners[:1] + runners[2:] if device.type == "cpu" else runners
+    if quick and device.type == "cpu":  # the smoke traces the whole-forward graph without C++ compilation
+        from ibot.train import compiled
+
+        compiled.BACKEND = "eager"
+        runners = runners[:1] + runners[2:]
     for name, mode in runners:
         try:
             fn, bs = _ibot_runner(device, quick, mode)

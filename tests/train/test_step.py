@@ -147,3 +147,47 @@ def test_patch_center_from_bottleneck_means_equals_the_mean_of_all_logits():
         want = logits.reshape(2 * B, tok.shape[1], -1).mean(1).sum(0)
     torch.testing.assert_close(patch_sum, want, rtol=1e-5, atol=1e-6)
     model._pending_centers = []
+
+
+def test_bf16_step_updates_and_skips():
+    model = _model()
+    step = TrainStep(model, precision="bf16", clip_grad=3.0, freeze_last_layer=0)
+    step.set_hyperparameters(1e-3, 0.04)
+    p0 = [p.detach().clone() for p in model.trainable_parameters()]
+    res = step(_batch(0), epoch=1, momentum=0.99)
+    assert res.bad.item() == 0.0 and torch.isfinite(res.loss)
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.trainable_parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(p0, model.trainable_parameters(), strict=True))
+    sd0, opt0 = _state(model, step)
+    real = model.step
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        out.loss = out.loss * float("nan")
+        return out
+
+    model.step = poisoned
+    assert step(_batch(1), epoch=1, momentum=0.99).bad.item() == 1.0
+    sd1, opt1 = _state(model, step)
+    for k, v in sd0.items():
+        assert torch.equal(v, sd1[k]), k
+    for k, v in opt0.items():
+        assert torch.equal(v, opt1[k]), k
+
+
+def test_fp16_overflow_is_skipped_by_the_fused_optimizer_and_the_scale_backs_off():
+    """fp16: the gradient scaler's own inf check reaches fused AdamW on the device (no host sync)."""
+    model = _model()
+    step = TrainStep(model, precision="fp16", clip_grad=3.0, freeze_last_layer=0)
+    step.set_hyperparameters(1e-3, 0.04)
+    sd0, _ = _state(model, step)
+    scale = step.scaler.get_scale()
+    step(_batch(0), epoch=1, momentum=0.99)  # 2**16 overflows fp16 gradients here
+    assert not all(torch.isfinite(p.grad).all() for p in model.trainable_parameters() if p.grad is not None)
+    assert step.scaler.get_scale() == scale / 2
+    sd1, opt1 = _state(model, step)
+    for k, v in sd0.items():
+        if k.startswith("student."):
+            assert torch.equal(v, sd1[k]), k  # the optimizer skipped the update
+    assert all(v.sum() == 0 for (_, name), v in opt1.items() if name != "step")  # moments untouched
+    assert all(v.item() == 0 for (_, name), v in opt1.items() if name == "step")  # step count undone

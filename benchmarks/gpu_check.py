@@ -30,7 +30,7 @@ installed there. Bring the rest of ibot's dependencies as wheels, downloaded whe
 then carry ``.whl/`` (and, for (c), a bytedance/ibot checkout in an ignored folder such as
 ``third_party/ibot``; it is imported, never committed) and run::
 
-    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+    pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD
     python benchmarks/gpu_check.py --official-src third_party/ibot
 
 ibot itself needs no install: the script puts the repository root on ``sys.path``.

@@ -14,6 +14,8 @@ import sys
 
 from ibot import __version__
 
+FINETUNE_MAX_FOLDER_IMAGES = 20000  # decoded into memory (uint8) for the fine-tuning loop
+
 EXAMPLES = """examples:
   ibot pretrain preset=fmnist_tiny                      # Fashion-MNIST on the CPU, then k-NN
   ibot pretrain preset=smoke run.output_dir=runs/smoke  # seconds, synthetic data
@@ -21,6 +23,7 @@ EXAMPLES = """examples:
   ibot pretrain --resume runs/fmnist_tiny               # continue a stopped run
   ibot knn runs/fmnist_tiny                             # k-NN of a run's teacher
   ibot linear runs/fmnist_tiny                          # linear probe
+  ibot finetune runs/fmnist_tiny --epochs 3             # fine-tune with a linear head
   ibot export runs/fmnist_tiny --out exported/          # timm-loadable safetensors
   ibot config preset=fmnist_tiny                        # print the resolved config
 """
@@ -39,10 +42,11 @@ def _split_overrides(items: list[str]) -> tuple[str | None, list[str]]:
 def _known_errors():
     from ibot.config import ConfigError
     from ibot.data.datasets import DatasetError
+    from ibot.device import DeviceError
     from ibot.train.checkpoint import CheckpointError
     from ibot.train.trainer import TrainingError
 
-    return (ConfigError, DatasetError, CheckpointError, TrainingError, NotImplementedError)
+    return (ConfigError, DatasetError, CheckpointError, TrainingError, DeviceError, NotImplementedError)
 
 
 def cmd_pretrain(args) -> int:
@@ -93,6 +97,7 @@ def cmd_knn(args) -> int:
         pool=args.pool,
         cache=args.cache,
         image_size=args.img_size,
+        device=args.device,
         allow_unsafe=args.allow_unsafe_pickle,
         log=lambda m: print(m, file=sys.stderr),
         **_eval_loop_args(args),
@@ -125,6 +130,7 @@ def cmd_linear(args) -> int:
         epochs=args.epochs,
         cache=args.cache,
         val_fraction=args.val_fraction,
+        device=args.device,
         allow_unsafe=args.allow_unsafe_pickle,
         log=lambda m: print(m, file=sys.stderr),
         **_eval_loop_args(args),
@@ -141,18 +147,28 @@ def cmd_linear(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    from ibot.device import resolve_device
     from ibot.eval.finetune import finetune
     from ibot.eval.protocols import resolve_data
     from ibot.interop import load_backbone
 
+    device = resolve_device(args.device)
     backbone, info, report = load_backbone(args.source, args.which, args.allow_unsafe_pickle)
     print(report, file=sys.stderr)
     train, test, name = resolve_data(info, args.dataset, args.data)
-    if not hasattr(train, "images"):
-        print(
-            "ibot: error: finetune runs on in-memory datasets (mnist, fashion_mnist, cifar, synthetic)", file=sys.stderr
-        )
-        return 2
+    if not hasattr(train, "images"):  # a folder: decoded into memory at the backbone's size, if it fits
+        from ibot.data.datasets import in_memory
+
+        if len(train) + len(test) > FINETUNE_MAX_FOLDER_IMAGES:
+            print(
+                f"ibot: error: finetune decodes a folder into memory and this one has {len(train) + len(test)} images "
+                f"(> {FINETUNE_MAX_FOLDER_IMAGES}); fine-tune large folders with timm's train.py on `ibot export`",
+                file=sys.stderr,
+            )
+            return 2
+        print(f"finetune: decoding {len(train)} + {len(test)} images into memory", file=sys.stderr)
+        train = in_memory(train, info["img_size"], info["in_chans"])
+        test = in_memory(test, info["img_size"], info["in_chans"])
     res = finetune(
         backbone,
         train,
@@ -163,6 +179,7 @@ def cmd_finetune(args) -> int:
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
+        device=device,
         log=lambda m: print(m, file=sys.stderr),
     )
     print(f"fine-tuned ({res['preset']}, {res['epochs']} epochs) on {name}: test top-1 {res['test_top1']:.2f}%")
@@ -172,8 +189,10 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ibot.interop import export_backbone, load_backbone
+    from ibot.device import resolve_device
+    from ibot.interop import check_export, export_backbone, load_backbone
 
+    device = resolve_device(args.device) if args.check else None
     backbone, info, report = load_backbone(args.source, args.which, args.allow_unsafe_pickle)
     print(report, file=sys.stderr)
     path = export_backbone(backbone, args.out, info)
@@ -181,6 +200,9 @@ def cmd_export(args) -> int:
         f"exported {args.which} backbone to {path} (+ config.json for timm, backbone.json); "
         f'load it with timm.create_model("local-dir:{path.parent}", pretrained=True)'
     )
+    if args.check:
+        diff = check_export(backbone, args.out, device)
+        print(f"check: plain timm loads the export on {device}; features match the backbone (max |diff| {diff:.2e})")
     return 0
 
 
@@ -188,6 +210,7 @@ def cmd_viz(args) -> int:
     from pathlib import Path
 
     from ibot import viz
+    from ibot.device import resolve_device
     from ibot.interop import load_backbone
 
     if args.kind == "curves":
@@ -199,9 +222,10 @@ def cmd_viz(args) -> int:
             return 2
         print(f"wrote {path}")
         return 0
+    device = resolve_device(args.device)
     backbone, info, report = load_backbone(args.source, args.which, args.allow_unsafe_pickle)
     print(report, file=sys.stderr)
-    backbone.eval()
+    backbone = backbone.to(device).eval()
     images = viz.load_images(
         info, files=args.images, dataset=args.dataset, data_path=args.data, n=args.n, size=args.img_size
     )
@@ -212,7 +236,7 @@ def cmd_viz(args) -> int:
     elif args.kind == "patterns":
         from ibot.interop import load_head
 
-        head = load_head(args.source, args.which, args.allow_unsafe_pickle).eval()
+        head = load_head(args.source, args.which, args.allow_unsafe_pickle).to(device).eval()
         paths = viz.plot_patterns(
             backbone,
             head,
@@ -271,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"ibot {__version__}")
+
+    def device_arg(sp):
+        sp.add_argument(
+            "--device",
+            default="auto",
+            help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N; bf16 autocast on CUDA",
+        )
+
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     pre = sub.add_parser(
@@ -300,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="load files that need arbitrary unpickling (only files you trust)",
         )
+        device_arg(sp)
 
     def eval_loop_args(sp):
         sp.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
@@ -342,6 +375,25 @@ def build_parser() -> argparse.ArgumentParser:
     eval_loop_args(lin)
     lin.set_defaults(func=cmd_linear)
 
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a backbone with a linear head (BEiT-style protocol; in-memory datasets)",
+        description="Fine-tune a copy of the backbone with a linear classifier: layer-wise lr decay, "
+        "drop-path, mixup / cutmix, label smoothing, AdamW with warm-up and cosine decay (official "
+        "per-size presets), then report the test top-1. Runs on mnist, fashion_mnist, cifar10/100, synthetic.",
+    )
+    source_args(ft)
+    ft.add_argument(
+        "--preset",
+        choices=("tiny_cpu", "vit_small", "vit_base", "vit_large"),
+        default="tiny_cpu",
+        help="hyperparameters (official per-size recipes; tiny_cpu: 3 epochs for a quick check)",
+    )
+    ft.add_argument("--epochs", type=int, help="override the preset's epochs")
+    ft.add_argument("--lr", type=float, help="override the preset's base lr (4e-3)")
+    ft.add_argument("--batch-size", type=int, help="override the preset's batch size (128)")
+    ft.set_defaults(func=cmd_finetune)
+
     exp = sub.add_parser(
         "export",
         help="export a backbone as a folder timm loads by itself (local-dir:OUT)",
@@ -353,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--which", choices=("teacher", "student"), default="teacher")
     exp.add_argument("--allow-unsafe-pickle", action="store_true")
+    exp.add_argument(
+        "--check",
+        action="store_true",
+        help="load the written file with plain timm on --device and compare its features with the backbone's",
+    )
+    device_arg(exp)
     exp.set_defaults(func=cmd_export)
 
     vz = sub.add_parser(
@@ -377,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     vz.add_argument("--show", type=int, default=8, help="patterns: how many prototypes")
     vz.add_argument("--window", type=int, default=3, help="patterns: context window in patches")
     vz.add_argument("--allow-unsafe-pickle", action="store_true")
+    device_arg(vz)
     vz.set_defaults(func=cmd_viz)
 
     cfg = sub.add_parser(

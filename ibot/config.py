@@ -116,7 +116,8 @@ class RunConfig:
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16
     threads: int = 0  # torch CPU threads (0 = torch default)
     grad_checkpointing: bool = False  # activation checkpointing of the student blocks (memory for compute)
-    compile: bool = False  # torch.compile each transformer block
+    compile: bool = False  # torch.compile (how: run.compile_mode)
+    compile_mode: str = "blocks"  # blocks: each transformer block | full: the whole forward, fullgraph, padded masks
     fsdp: bool = False  # shard student and teacher with FSDP2 (torchrun; large backbones, see docs/distributed.md)
     log_every: int = 10  # steps between metric lines
     save_every_steps: int = 0  # also checkpoint every N steps (crash safety inside long epochs)
@@ -411,6 +412,13 @@ def validate(cfg) -> None:
         problems.append("model.efficient_drop_path is implemented for ViT backbones only")
     if m.arch.startswith("swin") and cfg.run.compile:
         problems.append("run.compile (per-block torch.compile) is implemented for ViT backbones only")
+    if cfg.run.compile_mode not in ("blocks", "full"):
+        problems.append(f"run.compile_mode must be blocks or full, got {cfg.run.compile_mode!r}")
+    elif cfg.run.compile and cfg.run.compile_mode == "full":
+        if lo.centering != "center":
+            problems.append("run.compile_mode=full needs loss.centering=center (padded tokens would enter Sinkhorn)")
+        if cfg.run.fsdp:
+            problems.append("run.compile_mode=full is not supported with run.fsdp=true; use run.compile_mode=blocks")
     if d.global_crops_number < 1 or d.global_crops_number + d.local_crops_number < 2:
         problems.append("need at least 1 global crop and 2 crops in all")
     if lo.warmup_teacher_temp_epochs + mk.start_epoch > o.epochs:

@@ -39,3 +39,25 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP for an :class:`ibot.iBOT` module.
+
+    * no buffer sync before each forward: the only buffers, the centers, are all-reduced
+      identically on every rank (they are still synced once, when DDP is built);
+    * ``gradient_as_bucket_view=True``: gradients live in the all-reduce buckets (no copy);
+    * ``static_graph`` stays off: with it, this module's ranks stop agreeing on the gradients
+      (their parameters drift apart from the second step on; ``tests/test_distributed.py`` checks
+      that the ranks stay identical).
+    """
+    import inspect
+
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return torch.nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        **no_sync,
+    )

@@ -536,3 +536,34 @@ def init_model_from(model, source: str | Path, allow_unsafe: bool = False) -> st
             if "center2" in centers and centers["center2"].numel() == model.patch_center_ema.center.numel():
                 model.patch_center_ema.center.copy_(centers["center2"].reshape(1, -1))
     return f"{src}: " + "; ".join(lines)
+
+
+@torch.no_grad()
+def check_export(backbone: torch.nn.Module, out_dir: str | Path, device: torch.device | str = "cpu") -> float:
+    """Load ``out_dir``'s export with plain ``timm.create_model`` on ``device`` and compare its
+    features (``num_classes=0``) with ``backbone.forward_cls`` on two fixed random images, in fp32.
+
+    Returns the largest absolute difference; raises :class:`CheckpointError` above 1e-4.
+    """
+    import timm
+    from safetensors.torch import load_file
+
+    out = Path(out_dir)
+    meta = json.loads((out / "backbone.json").read_text())
+    kw = dict(meta["timm_kwargs"])
+    if "norm_eps" in meta:
+        kw["norm_layer"] = functools.partial(torch.nn.LayerNorm, eps=meta["norm_eps"])
+    model = timm.create_model(meta["arch"], pretrained=False, num_classes=0, **kw)
+    model.load_state_dict(load_file(str(out / "backbone.safetensors"), device=str(device)))
+    model = model.to(device).eval()
+    size = meta["img_size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    x = torch.randn(2, meta["in_chans"], size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    ref = backbone.to(device).eval().forward_cls(x).float()
+    diff = float((model(x).float() - ref).abs().max())
+    if diff > 1e-4:
+        raise CheckpointError(
+            f"the export in {out} does not reproduce the backbone's features (max |diff| {diff:.2e}); "
+            "report this with the source checkpoint"
+        )
+    return diff

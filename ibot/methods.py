@@ -43,6 +43,8 @@ class iBOTOutput:  # noqa: N801
         embedding: teacher CLS features, (B, D) for ``images``, (G*B, D) in training.
         teacher_logits: teacher CLS logits (G, B, K) (detached), training only.
         student_logits: student CLS logits (V, B, K), training only.
+        teacher_probs: the CLS targets the loss used (G, B, K), fp32, training only (with
+            centering, made with the center before this step's update).
     """
 
     loss: torch.Tensor
@@ -52,6 +54,7 @@ class iBOTOutput:  # noqa: N801
     embedding: torch.Tensor | None = None
     teacher_logits: torch.Tensor | None = None
     student_logits: torch.Tensor | None = None
+    teacher_probs: torch.Tensor | None = None
 
 
 DINOOutput = iBOTOutput
@@ -211,6 +214,10 @@ class iBOT(nn.Module):  # noqa: N801
         self.patch_center_ema = Center(n_patch_prototypes, center_momentum)
         self.mask_generator = MaskGenerator(mask_shape, mask_ratio, mask_ratio_var, mask_start_epoch, mask_probability)
         self.epoch = 0
+        # False: centers move inside forward (plain use). True: forward only records this step's
+        # center statistics and :meth:`apply_center_update` applies them (after the finite check)
+        self.defer_center_update = False
+        self._pending_centers: list = []
         self._ema_pairs = self._pair_parameters()
 
     # ------------------------------------------------------------------ schedules and EMA
@@ -239,12 +246,33 @@ class iBOT(nn.Module):  # noqa: N801
         return pairs
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """EMA ``teacher = m * teacher + (1 - m) * student`` over all common parameters."""
+    def update_teacher(self, momentum: float, apply: torch.Tensor | None = None) -> None:
+        """EMA ``teacher = m * teacher + (1 - m) * student`` over all common parameters.
+
+        ``apply`` (0-d bool on the device): where False the teacher is left exactly as it is
+        (momentum 1, student weight 0), decided on the device without a host synchronisation.
+        """
         t = [a for a, _ in self._ema_pairs]
         s = [b.detach() for _, b in self._ema_pairs]
-        torch._foreach_mul_(t, momentum)
-        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+        if apply is None:
+            torch._foreach_mul_(t, momentum)
+            torch._foreach_add_(t, s, alpha=1.0 - momentum)
+            return
+        m = torch.where(apply, momentum, 1.0).to(t[0].dtype)
+        w = torch.where(apply, 1.0 - momentum, 0.0).to(t[0].dtype)
+        torch._foreach_mul_(t, m)
+        torch._foreach_add_(t, torch._foreach_mul(s, w))
+
+    @torch.no_grad()
+    def apply_center_update(self, apply: torch.Tensor | None = None) -> None:
+        """Move both centers with the statistics the last forward recorded (DINOv2's pattern).
+
+        Called by the training step after the finite check: ``apply`` (0-d bool on the device)
+        False leaves the centers unchanged, so a skipped step cannot poison them.
+        """
+        pending, self._pending_centers = self._pending_centers, []
+        for center, row_sum, n_rows in pending:
+            center.update(row_sum, n_rows, apply)
 
     def train(self, mode: bool = True) -> iBOT:
         super().train(mode)
@@ -280,6 +308,7 @@ class iBOT(nn.Module):  # noqa: N801
         images: torch.Tensor | None = None,
         epoch: int | None = None,
         batch=None,
+        temps: torch.Tensor | None = None,
     ) -> iBOTOutput:
         """Training step loss, or teacher CLS embeddings for ``images``.
 
@@ -291,13 +320,15 @@ class iBOT(nn.Module):  # noqa: N801
             images: (B, C, H, W) for evaluation: returns the teacher's CLS embedding.
             epoch: epoch of the temperature schedules (default: the last :meth:`set_epoch`).
             batch: a :class:`ibot.data.loader.Batch` from the collate (what the trainer passes).
+            temps: optional (2,) tensor of the (CLS, patch) teacher temperatures, used instead of
+                the epoch's schedule (a compiled forward takes them as a tensor: no recompiles).
         """
         if batch is not None:
             b = batch.global_crops.shape[0] // batch.n_global
             mb = batch.masks if self.masked_im_modeling else None
             if self.masked_im_modeling and mb is None:
                 raise ValueError("this batch has no masks; build the collate with a mask generator")
-            return self.step(batch.global_crops, batch.local_crops, mb, batch.n_global, batch.n_local, b, epoch)
+            return self.step(batch.global_crops, batch.local_crops, mb, batch.n_global, batch.n_local, b, epoch, temps)
         if images is not None:
             with torch.no_grad():
                 cls = self.teacher["backbone"].forward_cls(images)
@@ -339,9 +370,10 @@ class iBOT(nn.Module):  # noqa: N801
         n_local: int,
         b: int,
         epoch: int | None = None,
+        temps: torch.Tensor | None = None,
     ) -> iBOTOutput:
         """The training loss on crop-major stacked views (what the trainer calls)."""
-        cls_temp, patch_temp = self.teacher_temperatures(epoch)
+        cls_temp, patch_temp = self.teacher_temperatures(epoch) if temps is None else (temps[0], temps[1])
         t_head: iBOTHead = self.teacher["head"]
         s_head: iBOTHead = self.student["head"]
         n_cls = g_imgs.shape[0]
@@ -362,8 +394,18 @@ class iBOT(nn.Module):  # noqa: N801
             z = t_head.project(rows)
             t_cls = t_head.last_layer(z[:n_cls]).float()
             if patch:
-                t_patch = t_head.patch_prototypes(z[n_cls:]).float()
-                t_patch_m = t_patch[mb.index] if all_patches else t_patch
+                z_patch = z[n_cls:]
+                if all_patches:
+                    if self.centering == "center" and self.patch_center == "all":
+                        # the official patch center needs each image's mean logit over all its
+                        # tokens; the prototype layer is linear and bias-free, so it is the image's
+                        # mean bottleneck feature projected: the (G*B*N, K) logits are never built,
+                        # only the M masked rows the loss reads are projected
+                        n_tok = t_patch_tok.shape[1]
+                        z_mean = z_patch.reshape(n_cls, n_tok, -1).float().mean(1)
+                        patch_mean_logits = t_head.patch_prototypes(z_mean.to(z_patch.dtype)).float()
+                    z_patch = z_patch[mb.index]
+                t_patch_m = t_head.patch_prototypes(z_patch).float()
             if self.centering == "center":
                 t_cls_probs = self.cls_center.softmax(t_cls, cls_temp)
                 t_patch_probs = self.patch_center_ema.softmax(t_patch_m, patch_temp) if patch else None
@@ -410,14 +452,14 @@ class iBOT(nn.Module):  # noqa: N801
 
         if self.centering == "center":  # after the loss: this step used the previous centers
             with torch.no_grad():
-                self.cls_center.update(t_cls.sum(0), t_cls.shape[0])
+                self._pending_centers = [(self.cls_center, t_cls.sum(0), t_cls.shape[0])]
                 if patch:
                     if self.patch_center == "all":
-                        n_tok = t_patch_tok.shape[1]
-                        per_image = t_patch.reshape(n_cls, n_tok, -1).mean(1)
-                        self.patch_center_ema.update(per_image.sum(0), n_cls)
+                        self._pending_centers.append((self.patch_center_ema, patch_mean_logits.sum(0), n_cls))
                     else:
-                        self.patch_center_ema.update(t_patch_m.sum(0), t_patch_m.shape[0])
+                        self._pending_centers.append((self.patch_center_ema, t_patch_m.sum(0), t_patch_m.shape[0]))
+            if not self.defer_center_update:
+                self.apply_center_update()
 
         det = lambda x: None if x is None else x.detach()  # noqa: E731
         return iBOTOutput(
@@ -428,6 +470,7 @@ class iBOT(nn.Module):  # noqa: N801
             embedding=t_cls_tok,
             teacher_logits=t_cls.reshape(n_global, b, -1),
             student_logits=s_cls.reshape(v, b, -1),
+            teacher_probs=t_cls_probs.reshape(n_global, b, -1),
         )
 
     # ------------------------------------------------------------------ helpers

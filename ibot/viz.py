@@ -1,6 +1,8 @@
 """Pictures of what a backbone learned: attention maps, prototype patterns, patch correspondences.
 
 Every function takes a loaded backbone (see :func:`ibot.interop.load_backbone`) and writes a PNG.
+The backbone runs where its weights are (move it with ``.to(device)``; on CUDA under bf16 autocast);
+images may live anywhere, and what comes back for plotting is on the CPU in fp32.
 """
 
 from __future__ import annotations
@@ -11,6 +13,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ibot.device import inference_autocast
+
+
+def _run(module, fn, *xs):
+    """``fn(*xs)`` with the inputs on ``module``'s device (bf16 autocast on CUDA); fp32 CPU outputs."""
+    dev = next(module.parameters()).device
+    with torch.no_grad(), inference_autocast(dev):
+        out = fn(*(x.to(dev, non_blocking=True) for x in xs))
+    if isinstance(out, tuple):
+        return tuple(o.float().cpu() for o in out)
+    return out.float().cpu()
 
 
 def _plt():
@@ -39,8 +53,7 @@ def cls_attention(backbone, images: torch.Tensor, threshold: float | None = None
     """
     b, _, hh, ww = images.shape
     gh, gw = backbone.grid_size(hh, ww)
-    with torch.no_grad():
-        attn = backbone.last_selfattention(images)[:, :, 0, 1:]  # (B, heads, N)
+    attn = _run(backbone, backbone.last_selfattention, images)[:, :, 0, 1:]  # (B, heads, N)
     if threshold is not None:
         vals, idx = attn.sort(dim=-1)
         vals = vals / vals.sum(dim=-1, keepdim=True)
@@ -79,14 +92,19 @@ def plot_attention(backbone, images: torch.Tensor, out: str | Path, mean, std, t
 def prototype_assignments(backbone, head, images: torch.Tensor, kind: str = "patch", batch_size: int = 128):
     """Per image: (max logit, argmax prototype) of every patch (B, N) or of the CLS token (B,)."""
     vals, idxs = [], []
-    for i in range(0, images.shape[0], batch_size):
-        cls, patches = backbone(images[i : i + batch_size])
+
+    def assign(x):
+        cls, patches = backbone(x)
         if kind == "cls":
             logits = head.last_layer(head.project(cls))
         else:
             b, n, d = patches.shape
             logits = head.patch_prototypes(head.project(patches.reshape(b * n, d))).reshape(b, n, -1)
-        v, j = logits.max(dim=-1)
+        return logits.max(dim=-1)
+
+    for i in range(0, images.shape[0], batch_size):
+        v, j = _run(backbone, assign, images[i : i + batch_size])
+        j = j.long()
         vals.append(v)
         idxs.append(j)
     return torch.cat(vals), torch.cat(idxs)
@@ -151,8 +169,8 @@ def plot_patterns(
 @torch.no_grad()
 def match_patches(backbone, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each patch of image ``a`` (C, H, W): best-matching patch of ``b`` and its cosine similarity."""
-    _, pa = backbone(a.unsqueeze(0))
-    _, pb = backbone(b.unsqueeze(0))
+    _, pa = _run(backbone, backbone, a.unsqueeze(0))
+    _, pb = _run(backbone, backbone, b.unsqueeze(0))
     sim = F.normalize(pa[0], dim=-1) @ F.normalize(pb[0], dim=-1).t()
     s, j = sim.max(dim=1)
     return j, s

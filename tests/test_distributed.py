@@ -182,3 +182,89 @@ def test_fsdp2_two_processes_equal_one_process_with_double_batch(tmp_path):
     for i, s in ref["state"].items():
         for k in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(got["optim"]["state"][i][k], s[k], rtol=1e-4, atol=1e-6)
+
+
+def _ddp_flags_worker(rank, world, port, out_path):
+    from ibot.distributed import wrap_ddp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    ddp = wrap_ddp(_model("center"), torch.device("cpu"))
+    if rank == 0:
+        sync = getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", None))
+        torch.save((sync, ddp.gradient_as_bucket_view), out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_skips_the_per_forward_buffer_sync_and_uses_bucket_views(tmp_path):
+    out_path = tmp_path / "flags.pt"
+    mp.spawn(_ddp_flags_worker, args=(2, _free_port(), str(out_path)), nprocs=2, join=True)
+    assert torch.load(out_path) == (False, True)
+
+
+def _torchrun_pretrain(run, *overrides):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    cmd += ["-m", "ibot", "pretrain", "preset=smoke", f"run.output_dir={run}", "run.progress=false"]
+    cmd += ["optim.batch_size=8", "run.knn_at_end=false", *overrides]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_two_process_resume_restores_each_ranks_rng(tmp_path):
+    """Drop-path draws differ per rank: a resumed 2-process run must continue both ranks' streams."""
+    import json
+
+    from ibot.train.checkpoint import load_safe
+
+    _torchrun_pretrain(tmp_path / "full", "run.max_steps=4")
+    full_ckpt = load_safe(tmp_path / "full" / "checkpoint.pth")
+    assert len(full_ckpt["rng_per_rank"]) == 2
+    _torchrun_pretrain(tmp_path / "part", "run.max_steps=2")
+    ckpt = load_safe(tmp_path / "part" / "checkpoint.pth")
+    per_rank = ckpt["rng_per_rank"]
+    assert len(per_rank) == 2 and not torch.equal(per_rank[0]["torch"], per_rank[1]["torch"])
+    _torchrun_pretrain(tmp_path / "part", "run.max_steps=4")  # auto-resume in 2 processes
+
+    def losses(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+    full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert [s for s, _ in full] == [s for s, _ in part] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(full, part, strict=True):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+
+
+def _trainer_worker(rank, world, port, run, out_path):
+    from ibot.config import build_config
+    from ibot.train.trainer import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg = build_config(
+        "smoke",
+        [
+            f"run.output_dir={run}",
+            "run.progress=false",
+            "optim.batch_size=8",
+            "run.knn_at_end=false",
+            "run.max_steps=3",
+        ],
+    )
+    tr = Trainer(cfg, log=lambda *a: None, resume="never")
+    tr.fit()
+    params = torch.cat([p.detach().reshape(-1) for p in tr.model.student.parameters()])
+    torch.save(params, f"{out_path}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_trainer_ranks_keep_identical_weights(tmp_path):
+    """Every rank applies the same averaged update (DDP's settings must not break the gradient sync)."""
+    out = tmp_path / "params"
+    mp.spawn(_trainer_worker, args=(2, _free_port(), str(tmp_path / "run"), str(out)), nprocs=2, join=True)
+    assert torch.equal(torch.load(f"{out}.0"), torch.load(f"{out}.1"))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ibot.data.transforms import BatchMultiCrop
+from ibot.device import inference_autocast
 from ibot.eval.knn import _tensor_batches, norm_stats
 
 # official evaluation/README.md per-model settings (epochs, drop_path, layer_decay); lr 4e-3, wd 0.05,
@@ -147,7 +148,9 @@ def finetune(
                 x, y_soft = mixup(x, y)
             else:
                 y_soft = F.one_hot(y, num_classes).float() * (1 - hp["smoothing"]) + hp["smoothing"] / num_classes
-            loss = criterion(vit(x.to(device)), y_soft.to(device))
+            with inference_autocast(device):  # bf16 autocast on CUDA (fp32 master weights), fp32 on the CPU
+                logits = vit(x.to(device, non_blocking=True))
+            loss = criterion(logits.float(), y_soft.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -157,7 +160,9 @@ def finetune(
     correct = 0
     with torch.no_grad():
         for i, x in enumerate(_tensor_batches(test_set.images, image_size, 256)):
-            correct += int((vit(x.to(device)).argmax(-1).cpu() == test_set.labels[i * 256 : i * 256 + len(x)]).sum())
+            with inference_autocast(device):
+                pred = vit(x.to(device, non_blocking=True)).argmax(-1).cpu()
+            correct += int((pred == test_set.labels[i * 256 : i * 256 + len(x)]).sum())
     return {
         "test_top1": 100.0 * correct / len(test_set),
         "epochs": hp["epochs"],

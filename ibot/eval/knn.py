@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ibot.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from ibot.device import inference_autocast
 
 
 def norm_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -73,7 +74,8 @@ def extract_features(
 
     ``dataset`` is an in-memory :class:`~ibot.data.datasets.TensorImageDataset` (fast path) or
     any ``(PIL image, label)`` dataset. ``limit`` keeps the first N images; ``progress`` shows a
-    bar named ``desc``.
+    bar named ``desc``. On CUDA the batches are encoded under bf16 autocast
+    (:func:`ibot.device.inference_autocast`); features are fp32.
     """
     n = len(dataset) if not limit else min(limit, len(dataset))
     if hasattr(dataset, "images"):
@@ -83,8 +85,11 @@ def extract_features(
         sub = torch.utils.data.Subset(dataset, range(n))
         batches = _file_batches(sub, image_size, in_chans, batch_size, num_workers)
         labels = None
-    batches = progress_images(batches, n, desc, progress)
-    feats = [F.normalize(encode(x.to(device)).float(), dim=-1).cpu() for x in batches]
+    feats = []
+    for x in progress_images(batches, n, desc, progress):
+        with inference_autocast(device):
+            f = encode(x.to(device, non_blocking=True))
+        feats.append(F.normalize(f.float(), dim=-1).cpu())
     if labels is None:  # file datasets: unreadable files were skipped, re-read the labels of kept ones
         labels = torch.tensor([dataset.labels[i] for i in range(n)])
         if sum(f.shape[0] for f in feats) != n:
@@ -102,6 +107,7 @@ def knn_classify(
     temperature: float = 0.07,
     num_classes: int | None = None,
     max_chunk_elements: int = 2**25,
+    device: torch.device | str | None = None,
 ) -> dict[int, tuple[float, float]]:
     """Weighted k-NN accuracy (percent) for each k: ``{k: (top1, top5)}``.
 
@@ -114,6 +120,7 @@ def knn_classify(
         temperature: vote weight ``exp(sim / T)``.
         num_classes: default max label + 1.
         max_chunk_elements: bound on the (chunk, N) similarity matrix.
+        device: where the similarities and votes are computed (default: the features' device).
     """
     if train_features.shape[0] == 0 or test_features.shape[0] == 0:
         raise ValueError("k-NN needs a non-empty memory bank and test set")
@@ -122,17 +129,20 @@ def knn_classify(
     ks = sorted({min(int(k), n) for k in ks})
     kmax = ks[-1]
     chunk = max(1, max_chunk_elements // n)
-    correct = {k: [0, 0] for k in ks}
+    dev = torch.device(device) if device is not None else train_features.device
+    bank, bank_y = train_features.to(dev), train_labels.to(dev)
+    correct = torch.zeros(len(ks), 2, dtype=torch.long, device=dev)  # summed on the device, read once
     for i in range(0, test_features.shape[0], chunk):
-        q = test_features[i : i + chunk]
-        y = test_labels[i : i + chunk]
-        sim, idx = (q @ train_features.t()).topk(kmax, dim=1)
-        neigh = train_labels[idx]
+        q = test_features[i : i + chunk].to(dev, non_blocking=True)
+        y = test_labels[i : i + chunk].to(dev, non_blocking=True)
+        sim, idx = (q @ bank.t()).topk(kmax, dim=1)
+        neigh = bank_y[idx]
         weight = (sim / temperature).exp()
-        for k in ks:
-            votes = torch.zeros(q.shape[0], c).scatter_add_(1, neigh[:, :k], weight[:, :k])
+        for j, k in enumerate(ks):
+            votes = torch.zeros(q.shape[0], c, device=dev).scatter_add_(1, neigh[:, :k], weight[:, :k])
             top = votes.topk(min(5, c), dim=1).indices
-            correct[k][0] += int((top[:, 0] == y).sum())
-            correct[k][1] += int((top == y.unsqueeze(1)).any(1).sum())
+            correct[j, 0] += (top[:, 0] == y).sum()
+            correct[j, 1] += (top == y.unsqueeze(1)).any(1).sum()
     m = test_features.shape[0]
-    return {k: (100.0 * a / m, 100.0 * b / m) for k, (a, b) in correct.items()}
+    counts = correct.tolist()
+    return {k: (100.0 * counts[j][0] / m, 100.0 * counts[j][1] / m) for j, k in enumerate(ks)}

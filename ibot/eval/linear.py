@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ibot.device import inference_autocast
 from ibot.eval.knn import _file_batches, _tensor_batches, progress_images
 
 DEFAULT_LRS = tuple(m * 10.0**k for k in range(-4, 1) for m in range(1, 10))  # official {1..9} x 10^k, k=-4..0
@@ -45,7 +46,8 @@ def extract_linear_features(
         )
     feats = []
     for x in progress_images(batches, n, desc, progress):
-        layers = backbone.get_intermediate_layers(x.to(device), n_last_blocks)
+        with inference_autocast(device):  # bf16 on CUDA, fp32 on the CPU
+            layers = backbone.get_intermediate_layers(x.to(device, non_blocking=True), n_last_blocks)
         f = torch.cat([t[:, 0] for t in layers], dim=-1)
         if avgpool:
             f = torch.cat([f, layers[-1][:, 1:].mean(1)], dim=-1)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ibot.data.datasets import DatasetError, build_dataset, spread_subset
+from ibot.device import resolve_device
 from ibot.eval.knn import extract_features, knn_classify
 from ibot.eval.linear import extract_linear_features, linear_accuracy, train_linear_sweep
 from ibot.interop import load_backbone
@@ -82,7 +83,7 @@ def run_knn(
     pool="cls",
     cache=None,
     image_size=None,
-    device="cpu",
+    device="auto",
     log=print,
     allow_unsafe=False,
     batch_size=256,
@@ -93,8 +94,11 @@ def run_knn(
     """k-NN of a backbone (run folder, checkpoint, export or official file) on a labelled dataset.
 
     The memory bank is the train split, the queries the held-out split (see :func:`resolve_data`);
-    ``limit`` keeps N images spread over each; ``progress`` shows bars on stderr.
+    ``limit`` keeps N images spread over each; ``progress`` shows bars on stderr. ``device``: "auto"
+    (CUDA when available), "cpu", "cuda", "cuda:N"; features are extracted there (bf16 autocast on
+    CUDA) and the neighbour search runs there too.
     """
+    device = resolve_device(device)
     backbone, info, report = load_backbone(source, which, allow_unsafe)
     log(report)
     backbone = backbone.to(device).eval()
@@ -111,7 +115,8 @@ def run_knn(
             return patches.mean(1)
         return torch.cat([cls, patches.mean(1)], dim=-1)
 
-    key = fingerprint(backbone, name, size, pool, _dataset_id(train), _dataset_id(test))
+    # bf16 features on CUDA are not the CPU's fp32 ones: the device type is part of the key
+    key = fingerprint(backbone, name, size, pool, device.type, _dataset_id(train), _dataset_id(test))
 
     def compute():
         kw = dict(image_size=size, in_chans=info["in_chans"], device=device, batch_size=batch_size)
@@ -123,12 +128,20 @@ def run_knn(
 
     (tr_f, tr_y), (te_f, te_y) = _cached(cache, key, compute, log)
     acc = knn_classify(
-        tr_f, tr_y, te_f, te_y, ks=ks, temperature=temperature, num_classes=len(getattr(train, "classes", [])) or None
+        tr_f,
+        tr_y,
+        te_f,
+        te_y,
+        ks=ks,
+        temperature=temperature,
+        num_classes=len(getattr(train, "classes", [])) or None,
+        device=device,
     )
     return {
         "dataset": name,
         "pool": pool,
         "which": which,
+        "device": str(device),
         "n_train": len(tr_y),
         "n_test": len(te_y),
         "split": test.split,
@@ -147,7 +160,7 @@ def run_linear(
     val_fraction=0.1,
     epochs=30,
     cache=None,
-    device="cpu",
+    device="auto",
     log=print,
     allow_unsafe=False,
     seed=0,
@@ -157,14 +170,20 @@ def run_linear(
     progress=False,
 ) -> dict:
     """Linear probe: lr sweep trained on train minus a validation split, picked on it, tested once
-    on the held-out split (see :func:`resolve_data`); ``limit`` keeps N images spread over each split."""
+    on the held-out split (see :func:`resolve_data`); ``limit`` keeps N images spread over each split.
+
+    ``device`` as :func:`run_knn` (the features are extracted there; the small sweep runs on the CPU).
+    """
+    device = resolve_device(device)
     backbone, info, report = load_backbone(source, which, allow_unsafe)
     log(report)
     backbone = backbone.to(device).eval()
     train, test, name = resolve_data(info, dataset, data_path)
     train, test = spread_subset(train, limit), spread_subset(test, limit)
     log(f"linear probe: fitted on {train.split}; tested on {test.split}")
-    key = fingerprint(backbone, "linear", name, n_last_blocks, avgpool, _dataset_id(train), _dataset_id(test))
+    key = fingerprint(
+        backbone, "linear", name, n_last_blocks, avgpool, device.type, _dataset_id(train), _dataset_id(test)
+    )
 
     def compute():
         kw = dict(image_size=info["img_size"], n_last_blocks=n_last_blocks, avgpool=avgpool, device=device)
@@ -187,6 +206,7 @@ def run_linear(
     return {
         "dataset": name,
         "which": which,
+        "device": str(device),
         "n_last_blocks": n_last_blocks,
         "avgpool": avgpool,
         "best_lr": best_lr,

@@ -45,17 +45,22 @@ class Center(nn.Module):
         return torch.softmax((logits.float() - self.center) / temp, dim=-1)
 
     @torch.no_grad()
-    def update(self, row_sum: torch.Tensor, n_rows: int | torch.Tensor) -> None:
-        """EMA toward the mean row. ``row_sum`` (K,) is this rank's sum over its ``n_rows`` rows."""
-        stats = torch.cat(
-            [row_sum.float().reshape(-1), torch.as_tensor([n_rows], dtype=torch.float32, device=row_sum.device)]
-        )
+    def update(self, row_sum: torch.Tensor, n_rows: int, apply: torch.Tensor | None = None) -> None:
+        """EMA toward the mean row. ``row_sum`` (K,) is this rank's sum over its ``n_rows`` rows.
+
+        ``apply`` (0-d bool, on the device) keeps the center unchanged where False (a skipped
+        step), without a host synchronisation; no tensor is built on the host.
+        """
+        row_sum = row_sum.float().reshape(-1)
+        stats = torch.cat([row_sum, row_sum.new_full((1,), float(n_rows))])
         all_reduce_sum(stats)
         count = stats[-1]
         mean = stats[:-1] / count.clamp(min=1)
         new = self.center * self.momentum + mean.unsqueeze(0) * (1 - self.momentum)
-        # no rows anywhere (e.g. no masked token): keep the center as it is
-        self.center.copy_(torch.where(count > 0, new, self.center))
+        keep = count > 0  # no rows anywhere (e.g. no masked token): keep the center as it is
+        if apply is not None:
+            keep = keep & apply
+        self.center.copy_(torch.where(keep, new, self.center))
 
 
 @torch.no_grad()

@@ -1,15 +1,21 @@
 """One optimisation step of iBOT / DINO: the code ``ibot pretrain`` and the benchmarks run.
 
-forward (autocast) -> finite check -> backward -> clipping -> last-layer freeze -> AdamW -> EMA.
+forward (autocast) -> finite flag -> backward -> clipping -> last-layer freeze -> AdamW -> centers -> EMA.
+
+The step never waits for the device: whether the loss is finite is a device-side flag (all-reduced
+over ranks) that the fused AdamW kernel, the center updates and the EMA read on the device, so a
+non-finite step leaves parameters, optimizer state, centers and teacher exactly as they were. The
+caller reads the flag after the step (:attr:`StepResult.finite`), when everything is queued.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
+from ibot import distributed as D
 from ibot.train.optim import cancel_last_layer_grads, clip_gradients, param_groups
 
 
@@ -17,12 +23,32 @@ class NonFiniteLossError(RuntimeError):
     """The loss of a step was NaN or infinite (the step was skipped)."""
 
 
+@dataclass
+class StepResult:
+    """What :class:`TrainStep` returns.
+
+    Attributes:
+        out: the model output (``out.loss`` and its terms stay on the device).
+        bad: 0-d device tensor, 1.0 when the loss was not finite on some rank (nothing was updated).
+        flags: (2,) device tensor ``[bad, stop_vote]``, maximum over ranks (one all-reduce).
+    """
+
+    out: object
+    bad: torch.Tensor
+    flags: torch.Tensor
+
+    def __getattr__(self, name):  # the output's fields read directly: ``result.loss``
+        if name == "out":
+            raise AttributeError(name)
+        return getattr(self.out, name)
+
+
 class TrainStep:
     """Owns the optimizer side of a step for an :class:`ibot.iBOT` module.
 
     Args:
         model: the iBOT / DINO module.
-        module: what to call for the forward (the model, or its DDP wrapper).
+        module: what to call for the forward (the model, its DDP wrapper, or a compiled forward).
         precision: "fp32", "bf16" or "fp16" (fp16 uses a gradient scaler).
         device_type: "cpu" or "cuda" (autocast).
         clip_grad, clip_mode: gradient clipping ("param": official per-parameter; "global").
@@ -46,9 +72,8 @@ class TrainStep:
         self.precision, self.device_type = precision, device_type
         self.clip_grad, self.clip_mode, self.freeze_last_layer = clip_grad, clip_mode, freeze_last_layer
         self.params = model.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model.student), lr=0.0, betas=tuple(betas), fused=device_type == "cuda"
-        )
+        # fused AdamW (CPU and CUDA) skips its update on the device when ``found_inf`` is set
+        self.optimizer = torch.optim.AdamW(param_groups(model.student), lr=0.0, betas=tuple(betas), fused=True)
         self.scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
 
     def autocast(self):
@@ -63,24 +88,41 @@ class TrainStep:
             if i == 0:  # only the decayed group follows the weight-decay schedule
                 group["weight_decay"] = weight_decay
 
-    def __call__(self, batch, epoch: int, momentum: float):
-        """Forward, backward, update, EMA. Returns the model output; raises NonFiniteLossError (nothing updated)."""
+    def __call__(self, batch, epoch: int, momentum: float, stop_vote: bool = False) -> StepResult:
+        """Forward, backward, update, centers, EMA, with no host synchronisation.
+
+        A non-finite loss (on any rank) skips every update on the device; read
+        ``result.bad`` afterwards. ``stop_vote`` rides along the same all-reduce (e.g. a rank over
+        its time limit), so a distributed run agrees on stopping without a second collective.
+        """
+        model = self.model
+        model.defer_center_update = True
         with self.autocast():
             out = self.module(batch=batch, epoch=epoch)
-        if not math.isfinite(float(out.loss.detach())):
-            raise NonFiniteLossError(f"loss is {float(out.loss.detach())}")
+        loss = out.loss
+        bad_here = (~torch.isfinite(loss.detach())).float()
+        flags = torch.stack([bad_here, bad_here.new_full((), 1.0 if stop_vote else 0.0)])
+        D.all_reduce_max(flags)
+        bad = flags[0]
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
-            self.scaler.scale(out.loss).backward()
+            # a non-finite loss gives non-finite gradients: the scaler skips the step (and backs off)
+            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
         else:
-            out.loss.backward()
+            loss.backward()
         clip_gradients(self.params, self.clip_grad, self.clip_mode)
-        cancel_last_layer_grads(self.model.student, epoch, self.freeze_last_layer)
+        cancel_last_layer_grads(model.student, epoch, self.freeze_last_layer)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            self.optimizer.step()
-        self.model.update_teacher(momentum)
-        return out
+            self.optimizer.found_inf = bad
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        good = bad == 0
+        model.apply_center_update(good)
+        model.update_teacher(momentum, good)
+        return StepResult(out, bad, flags)

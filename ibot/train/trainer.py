@@ -31,7 +31,7 @@ from ibot.eval.knn import extract_features, knn_classify
 from ibot.train.checkpoint import CheckpointError, load_safe, remove_stale_temporaries, save_atomic
 from ibot.train.metrics import MetricsWriter, plot_curves, rankme
 from ibot.train.schedules import cosine_scheduler
-from ibot.train.step import NonFiniteLossError, TrainStep
+from ibot.train.step import TrainStep
 
 CHECKPOINT = "checkpoint.pth"
 # keys whose change makes a checkpoint incompatible (shapes / the method itself)
@@ -113,7 +113,8 @@ class Trainer:
         student_bb.efficient_drop_path = cfg.model.efficient_drop_path
         if cfg.run.grad_checkpointing:
             student_bb.timm_model.set_grad_checkpointing(True)
-        if cfg.run.compile:
+        self.pad_ratio = None  # run.compile_mode=full: masked-token batches padded to a fixed bound
+        if cfg.run.compile and cfg.run.compile_mode == "blocks":
             for bb in (student_bb, self.model.teacher["backbone"]):
                 for blk in bb.blocks:
                     blk.compile()
@@ -129,9 +130,8 @@ class Trainer:
             if cfg.model.head_norm == "bn":  # both heads, as the official code (the teacher's uses batch stats too)
                 self.model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.student)
                 self.model.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.teacher)
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+            # SyncBatchNorm keeps the BN running statistics identical on every rank, as the centers
+            self.ddp = D.wrap_ddp(self.model, self.device)
         o = cfg.optim
         self.step_fn = TrainStep(
             self.model,
@@ -143,6 +143,13 @@ class Trainer:
             freeze_last_layer=o.freeze_last_layer,
             betas=tuple(o.betas),
         )
+        if cfg.run.compile and cfg.run.compile_mode == "full":
+            from ibot.train.compiled import compile_forward
+
+            # one graph for the whole forward; under DDP the wrapper is compiled (its graph splits
+            # at the gradient buckets, so fullgraph is off there)
+            self.step_fn.module = compile_forward(self.model, module=self.ddp)
+            self.pad_ratio = self.model.mask_generator.max_ratio if self.model.use_patch_loss else None
         self.optimizer, self.scaler = self.step_fn.optimizer, self.step_fn.scaler
         self._build_schedules()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -165,8 +172,14 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _init_distributed(self) -> None:
         if D.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not D.is_dist():
-            backend = "nccl" if torch.cuda.is_available() and self.cfg.run.device != "cpu" else "gloo"
-            dist.init_process_group(backend)
+            if torch.cuda.is_available() and self.cfg.run.device != "cpu":
+                # binding the process group to this rank's GPU lets NCCL connect eagerly and
+                # never guess the device
+                local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(local)
+                dist.init_process_group("nccl", device_id=local)
+            else:
+                dist.init_process_group("gloo")
 
     def _build_data(self) -> None:
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
@@ -236,27 +249,35 @@ class Trainer:
     def _autocast(self):
         return self.step_fn.autocast()
 
-    def train_step(self, batch: Batch, epoch: int, it: int):
-        """One optimisation step at iteration ``it``. Returns the model output, or None when skipped."""
+    def train_step(self, batch: Batch, epoch: int, it: int, stop_vote: bool = False):
+        """One optimisation step at iteration ``it``. Returns the model output, or None when skipped.
+
+        The step itself never waits for the device; its flags (non-finite loss, a rank's stop vote)
+        are read once here, after the whole step is queued.
+        """
         self.step_fn.set_hyperparameters(float(self.lr_schedule[it]), float(self.wd_schedule[it]))
-        try:
-            out = self.step_fn(batch.to(self.device), epoch, float(self.momentum_schedule[it]))
-        except NonFiniteLossError as err:
+        if self.pad_ratio is not None and batch.masks is not None:
+            from ibot.train.compiled import pad_mask_batch
+
+            batch.masks = pad_mask_batch(batch.masks, self.pad_ratio)  # host-side, before the copy
+        res = self.step_fn(batch.to(self.device), epoch, float(self.momentum_schedule[it]), stop_vote=stop_vote)
+        bad, stop = res.flags.tolist()
+        self.stop_voted = stop > 0
+        if bad:
             self.bad_steps += 1
             if self.bad_steps >= self.cfg.run.max_bad_steps:
-                raise TrainingError(NAN_ADVICE.format(n=self.bad_steps)) from err
+                raise TrainingError(NAN_ADVICE.format(n=self.bad_steps))
             self.log(f"warning: non-finite loss at step {it}; step skipped ({self.bad_steps} in a row)")
             return None
         self.bad_steps = 0
-        return out
+        return res.out
 
     def _monitors(self, out, epoch: int) -> dict:
         """Collapse monitors from the teacher's CLS logits of this step."""
         t = out.teacher_logits.float()  # (G, B, K)
         temp = self.model.teacher_temperatures(epoch)[0]
-        probs = (
-            self.model.cls_center.softmax(t, temp) if self.model.centering == "center" else torch.softmax(t / temp, -1)
-        )
+        # the targets the loss used (the center before this step's update), not a re-centering
+        probs = out.teacher_probs if self.model.centering == "center" else torch.softmax(t / temp, -1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         arg = t.argmax(-1)
         used = arg.unique().numel() / t.shape[-1]
@@ -303,7 +324,9 @@ class Trainer:
                 it = epoch * self.niter + self.step_in_epoch
                 self.skipped_images += batch.n_skipped
                 self._check_skips()
-                res = self.train_step(batch, epoch, it)
+                limit = cfg.run.time_limit_min
+                over = bool(limit) and self.train_seconds + time.time() - t_epoch > 60 * limit
+                res = self.train_step(batch, epoch, it, stop_vote=over and D.is_dist())
                 self.step_in_epoch += 1
                 self.global_step += 1
                 n_last += batch.batch_size * batch.n_global
@@ -326,10 +349,10 @@ class Trainer:
                     self.save_checkpoint()
                 if self.global_step >= max_steps:
                     stopped = True
-                if cfg.run.time_limit_min:
-                    over = self.train_seconds + time.time() - t_epoch > 60 * cfg.run.time_limit_min
-                    if D.is_dist():  # every rank stops at the same step (rank clocks differ)
-                        over = bool(D.all_reduce_max(torch.tensor([float(over)], device=self.device)).item())
+                if limit:
+                    # one process: the clock after this step; several: any rank's vote taken before
+                    # the step, all-reduced with the step's own flags (rank clocks differ; no extra sync)
+                    over = self.stop_voted if D.is_dist() else self.train_seconds + time.time() - t_epoch > 60 * limit
                     if over:
                         self.log(f"time limit of {cfg.run.time_limit_min} min reached at step {self.global_step}")
                         stopped = True
@@ -430,8 +453,12 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        """The checkpoint (with FSDP: gathered to plain tensors; every rank must call it)."""
+    def state_dict(self, rng: list[dict] | None = None) -> dict:
+        """The checkpoint (with FSDP: gathered to plain tensors; every rank must call it).
+
+        ``rng``: every rank's RNG states (:func:`_gather_rng_states`); default this process's only.
+        """
+        rng = rng or [_rng_state()]
         if self.fsdp:
             from ibot.fsdp import full_model_state, full_optimizer_state
 
@@ -449,12 +476,14 @@ class Trainer:
             "skipped_images": self.skipped_images,
             "config": to_dict(self.cfg),
             "world_size": D.world_size(),
-            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
+            "rng": rng[0],
+            "rng_per_rank": rng,
             "format": "ibot-1",
         }
 
     def save_checkpoint(self) -> None:
-        state = self.state_dict() if self.fsdp or D.is_main() else None
+        rng = _gather_rng_states()  # every rank's streams (a collective: every rank calls it)
+        state = self.state_dict(rng) if self.fsdp or D.is_main() else None
         if D.is_main():
             save_atomic(state, self.run_dir / CHECKPOINT)
         if D.is_dist():
@@ -488,9 +517,10 @@ class Trainer:
             # the epoch order is (seed, epoch)-determined; a different world size restarts the epoch's position
             self.step_in_epoch = min(self.step_in_epoch * ckpt["world_size"] // D.world_size(), self.niter)
         if D.world_size() == ckpt.get("world_size", 1):
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            state = random.getstate()
-            random.setstate((state[0], tuple(ckpt["rng"]["python"]), None))
+            # each rank continues its own streams (drop-path differs per rank); older checkpoints
+            # hold rank 0's only
+            per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]] * D.world_size()
+            _set_rng_state(per_rank[D.rank()])
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_knn(self) -> dict | None:
@@ -557,6 +587,32 @@ class Trainer:
             with open(self.run_dir / "knn.jsonl", "a") as f:
                 f.write(json.dumps(res) + "\n")
         return res
+
+
+def _rng_state() -> dict:
+    """This process's CPU torch, CUDA (current device, when initialised) and Python RNG states."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _gather_rng_states() -> list[dict]:
+    """Every rank's :func:`_rng_state`, in rank order (one process: a list of one)."""
+    mine = _rng_state()
+    if not D.is_dist():
+        return [mine]
+    parts = [None] * D.world_size()
+    dist.all_gather_object(parts, mine)
+    return parts
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    py = random.getstate()
+    random.setstate((py[0], tuple(state["python"]), None))
 
 
 def _gathered_features(encode, dataset, kw):

@@ -1,0 +1,48 @@
+"""``benchmarks/gpu_check.py --device cpu``: the prepared GPU check runs end to end as a smoke."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_compile_backend():
+    from ibot.train import compiled
+
+    backend = compiled.BACKEND
+    yield
+    compiled.BACKEND = backend
+
+
+def test_gpu_check_sections_a_to_e_on_cpu(tmp_path, capsys):
+    import gpu_check
+
+    out = tmp_path / "gpu-smoke.json"
+    assert gpu_check.main(["--device", "cpu", "--only", "a", "b", "c", "d", "e", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["quick"] and res["device_name"] == "cpu"
+    # (a) on the CPU both sides are the same code on the same device: bit-identical
+    assert res["a_parity"]["ok"] and res["a_parity"]["rel_loss"] == 0.0 and res["a_parity"]["rel_params_max"] == 0.0
+    b = res["b_bf16"]
+    assert b["ok"] and 0 < b["rel"] <= b["tolerance"]  # bf16 autocast really changed the numbers
+    runs = res["c_throughput"]["runs"]
+    assert runs["ibot eager"]["images_per_s"] > 0 and runs["ibot compiled (full)"]["images_per_s"] > 0
+    assert "skipped" in runs["official"]  # no official source here
+    d = res["d_loader"]
+    assert "skipped" in d or "end_to_end_ips" in d
+    assert res["e_knn"]["images"] == 80 and res["e_knn"]["extract_images_per_s"] > 0
+    table = capsys.readouterr().out
+    for title in ("(a) CUDA vs CPU", "(b) bf16", "(c) ViT-S/16", "(d) loader", "(e) k-NN"):
+        assert title in table
+
+
+def test_gpu_check_torchrun_fsdp_smoke(tmp_path):
+    import gpu_check
+
+    res = gpu_check.check_torchrun(gpu_check.torch.device("cpu"))
+    assert res["ok"], res
+    assert res["backend"] == "gloo" and res["world_size"] == 1 and len(res["losses"]) == 2

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 from conftest import tiny_ibot
-from reference import ref_ibot_loss
+from reference import ref_ibot_loss, ref_teacher_temp_schedule
 
 from ibot import DINO, iBOT
 from ibot.data.masking import MaskBatch, MaskGenerator
@@ -20,8 +20,11 @@ def _views(b=4, n_local=3, seed=0):
     return g, loc, masks
 
 
-def _reference_loss(model, g, loc, masks, epoch):
-    """Faithful official computation: heads on every token of every crop, loop over view pairs."""
+def _reference_loss(model, g, loc, masks, temps):
+    """Faithful official computation: heads on every token of every crop, loop over view pairs.
+
+    ``temps``: the (CLS, patch) teacher temperatures, computed by the caller from the official schedule.
+    """
     b = g[0].shape[0]
     gi = torch.cat(g)
     model.teacher["head"].train()  # the official teacher is never put in eval mode (matters for a BN head)
@@ -34,7 +37,7 @@ def _reference_loss(model, g, loc, masks, epoch):
     if loc:
         l_tok = torch.cat([t.unsqueeze(1) if t.ndim == 2 else t for t in model.student["backbone"](torch.cat(loc))], 1)
         s_local = model.student["head"](l_tok)[0]
-    temp, temp2 = model.teacher_temperatures(epoch)
+    temp, temp2 = temps
     mask_list = list(masks.reshape(2, b, 4, 4))
     return ref_ibot_loss(
         s_cls,
@@ -53,21 +56,34 @@ def _reference_loss(model, g, loc, masks, epoch):
     )
 
 
-@pytest.mark.parametrize("n_local,shared,norm", [(3, False, None), (0, True, None), (3, False, "bn"), (2, True, "ln")])
-def test_lean_step_equals_faithful_reference(n_local, shared, norm):
+@pytest.mark.parametrize(
+    "n_local,shared,norm,mask_start", [(3, False, None, 0), (0, True, None, 2), (3, False, "bn", 0), (2, True, "ln", 0)]
+)
+def test_lean_step_equals_faithful_reference(n_local, shared, norm, mask_start):
     """Also ``head_norm="bn"``: official batch statistics over every token of each crop group, teacher too."""
     torch.manual_seed(0)
     model = tiny_ibot(
-        drop_path_rate=0.0, shared_head=shared, cls_loss_weight=0.8, patch_loss_weight=1.2, head_norm=norm
+        drop_path_rate=0.0,
+        shared_head=shared,
+        cls_loss_weight=0.8,
+        patch_loss_weight=1.2,
+        head_norm=norm,
+        temperature_teacher_patch_warmup=0.06,  # CLS and patch temperatures differ: a swap fails
+        temperature_teacher_patch=0.1,
+        mask_start_epoch=mask_start,
     )
     with torch.no_grad():  # non-trivial centers and a teacher different from the student
-        model.cls_center.center.normal_()
-        model.patch_center_ema.center.normal_()
+        model.cls_center.center.normal_(0, 0.1)  # small: targets stay soft
+        model.patch_center_ema.center.normal_(0, 0.1)
         for p in model.teacher.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     g, loc, masks = _views(n_local=n_local)
     epoch = 3
-    ref_cls, ref_patch, ref_c, ref_c2 = _reference_loss(model, g, loc, masks, epoch)
+    temps = (
+        ref_teacher_temp_schedule(0.04, 0.07, 30, 100)[epoch],
+        ref_teacher_temp_schedule(0.06, 0.1, 30, 100, mask_start)[epoch],
+    )
+    ref_cls, ref_patch, ref_c, ref_c2 = _reference_loss(model, g, loc, masks, temps)
     out = model(global_views=g, local_views=loc, masks=masks, epoch=epoch)
     torch.testing.assert_close(out.loss_cls, ref_cls, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss_patch, ref_patch, rtol=1e-5, atol=1e-5)
@@ -86,7 +102,7 @@ def test_lean_gradients_equal_faithful_gradients():
     model.zero_grad()
     model.cls_center.center.copy_(centers[0])
     model.patch_center_ema.center.copy_(centers[1])
-    ref_cls, ref_patch, _, _ = _reference_loss(model, g, loc, masks, 0)
+    ref_cls, ref_patch, _, _ = _reference_loss(model, g, loc, masks, (0.04, 0.04))
     (ref_cls + ref_patch).backward()
     for n, p in model.student.named_parameters():
         if p.grad is not None:
@@ -223,7 +239,8 @@ def test_masked_student_without_patch_loss_is_official_lambda2_zero():
         official.student["backbone"].masked_embed.normal_()
         for name, p in dino_like.named_parameters():
             p.copy_(dict(official.named_parameters())[name])
-    ref_cls, _, _, _ = _reference_loss(official, g, loc, masks, 1)  # before the step moves the centers
+    temps = (ref_teacher_temp_schedule(0.04, 0.07, 30, 100)[1],) * 2  # epoch 1, default CLS and patch schedules
+    ref_cls, _, _, _ = _reference_loss(official, g, loc, masks, temps)  # before the step moves the centers
     out = official(global_views=g, local_views=loc, masks=masks, epoch=1)
     assert out.loss_patch is None
     torch.testing.assert_close(out.loss_cls, ref_cls, rtol=1e-5, atol=1e-5)

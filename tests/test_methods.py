@@ -4,10 +4,11 @@ import random
 import pytest
 import torch
 from conftest import tiny_ibot
-from reference import ref_ibot_loss, ref_teacher_temp_schedule
+from reference import ref_ibot_loss, ref_sinkhorn, ref_teacher_temp_schedule
 
 from ibot import DINO, iBOT
 from ibot.data.masking import MaskBatch, MaskGenerator
+from ibot.losses import koleo_loss
 
 
 def _views(b=4, n_local=3, seed=0):
@@ -150,14 +151,78 @@ def test_same_seed_same_loss_and_self_sampled_masks():
     assert losses[0] == losses[1]
 
 
-def test_sinkhorn_and_masked_center_options_run():
+def _loop_cls_loss(student_logits, teacher_probs, student_temp=0.1):
+    """Official CLS term from (V, B, K) student logits and (G, B, K) teacher targets, one pair at a time."""
+    total, n = 0.0, 0
+    for q in range(teacher_probs.shape[0]):
+        for v in range(student_logits.shape[0]):
+            if v != q:
+                total = (
+                    total
+                    + (-(teacher_probs[q] * torch.log_softmax(student_logits[v] / student_temp, -1)).sum(-1)).mean()
+                )
+                n += 1
+    return total / n
+
+
+@pytest.mark.parametrize("centering", ["center", "sinkhorn"])
+def test_centering_option_sets_the_teacher_targets(centering):
     torch.manual_seed(0)
     g, loc, masks = _views()
-    for kw in ({"centering": "sinkhorn"}, {"patch_center": "masked"}, {"koleo_loss_weight": 0.1}):
-        model = tiny_ibot(**kw)
-        out = model(global_views=g, local_views=loc, masks=MaskBatch.from_masks(masks, 2))
-        assert torch.isfinite(out.loss)
-        out.loss.backward()
+    model = tiny_ibot(drop_path_rate=0.0, centering=centering, cls_loss_weight=0.6)
+    with torch.no_grad():
+        model.cls_center.center.normal_(0, 0.1)
+    center = model.cls_center.center.clone()
+    out = model(global_views=g, local_views=loc, masks=masks, epoch=0)
+    t = out.teacher_logits  # (G, B, K)
+    if centering == "center":
+        targets = torch.softmax((t - center) / 0.04, -1)
+        assert not torch.equal(model.cls_center.center, center)  # updated after the loss
+    else:
+        targets = ref_sinkhorn(t.reshape(-1, t.shape[-1]).double(), 0.04).float().reshape(t.shape)
+        torch.testing.assert_close(model.cls_center.center, center, rtol=0, atol=0)  # unused, untouched
+    expected = 0.6 * _loop_cls_loss(out.student_logits.detach(), targets)
+    torch.testing.assert_close(out.loss_cls, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_patch_center_masked_averages_masked_tokens_only():
+    torch.manual_seed(0)
+    g, loc, masks = _views()
+    outs, centers = {}, {}
+    for mode in ("all", "masked"):
+        torch.manual_seed(0)
+        model = tiny_ibot(drop_path_rate=0.0, patch_center=mode, center_momentum=0.8)
+        outs[mode] = model(global_views=g, local_views=loc, masks=masks)
+        centers[mode] = model.patch_center_ema.center.clone()
+    with torch.no_grad():  # teacher patch logits of every token, as the official head computes them
+        _, t_patch_tok = model.teacher["backbone"](torch.cat(g))
+        t_patch = model.teacher["head"].patch_prototypes(model.teacher["head"].project(t_patch_tok))  # (G*B, N, K)
+    flat = masks.reshape(masks.shape[0], -1)
+    torch.testing.assert_close(centers["masked"], 0.2 * t_patch[flat].mean(0, keepdim=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(centers["all"], 0.2 * t_patch.mean(1).mean(0, keepdim=True), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(centers["masked"], centers["all"], rtol=1e-3, atol=1e-4)
+    # the first step uses the zero-initialised centers in both modes: same loss
+    torch.testing.assert_close(outs["masked"].loss, outs["all"].loss)
+
+
+def test_koleo_option_adds_the_koleo_of_the_student_global_cls():
+    torch.manual_seed(0)
+    g, loc, masks = _views()
+    torch.manual_seed(0)
+    plain = tiny_ibot(drop_path_rate=0.0)(global_views=g, local_views=loc, masks=masks)
+    torch.manual_seed(0)
+    model = tiny_ibot(drop_path_rate=0.0, koleo_loss_weight=0.3)
+    out = model(global_views=g, local_views=loc, masks=MaskBatch.from_masks(masks, 2))
+    with torch.no_grad():
+        s_cls, _ = model.student["backbone"](torch.cat(g), mask=masks.reshape(masks.shape[0], -1))
+    expected = 0.3 * torch.stack([koleo_loss(c) for c in s_cls.split(4)]).mean()
+    torch.testing.assert_close(out.loss_koleo, expected)
+    assert out.loss_koleo.abs() > 1e-3
+    torch.testing.assert_close(out.loss, out.loss_cls + out.loss_patch + out.loss_koleo)
+    torch.testing.assert_close(out.loss_cls, plain.loss_cls)  # the other terms are unchanged
+    torch.testing.assert_close(out.loss_patch, plain.loss_patch)
+    out.loss.backward()
+    assert model.student["backbone"].vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
 def test_dino_is_ibot_without_patch_loss():

@@ -220,3 +220,63 @@ def test_train_step_equals_official_optimizer_side(epoch):
         ours, theirs = dict(getattr(model, part).named_parameters()), dict(getattr(ref, part).named_parameters())
         for n, p in ours.items():
             torch.testing.assert_close(p, theirs[n], rtol=1e-5, atol=1e-6, msg=f"{part}.{n}")
+
+
+def _step_pair(precision, epoch=1, clip=0.3):
+    """The same model and batch through a ``precision`` TrainStep and an fp32 one (CPU autocast)."""
+    torch.manual_seed(0)
+    model = tiny_ibot(drop_path_rate=0.0)
+    ref = copy.deepcopy(model)
+    batch = _batch()
+    steps = []
+    for m, prec in ((model, precision), (ref, "fp32")):
+        s = TrainStep(m, precision=prec, device_type="cpu", clip_grad=clip, freeze_last_layer=0)
+        s.set_hyperparameters(1e-3, 0.04)
+        steps.append(s)
+    return model, ref, batch, steps
+
+
+def test_bf16_autocast_step_is_close_to_fp32():
+    model, ref, batch, (step, ref_step) = _step_pair("bf16")
+    before = {n: p.detach().clone() for n, p in model.student.named_parameters() if p.requires_grad}
+    out, ref_out = step(batch, 1, 0.99), ref_step(batch, 1, 0.99)
+    assert step.scaler is None
+    assert out.loss.item() != ref_out.loss.item()  # autocast ran the matmuls in bf16
+    assert out.loss.item() == pytest.approx(ref_out.loss.item(), rel=2e-2)
+    moved = [n for n, p in model.student.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert len(moved) == len(before)  # every trainable student parameter was updated
+
+
+def test_fp16_grad_scaler_unscales_before_clipping():
+    model, ref, batch, (step, ref_step) = _step_pair("fp16", clip=1.0)
+    assert isinstance(step.scaler, torch.amp.GradScaler)
+    # the default 2**16 overflows this tiny head's fp16 gradients (the scaler skips such steps and
+    # backs off, as in the official code); start at a scale that fits so that this step is applied
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    step(batch, 1, 0.99)
+    ref_step(batch, 1, 0.99)
+    assert step.scaler.get_scale() == 16.0  # no overflow: scale kept
+    ref_grads = dict(ref.student.named_parameters())
+    unclipped = 0
+    for n, p in model.student.named_parameters():
+        if not p.requires_grad:  # the frozen weight-norm gains
+            continue
+        g, r = p.grad.float(), ref_grads[n].grad
+        # clipping saw unscaled gradients: the same per-parameter norms as fp32 (a scaled gradient
+        # would be 16 times larger, or clipped to norm 1)
+        assert g.norm().item() == pytest.approx(r.norm().item(), rel=5e-2, abs=1e-6), n
+        unclipped += r.norm().item() < 0.99
+    assert unclipped >= 5
+
+
+def test_fp16_overflow_skips_the_update_and_halves_the_scale():
+    model, _, batch, (step, _) = _step_pair("fp16")
+    before = {n: p.detach().clone() for n, p in model.student.named_parameters()}
+    qkv = model.student["backbone"].vit.blocks[0].attn.qkv.weight
+    handle = qkv.register_hook(lambda g: g * float("inf"))
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    step(batch, 1, 0.99)
+    handle.remove()
+    assert step.scaler.get_scale() == 8.0
+    for n, p in model.student.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=0, msg=n)  # optimizer step skipped

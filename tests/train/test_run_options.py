@@ -116,3 +116,16 @@ def test_compile_gives_the_same_losses(tmp_path):
     assert all(blk._compiled_call_impl is not None for blk in tr.model.student["backbone"].blocks)
     tr.fit()
     assert _losses(comp) == pytest.approx(_losses(plain), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_run_checkpoints_its_grad_scaler(tmp_path, precision):
+    Trainer(smoke_cfg(tmp_path, "run.max_steps=2", f"run.precision={precision}"), log=lambda *a: None).fit()
+    saved = load_safe(tmp_path / "checkpoint.pth")["scaler"]
+    assert all(torch.isfinite(torch.tensor(x)) for x in _losses(tmp_path))
+    if precision == "bf16":
+        assert saved is None  # bf16 needs no loss scaling
+        return
+    assert saved["scale"] < 2.0**16  # the first steps overflowed the tiny head in fp16 and backed off
+    tr = Trainer(smoke_cfg(tmp_path, f"run.precision={precision}"), log=lambda *a: None)
+    assert tr.scaler.get_scale() == saved["scale"] and tr.global_step == 2  # resumed with its scale

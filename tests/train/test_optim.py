@@ -29,7 +29,7 @@ from ibot.train.step import TrainStep
 
 
 def test_cosine_scheduler_hand_values():
-    # warm-up linspace(0, 1, 2) = [0, 1]; then 1 + 0.5 * (0 - 1) ... : cos(0) -> 1, cos(pi / 2) -> 0.5
+    # warm-up linspace(0, 1, 2) = [0, 1], then 0.5 * (1 + cos(pi * i / 2)) for i = 0, 1: [1, 0.5]
     np.testing.assert_allclose(cosine_scheduler(1.0, 0.0, 2, 2, warmup_epochs=1), [0.0, 1.0, 1.0, 0.5], atol=1e-15)
     # no warm-up: 4 cosine steps from 2 to 1: 1 + 0.5 * (1 + cos(pi * i / 4))
     expected = [1 + 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
@@ -122,9 +122,9 @@ def test_clip_gradients_per_parameter_hand_values():
     ]
     m = _Params(grads)
     clip_gradients(list(m.parameters()), 1.0)
-    torch.testing.assert_close(m.ps[0].grad, torch.tensor([3.0, 4.0]) / (5 + 1e-6), rtol=0, atol=1e-7)
+    torch.testing.assert_close(m.ps[0].grad, torch.tensor([3.0, 4.0]) / (5 + 1e-6), rtol=0, atol=2e-7)
     torch.testing.assert_close(m.ps[1].grad, grads[1], rtol=0, atol=0)
-    torch.testing.assert_close(m.ps[2].grad, grads[2] / (1 + 1e-6), rtol=0, atol=1e-8)
+    torch.testing.assert_close(m.ps[2].grad, grads[2] / (1 + 1e-6), rtol=0, atol=2e-7)  # not unchanged: 8e-7 off
     torch.testing.assert_close(m.ps[3].grad, torch.zeros(3), rtol=0, atol=0)
     # per parameter, not a global norm: the small gradient is not shrunk by the large one
     assert not torch.allclose(m.ps[1].grad, grads[1] / math.sqrt(25 + 0.25 + 1))

@@ -131,3 +131,13 @@ def test_batch_multicrop_blur_is_a_separable_gaussian():
     blurred = (some[:, 0, 10, 11] > 0).float().mean()
     assert 0.42 < blurred < 0.58
     torch.testing.assert_close(aug._blur(impulse, 0.0, torch.Generator()), impulse, rtol=0, atol=0)
+
+
+def test_batch_multicrop_blur_probability_per_crop(monkeypatch):
+    aug = BatchMultiCrop(2, 28, (0.35, 1.0), 3, 14, (0.1, 0.35))
+    calls = []
+    real = aug._blur
+    monkeypatch.setattr(aug, "_blur", lambda x, p, gen: calls.append((x.shape[0], x.shape[-1], p)) or real(x, p, gen))
+    aug(_images(), torch.Generator().manual_seed(0))
+    # official recipe: global crop 1 always, global crop 2 with 0.1, every local crop with 0.5
+    assert calls == [(6, 28, 1.0), (6, 28, 0.1), (18, 14, 0.5)]

@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 torch.set_num_threads(2)
@@ -23,9 +22,3 @@ def tiny_ibot(cls=None, **kw):
         args.update(n_prototypes=40)
     args.update(kw)
     return cls(**args)
-
-
-@pytest.fixture
-def seeded():
-    torch.manual_seed(0)
-    return torch.Generator().manual_seed(0)

@@ -4,10 +4,11 @@ import random
 import pytest
 import torch
 from conftest import tiny_ibot
-from reference import ref_ibot_loss
+from reference import ref_ibot_loss, ref_sinkhorn, ref_teacher_temp_schedule
 
 from ibot import DINO, iBOT
 from ibot.data.masking import MaskBatch, MaskGenerator
+from ibot.losses import koleo_loss
 
 
 def _views(b=4, n_local=3, seed=0):
@@ -20,8 +21,11 @@ def _views(b=4, n_local=3, seed=0):
     return g, loc, masks
 
 
-def _reference_loss(model, g, loc, masks, epoch):
-    """Faithful official computation: heads on every token of every crop, loop over view pairs."""
+def _reference_loss(model, g, loc, masks, temps):
+    """Faithful official computation: heads on every token of every crop, loop over view pairs.
+
+    ``temps``: the (CLS, patch) teacher temperatures, computed by the caller from the official schedule.
+    """
     b = g[0].shape[0]
     gi = torch.cat(g)
     model.teacher["head"].train()  # the official teacher is never put in eval mode (matters for a BN head)
@@ -34,7 +38,7 @@ def _reference_loss(model, g, loc, masks, epoch):
     if loc:
         l_tok = torch.cat([t.unsqueeze(1) if t.ndim == 2 else t for t in model.student["backbone"](torch.cat(loc))], 1)
         s_local = model.student["head"](l_tok)[0]
-    temp, temp2 = model.teacher_temperatures(epoch)
+    temp, temp2 = temps
     mask_list = list(masks.reshape(2, b, 4, 4))
     return ref_ibot_loss(
         s_cls,
@@ -53,21 +57,34 @@ def _reference_loss(model, g, loc, masks, epoch):
     )
 
 
-@pytest.mark.parametrize("n_local,shared,norm", [(3, False, None), (0, True, None), (3, False, "bn"), (2, True, "ln")])
-def test_lean_step_equals_faithful_reference(n_local, shared, norm):
+@pytest.mark.parametrize(
+    "n_local,shared,norm,mask_start", [(3, False, None, 0), (0, True, None, 2), (3, False, "bn", 0), (2, True, "ln", 0)]
+)
+def test_lean_step_equals_faithful_reference(n_local, shared, norm, mask_start):
     """Also ``head_norm="bn"``: official batch statistics over every token of each crop group, teacher too."""
     torch.manual_seed(0)
     model = tiny_ibot(
-        drop_path_rate=0.0, shared_head=shared, cls_loss_weight=0.8, patch_loss_weight=1.2, head_norm=norm
+        drop_path_rate=0.0,
+        shared_head=shared,
+        cls_loss_weight=0.8,
+        patch_loss_weight=1.2,
+        head_norm=norm,
+        temperature_teacher_patch_warmup=0.06,  # CLS and patch temperatures differ: a swap fails
+        temperature_teacher_patch=0.1,
+        mask_start_epoch=mask_start,
     )
     with torch.no_grad():  # non-trivial centers and a teacher different from the student
-        model.cls_center.center.normal_()
-        model.patch_center_ema.center.normal_()
+        model.cls_center.center.normal_(0, 0.1)  # small: targets stay soft
+        model.patch_center_ema.center.normal_(0, 0.1)
         for p in model.teacher.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     g, loc, masks = _views(n_local=n_local)
     epoch = 3
-    ref_cls, ref_patch, ref_c, ref_c2 = _reference_loss(model, g, loc, masks, epoch)
+    temps = (
+        ref_teacher_temp_schedule(0.04, 0.07, 30, 100)[epoch],
+        ref_teacher_temp_schedule(0.06, 0.1, 30, 100, mask_start)[epoch],
+    )
+    ref_cls, ref_patch, ref_c, ref_c2 = _reference_loss(model, g, loc, masks, temps)
     out = model(global_views=g, local_views=loc, masks=masks, epoch=epoch)
     torch.testing.assert_close(out.loss_cls, ref_cls, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss_patch, ref_patch, rtol=1e-5, atol=1e-5)
@@ -86,7 +103,7 @@ def test_lean_gradients_equal_faithful_gradients():
     model.zero_grad()
     model.cls_center.center.copy_(centers[0])
     model.patch_center_ema.center.copy_(centers[1])
-    ref_cls, ref_patch, _, _ = _reference_loss(model, g, loc, masks, 0)
+    ref_cls, ref_patch, _, _ = _reference_loss(model, g, loc, masks, (0.04, 0.04))
     (ref_cls + ref_patch).backward()
     for n, p in model.student.named_parameters():
         if p.grad is not None:
@@ -134,14 +151,78 @@ def test_same_seed_same_loss_and_self_sampled_masks():
     assert losses[0] == losses[1]
 
 
-def test_sinkhorn_and_masked_center_options_run():
+def _loop_cls_loss(student_logits, teacher_probs, student_temp=0.1):
+    """Official CLS term from (V, B, K) student logits and (G, B, K) teacher targets, one pair at a time."""
+    total, n = 0.0, 0
+    for q in range(teacher_probs.shape[0]):
+        for v in range(student_logits.shape[0]):
+            if v != q:
+                total = (
+                    total
+                    + (-(teacher_probs[q] * torch.log_softmax(student_logits[v] / student_temp, -1)).sum(-1)).mean()
+                )
+                n += 1
+    return total / n
+
+
+@pytest.mark.parametrize("centering", ["center", "sinkhorn"])
+def test_centering_option_sets_the_teacher_targets(centering):
     torch.manual_seed(0)
     g, loc, masks = _views()
-    for kw in ({"centering": "sinkhorn"}, {"patch_center": "masked"}, {"koleo_loss_weight": 0.1}):
-        model = tiny_ibot(**kw)
-        out = model(global_views=g, local_views=loc, masks=MaskBatch.from_masks(masks, 2))
-        assert torch.isfinite(out.loss)
-        out.loss.backward()
+    model = tiny_ibot(drop_path_rate=0.0, centering=centering, cls_loss_weight=0.6)
+    with torch.no_grad():
+        model.cls_center.center.normal_(0, 0.1)
+    center = model.cls_center.center.clone()
+    out = model(global_views=g, local_views=loc, masks=masks, epoch=0)
+    t = out.teacher_logits  # (G, B, K)
+    if centering == "center":
+        targets = torch.softmax((t - center) / 0.04, -1)
+        assert not torch.equal(model.cls_center.center, center)  # updated after the loss
+    else:
+        targets = ref_sinkhorn(t.reshape(-1, t.shape[-1]).double(), 0.04).float().reshape(t.shape)
+        torch.testing.assert_close(model.cls_center.center, center, rtol=0, atol=0)  # unused, untouched
+    expected = 0.6 * _loop_cls_loss(out.student_logits.detach(), targets)
+    torch.testing.assert_close(out.loss_cls, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_patch_center_masked_averages_masked_tokens_only():
+    torch.manual_seed(0)
+    g, loc, masks = _views()
+    outs, centers = {}, {}
+    for mode in ("all", "masked"):
+        torch.manual_seed(0)
+        model = tiny_ibot(drop_path_rate=0.0, patch_center=mode, center_momentum=0.8)
+        outs[mode] = model(global_views=g, local_views=loc, masks=masks)
+        centers[mode] = model.patch_center_ema.center.clone()
+    with torch.no_grad():  # teacher patch logits of every token, as the official head computes them
+        _, t_patch_tok = model.teacher["backbone"](torch.cat(g))
+        t_patch = model.teacher["head"].patch_prototypes(model.teacher["head"].project(t_patch_tok))  # (G*B, N, K)
+    flat = masks.reshape(masks.shape[0], -1)
+    torch.testing.assert_close(centers["masked"], 0.2 * t_patch[flat].mean(0, keepdim=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(centers["all"], 0.2 * t_patch.mean(1).mean(0, keepdim=True), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(centers["masked"], centers["all"], rtol=1e-3, atol=1e-4)
+    # the first step uses the zero-initialised centers in both modes: same loss
+    torch.testing.assert_close(outs["masked"].loss, outs["all"].loss)
+
+
+def test_koleo_option_adds_the_koleo_of_the_student_global_cls():
+    torch.manual_seed(0)
+    g, loc, masks = _views()
+    torch.manual_seed(0)
+    plain = tiny_ibot(drop_path_rate=0.0)(global_views=g, local_views=loc, masks=masks)
+    torch.manual_seed(0)
+    model = tiny_ibot(drop_path_rate=0.0, koleo_loss_weight=0.3)
+    out = model(global_views=g, local_views=loc, masks=MaskBatch.from_masks(masks, 2))
+    with torch.no_grad():
+        s_cls, _ = model.student["backbone"](torch.cat(g), mask=masks.reshape(masks.shape[0], -1))
+    expected = 0.3 * torch.stack([koleo_loss(c) for c in s_cls.split(4)]).mean()
+    torch.testing.assert_close(out.loss_koleo, expected)
+    assert out.loss_koleo.abs() > 1e-3
+    torch.testing.assert_close(out.loss, out.loss_cls + out.loss_patch + out.loss_koleo)
+    torch.testing.assert_close(out.loss_cls, plain.loss_cls)  # the other terms are unchanged
+    torch.testing.assert_close(out.loss_patch, plain.loss_patch)
+    out.loss.backward()
+    assert model.student["backbone"].vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
 def test_dino_is_ibot_without_patch_loss():
@@ -223,7 +304,8 @@ def test_masked_student_without_patch_loss_is_official_lambda2_zero():
         official.student["backbone"].masked_embed.normal_()
         for name, p in dino_like.named_parameters():
             p.copy_(dict(official.named_parameters())[name])
-    ref_cls, _, _, _ = _reference_loss(official, g, loc, masks, 1)  # before the step moves the centers
+    temps = (ref_teacher_temp_schedule(0.04, 0.07, 30, 100)[1],) * 2  # epoch 1, default CLS and patch schedules
+    ref_cls, _, _, _ = _reference_loss(official, g, loc, masks, temps)  # before the step moves the centers
     out = official(global_views=g, local_views=loc, masks=masks, epoch=1)
     assert out.loss_patch is None
     torch.testing.assert_close(out.loss_cls, ref_cls, rtol=1e-5, atol=1e-5)

@@ -1,8 +1,10 @@
 """From a dataset to training batches: sampler, per-sample seeding, multi-crop collate with masks.
 
-Every random choice of an epoch is a function of ``(seed, epoch, sample index)`` (PIL path) or
-``(seed, epoch, step)`` (tensor path), never of how many workers ran or where a run was resumed:
-a run killed mid-epoch and resumed gives the same batches as one that never stopped.
+Every random choice of an epoch is a function of the run's seed and the position in the epoch,
+never of how many workers ran or where a run was resumed: on the PIL path an image's crops come
+from ``(seed, epoch, image index)`` and a batch's masks from ``(seed, epoch, index of its first
+image)``; on the tensor path a batch's crops and masks come from ``(seed, epoch, rank, step)``. A
+run killed mid-epoch and resumed gives the same batches as one that never stopped.
 """
 
 from __future__ import annotations

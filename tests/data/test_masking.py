@@ -32,9 +32,16 @@ def test_pred_ratio_pairs_give_official_empty_fraction():
     assert 0.47 <= empty <= 0.55  # official: ~51% empty
     assert counts.max() <= 0.5 * 196
     assert 25 <= counts.mean() <= 31  # official: mean 28.3
+    # pred_ratio_var spreads the non-empty masks: ratio ~ U(0.1, 0.5), so counts have std
+    # 0.4 / sqrt(12) * 196 = 22.6 and reach ~98 (without the variance: std ~1.2, max 58)
+    filled = counts[counts > 0]
+    assert 20 <= filled.std() <= 25
+    assert filled.max() >= 0.45 * 196 and filled.min() <= 0.15 * 196
     ratios = gen.sample_ratios(20000, torch.Generator().manual_seed(0))
     assert 0.48 <= (ratios == 0).double().mean() <= 0.52
-    assert ratios.max() <= 0.5
+    drawn = ratios[ratios > 0]
+    assert 0.1 <= drawn.min() < 0.11 and 0.49 < drawn.max() <= 0.5
+    assert drawn.std() == pytest.approx(0.4 / 12**0.5, rel=0.03)
 
 
 def test_start_epoch_and_probability():

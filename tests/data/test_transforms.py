@@ -68,3 +68,76 @@ def test_config_controls_jitter_and_solarization(pipeline):
         aug = pil_transform_from_config(cfg)
         probs = [t.p for t in aug.global2.transforms if hasattr(t, "p")]
         assert 0.3 in probs and 0.0 in probs
+
+
+def _crop_boxes(out, size, image):
+    """Per output crop: (width fraction, height fraction, centre x, centre y, x flipped) in [-1, 1] units.
+
+    ``out`` holds crops of a (x ramp, y ramp) image whose pixel values are 4 * column and 4 * row:
+    bilinear sampling of a linear ramp is exact, so each crop reads back where it was taken from.
+    """
+    pos = out * 255 / 4  # (B, 2, S, S): sampled input coordinates in pixels
+    inner = slice(2, size - 2)  # away from the border, where reflection padding bends the ramp
+    j = torch.arange(size, dtype=torch.float64)[inner]
+    xs = pos[:, 0, size // 2, inner].double()  # along a row: x coordinates
+    ys = pos[:, 1, inner, size // 2].double()  # along a column: y coordinates
+    boxes = []
+    for x, y in zip(xs, ys, strict=True):
+        sx, x0 = torch.linalg.lstsq(torch.stack([j, torch.ones_like(j)], 1), x.unsqueeze(1)).solution[:, 0]
+        sy, y0 = torch.linalg.lstsq(torch.stack([j, torch.ones_like(j)], 1), y.unsqueeze(1)).solution[:, 0]
+        mid = (size - 1) / 2
+        cx = ((x0 + sx * mid) + 0.5) * 2 / image - 1
+        cy = ((y0 + sy * mid) + 0.5) * 2 / image - 1
+        boxes.append((abs(sx) * size / image, abs(sy) * size / image, cx, cy, sx < 0, sy < 0))
+    return torch.tensor(boxes, dtype=torch.float64)
+
+
+def test_batch_multicrop_crop_geometry():
+    n, image, size = 400, 64, 16
+    yy, xx = torch.meshgrid(torch.arange(image), torch.arange(image), indexing="ij")
+    ramps = torch.stack([4 * xx, 4 * yy]).to(torch.uint8).expand(n, -1, -1, -1)
+    aug = BatchMultiCrop(1, size, (0.2, 0.6), 0, mean=(0.0, 0.0), std=(1.0, 1.0), jitter_p=0.0, blur_p=(0, 0, 0))
+    out, _ = aug(ramps, torch.Generator().manual_seed(0))
+    w, h, cx, cy, flip_x, flip_y = _crop_boxes(out, size, image).unbind(1)
+    area, ratio = w * h, w / h
+    tol = 1e-3
+    assert area.min() >= 0.2 - tol and area.max() <= 0.6 + tol  # scale range (fraction of the image)
+    assert area.min() < 0.22 and area.max() > 0.58  # ... and all of it is used
+    assert ratio.min() >= 3 / 4 - tol and ratio.max() <= 4 / 3 + tol  # aspect ratio (3/4, 4/3)
+    assert ratio.min() < 0.78 and ratio.max() > 1.28
+    assert (cx.abs() + w <= 1 + tol).all() and (cy.abs() + h <= 1 + tol).all()  # inside the image
+    assert 0.4 < flip_x.mean() < 0.6 and not flip_y.any()  # horizontal flips only, half of the time
+
+
+def test_batch_multicrop_blur_is_a_separable_gaussian():
+    n = 400
+    impulse = torch.zeros(n, 1, 21, 21)
+    impulse[:, :, 10, 10] = 1.0
+    aug = BatchMultiCrop(blur_scale=1.0)
+    out = aug._blur(impulse, 1.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.sum((-1, -2)), torch.ones(n, 1))  # normalised kernel
+    torch.testing.assert_close(out, out.flip(-1))
+    torch.testing.assert_close(out, out.transpose(-1, -2))
+    profile = out.sum(-2)[:, 0]  # (n, 21): the 1-D kernel
+    torch.testing.assert_close(out[:, 0], profile.unsqueeze(2) * profile.unsqueeze(1))  # separable
+    t = torch.arange(-10, 11, dtype=torch.float32)
+    sigma = (profile * t**2).sum(-1).sqrt()
+    assert sigma.max() <= 2.0 and sigma.max() > 1.8  # sigma ~ U(0.1, 2.0) * blur_scale (3-sigma tails cut)
+    assert sigma.min() < 0.3
+    half = BatchMultiCrop(blur_scale=0.5)._blur(impulse, 1.0, torch.Generator().manual_seed(0))
+    assert (half.sum(-2)[:, 0] * t**2).sum(-1).sqrt().max() <= 1.0
+    # probability: each image is blurred (its neighbours of the impulse light up) with probability p
+    some = aug._blur(impulse, 0.5, torch.Generator().manual_seed(1))
+    blurred = (some[:, 0, 10, 11] > 0).float().mean()
+    assert 0.42 < blurred < 0.58
+    torch.testing.assert_close(aug._blur(impulse, 0.0, torch.Generator()), impulse, rtol=0, atol=0)
+
+
+def test_batch_multicrop_blur_probability_per_crop(monkeypatch):
+    aug = BatchMultiCrop(2, 28, (0.35, 1.0), 3, 14, (0.1, 0.35))
+    calls = []
+    real = aug._blur
+    monkeypatch.setattr(aug, "_blur", lambda x, p, gen: calls.append((x.shape[0], x.shape[-1], p)) or real(x, p, gen))
+    aug(_images(), torch.Generator().manual_seed(0))
+    # official recipe: global crop 1 always, global crop 2 with 0.1, every local crop with 0.5
+    assert calls == [(6, 28, 1.0), (6, 28, 0.1), (18, 14, 0.5)]

@@ -12,6 +12,7 @@ from ibot.config import ConfigError, build_config
 from ibot.data.datasets import FileImageDataset, load_image
 from ibot.train import checkpoint as ckpt_mod
 from ibot.train.checkpoint import CheckpointError, load_safe, save_atomic
+from ibot.train.metrics import rankme
 from ibot.train.trainer import Trainer, TrainingError
 
 
@@ -94,7 +95,16 @@ def test_collapse_monitors_are_logged_and_warn(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "loss" in x]
     for key in ("teacher_entropy", "prototypes_used", "center_norm", "view_agreement", "feature_rank"):
         assert key in rows[-1]
-    assert 1 <= rows[-1]["feature_rank"] <= rows[-1]["feature_dim"]
+    assert rows[-1]["feature_dim"] == 32 and rows[-1]["prototypes_used"] >= 1
+    # the monitors of one step, recomputed from its output
+    with torch.no_grad():
+        out = tr.model(batch=next(iter(tr.batches(0))), epoch=0)
+    mon = tr._monitors(out, 0)
+    arg = out.teacher_logits.argmax(-1)  # (G, B)
+    assert mon["feature_rank"] == pytest.approx(rankme(out.embedding))  # of the teacher CLS features
+    assert mon["prototypes_used"] == len(set(arg.flatten().tolist()))
+    assert mon["view_agreement"] == pytest.approx((arg[0] == arg[1]).float().mean().item())
+    assert mon["center_norm"] == pytest.approx(tr.model.cls_center.center.norm().item())
     healthy = {"feature_rank": 20.0, "feature_dim": 32}
     collapsed = {"epoch": 2, "teacher_entropy": 0.0, "teacher_entropy_max": 4.0, "prototypes_used": 1, **healthy}
     assert "collapse to one prototype" in tr._collapse_warning(collapsed)

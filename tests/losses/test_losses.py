@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import ref_ibot_loss, ref_sinkhorn
+from reference import ref_ibot_loss, ref_sinkhorn, ref_teacher_temp_schedule
 
 from ibot.losses import (
     Center,
@@ -28,17 +28,29 @@ def _inputs(g, nl, b=4, n=9, k=16, kp=12, seed=0):
     return s_cls, s_patch, t_cls, t_patch, s_local, masks, center, center2
 
 
+# CLS and patch settings all differ (temperatures, warm-up starts, center momenta), so a swap of any
+# pair between the two branches changes the result.
+TEMPS = dict(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp2=0.06, teacher_temp2=0.1)
+MOMENTA = dict(center_momentum=0.9, center_momentum2=0.7)
+
+
+def _official_loss(g, nl, **kw):
+    return iBOTLoss(16, 12, g, nl, *TEMPS.values(), 30, 100, **MOMENTA, **kw)
+
+
 @pytest.mark.parametrize("g,nl", [(2, 10), (2, 0), (3, 4)])
-def test_official_signature_loss_matches_reference(g, nl):
+@pytest.mark.parametrize("epoch,mim_start", [(7, 0), (12, 10)])
+def test_official_signature_loss_matches_reference(g, nl, epoch, mim_start):
     s_cls, s_patch, t_cls, t_patch, s_local, masks, center, center2 = _inputs(g, nl)
-    loss = iBOTLoss(16, 12, g, nl, 0.04, 0.07, 0.04, 0.07, 30, 100, lambda1=0.7, lambda2=1.3)
+    loss = _official_loss(g, nl, lambda1=0.7, lambda2=1.3, mim_start_epoch=mim_start)
     loss.cls_center.center.copy_(center)
     loss.patch_center.center.copy_(center2.reshape(1, -1))
-    epoch = 7
-    temp = 0.04 + (0.07 - 0.04) * epoch / 29
+    temp = ref_teacher_temp_schedule(0.04, 0.07, 30, 100)[epoch]
+    temp2 = ref_teacher_temp_schedule(0.06, 0.1, 30, 100, mim_start)[epoch]
+    assert temp != temp2
     out = loss((s_cls, s_patch), (t_cls, t_patch), s_local, masks, epoch)
     ref_cls, ref_patch, ref_c, ref_c2 = ref_ibot_loss(
-        s_cls, s_patch, t_cls, t_patch, s_local, masks, center, center2, temp, temp, g, 0.7, 1.3
+        s_cls, s_patch, t_cls, t_patch, s_local, masks, center, center2, temp, temp2, g, 0.7, 1.3, 0.1, 0.9, 0.7
     )
     torch.testing.assert_close(out["cls"], ref_cls, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["patch"], ref_patch, rtol=1e-5, atol=1e-6)
@@ -51,12 +63,14 @@ def test_loss_gradients_match_reference():
     s_cls, s_patch, t_cls, t_patch, s_local, masks, center, center2 = _inputs(2, 3)
     s_cls.requires_grad_(True)
     s_patch.requires_grad_(True)
-    loss = iBOTLoss(16, 12, 2, 3, 0.04, 0.04, 0.04, 0.07, 30, 100)
-    loss((s_cls, s_patch), (t_cls, t_patch), s_local, masks, 0)["loss"].backward()
+    loss = _official_loss(2, 3)
+    epoch = 20
+    loss((s_cls, s_patch), (t_cls, t_patch), s_local, masks, epoch)["loss"].backward()
     g1, g2 = s_cls.grad.clone(), s_patch.grad.clone()
     s_cls.grad = s_patch.grad = None
     zc, zc2 = torch.zeros(1, 16), torch.zeros(1, 1, 12)
-    ref = ref_ibot_loss(s_cls, s_patch, t_cls, t_patch, s_local, masks, zc, zc2, 0.04, 0.04, 2)
+    temp, temp2 = 0.04 + 0.03 * 20 / 29, 0.06 + 0.04 * 20 / 29  # linspace(warm-up, final, 30)[20]
+    ref = ref_ibot_loss(s_cls, s_patch, t_cls, t_patch, s_local, masks, zc, zc2, temp, temp2, 2)
     (ref[0] + ref[1]).backward()
     torch.testing.assert_close(g1, s_cls.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(g2, s_patch.grad, rtol=1e-5, atol=1e-7)

@@ -69,6 +69,17 @@ def test_attention_map_matches_fused_block():
     attn = vit.last_selfattention(x)
     assert attn.shape == (2, 2, 17, 17)
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 2, 17))
+    # the explicit map, applied to the values, gives the fused (SDPA) attention output of the last block
+    blk = vit.blocks[-1]
+    with torch.no_grad():
+        tokens = vit.blocks[:-1](vit.prepare_tokens(x))
+        y = blk.norm1(tokens)
+        v = blk.attn.qkv(y).reshape(2, 17, 3, 2, 24)[:, :, 2].transpose(1, 2)  # (B, heads, N, head_dim)
+        explicit = blk.attn.proj((attn @ v).transpose(1, 2).reshape(2, 17, 48))
+        torch.testing.assert_close(explicit, blk.attn(y), rtol=1e-5, atol=1e-6)
+        # and the block output the map belongs to is the one the forward computes
+        out = vit.vit.norm(blk(tokens))
+        torch.testing.assert_close(out[:, 0], vit(x)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_weight_norm_linear_matches_torch_weight_norm():

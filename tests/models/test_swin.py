@@ -235,9 +235,11 @@ def test_swin_smoke_preset_pretrains_evaluates_and_visualises(tmp_path, capsys):
 
     run = tmp_path / "run"
     assert main(["pretrain", "preset=swin_smoke", f"run.output_dir={run}", "run.progress=false"]) == 0
-    assert (run / "checkpoint.pth").is_file() and json.loads((run / "summary.json").read_text())["knn"]
-    res = run_linear(run, epochs=1, n_last_blocks=2, log=lambda m: None)
-    assert 0 <= res["test_top1"] <= 100
+    knn = json.loads((run / "summary.json").read_text())["knn"]
+    assert (run / "checkpoint.pth").is_file() and (knn["n_train"], knn["n_test"]) == (64, 16)
+    assert knn["top1"] >= 50  # 4 classes: chance 25% (measured 9 of 16)
+    res = run_linear(run, epochs=1, n_last_blocks=2, log=lambda m: None)  # runs on Swin features
+    assert (res["n_fit"] + res["n_val"], res["n_test"]) == (64, 16)
     assert main(["viz", "patterns", str(run), "--out", str(tmp_path / "pat")]) == 0
     assert list((tmp_path / "pat").glob("*.png"))
     assert main(["viz", "correspond", str(run), "--out", str(tmp_path / "c.png")]) == 0

@@ -1,0 +1,48 @@
+"""Seeding of crops and masks, as docs/distributed.md and ibot/data/loader.py describe it."""
+
+import torch
+
+from ibot.data.datasets import synthetic_dataset
+from ibot.data.loader import EpochSampler, MultiCropCollate, MultiCropDataset, TensorBatches
+from ibot.data.masking import MaskGenerator
+from ibot.data.transforms import BatchMultiCrop, MultiCropTransform
+
+
+def _collate(seed=0, epoch=0):
+    c = MultiCropCollate(2, 0, 8, MaskGenerator("rand", 0.5), seed=seed)
+    c.epoch = epoch
+    return c
+
+
+def _tensor_batches(rank, world, start=0, seed=0, epoch=0):
+    ds = synthetic_dataset(64, 32)
+    sampler = EpochSampler(len(ds), 8, seed, epoch, rank, world, start)
+    return TensorBatches(ds.images, ds.labels, sampler, BatchMultiCrop(2, 32, (0.4, 1.0), 0), _collate(seed, epoch))
+
+
+def test_tensor_path_seeds_by_seed_epoch_rank_step():
+    first = list(_tensor_batches(0, 2))
+    resumed = list(_tensor_batches(0, 2, start=2))  # the same (rank, step) after a resume
+    for a, b in zip(first[2:], resumed, strict=True):
+        assert torch.equal(a.global_crops, b.global_crops) and torch.equal(a.masks.masks, b.masks.masks)
+    other_rank = list(_tensor_batches(1, 2))
+    assert not torch.equal(first[0].masks.masks, other_rank[0].masks.masks)
+    assert not torch.equal(first[0].masks.masks, first[1].masks.masks)  # another step
+    other_epoch = list(_tensor_batches(0, 2, epoch=1))
+    assert not torch.equal(first[0].masks.masks, other_epoch[0].masks.masks)
+
+
+def test_pil_path_seeds_crops_by_image_and_masks_by_first_image():
+    ds = synthetic_dataset(8, 32)
+    mc = MultiCropDataset(ds, MultiCropTransform(2, 32, (0.4, 1.0), 0), seed=0)
+    item = mc[3]
+    assert all(torch.equal(a, b) for a, b in zip(mc[3][0], item[0], strict=True))  # same (seed, epoch, index)
+    mc.epoch = 1
+    assert not torch.equal(mc[3][0][0], item[0][0])
+    mc.epoch = 0
+    collate = _collate()
+    a = collate([mc[3], mc[5]])
+    b = collate([mc[3], mc[6]])  # same first image: same masks, whatever the rest of the batch
+    c = collate([mc[4], mc[5]])
+    assert torch.equal(a.masks.masks, b.masks.masks)
+    assert not torch.equal(a.masks.masks, c.masks.masks)

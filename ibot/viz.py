@@ -19,7 +19,7 @@ from ibot.device import inference_autocast
 
 def _run(module, fn, *xs):
     """``fn(*xs)`` with the inputs on ``module``'s device (bf16 autocast on CUDA); fp32 CPU outputs."""
-    dev = next(module.parameters()).device
+    dev = next(module.parameters(), torch.empty(0)).device  # a parameter-free module runs on the CPU
     with torch.no_grad(), inference_autocast(dev):
         out = fn(*(x.to(dev, non_blocking=True) for x in xs))
     if isinstance(out, tuple):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -31,9 +31,45 @@ from ibot.models.backbone import create_vit, make_teacher_backbone, wrap_backbon
 from ibot.models.head import iBOTHead
 
 
+class ModelOutput:
+    """Dict-like access to a dataclass output, as ``transformers.utils.ModelOutput`` (stable-pretraining).
+
+    ``out.loss``, ``out["loss"]``, ``out[0]``, ``"loss_patch" in out``, ``dict(out)`` and ``**out``
+    all work; as with ``ModelOutput``, fields that are ``None`` are absent from the mapping.
+    """
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if getattr(self, key, None) is None:
+                raise KeyError(f"{key!r} (present: {self.keys()})")
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def get(self, key: str, default=None):
+        return getattr(self, key, None) if key in self.keys() else default
+
+    def values(self) -> list:
+        return [getattr(self, k) for k in self.keys()]
+
+    def items(self) -> list[tuple[str, object]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def to_tuple(self) -> tuple:
+        return tuple(self.values())
+
+
 @dataclass
-class iBOTOutput:  # noqa: N801
-    """Output of :class:`iBOT` (and :class:`DINO`).
+class iBOTOutput(ModelOutput):  # noqa: N801
+    """Output of :class:`iBOT` (and :class:`DINO`); dict-like (:class:`ModelOutput`).
 
     Attributes:
         loss: total loss (0 in evaluation mode).
@@ -238,6 +274,19 @@ class iBOT(nn.Module):  # noqa: N801
         base, final = self.ema_decay
         return final + 0.5 * (base - final) * (1 + math.cos(math.pi * step / max(total_steps, 1)))
 
+    def after_step(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        """The per-step calls a training loop owns, after ``optimizer.step()`` of step ``step`` (0-based).
+
+        Updates the EMA teacher with the cosine momentum of ``step`` (:meth:`ema_momentum`) and
+        sets the epoch of the next step (:meth:`set_epoch`, which moves the teacher temperatures
+        and the mask start). Returns the momentum used. The data's epoch (augmentations, masks
+        made in the collate) is the loader's business.
+        """
+        momentum = self.ema_momentum(step, total_steps)
+        self.update_teacher(momentum)
+        self.set_epoch((step + 1) // steps_per_epoch)
+        return momentum
+
     def _pair_parameters(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         teacher = dict(self.teacher.named_parameters())
         pairs = [(teacher[n], p) for n, p in self.student.named_parameters() if n in teacher]
@@ -280,6 +329,8 @@ class iBOT(nn.Module):  # noqa: N801
         # module's mode, as in the official code (whose teacher is never put in eval mode): with
         # ``head_norm="bn"`` it normalises with the batch statistics of its own tokens.
         self.teacher["backbone"].eval()
+        if mode and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.teacher["backbone"].modules()):
+            self.teacher["backbone"].train()  # official DINO: a CNN teacher normalises with batch statistics
         return self
 
     def _apply(self, fn, recurse=True):  # keep EMA pairs pointing at the moved tensors

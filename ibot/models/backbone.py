@@ -79,6 +79,17 @@ def create_vit(
             close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
             raise ValueError(f"unknown timm model {name!r}; some known names: {close}") from err
         raise
+    except TypeError as err:  # a CNN takes no ViT geometry: drop it (its pooled features work at any size)
+        geometry = [k for k in ("img_size", "patch_size") if f"'{k}'" in str(err)]
+        if not geometry:
+            raise ValueError(f"timm model {name!r} rejects an argument: {err}") from err
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("img_size", "patch_size")}
+        try:
+            return timm.create_model(
+                name, pretrained=pretrained, num_classes=0, drop_path_rate=drop_path_rate, **kwargs
+            )
+        except TypeError as err2:
+            raise ValueError(f"timm model {name!r} rejects an argument: {err2}") from err2
 
 
 class MaskedViT(nn.Module):
@@ -228,12 +239,18 @@ def _without_drop_path(module: nn.Module) -> nn.Module:
 
 
 def wrap_backbone(model: nn.Module, masked_im_modeling: bool = True) -> nn.Module:
-    """The iBOT wrapper of a timm model: :class:`MaskedSwin` for a Swin, :class:`MaskedViT` otherwise."""
+    """The iBOT wrapper of a timm model: :class:`MaskedSwin` for a Swin, :class:`MaskedViT` for a ViT
+    with a class token, :class:`ibot.models.pooled.PooledBackbone` (pooled features, DINO only) otherwise."""
+    from ibot.models.pooled import PooledBackbone
     from ibot.models.swin import MaskedSwin, is_swin
 
     if is_swin(model):
         return MaskedSwin(model, masked_im_modeling)
-    return MaskedViT(model, masked_im_modeling)
+    is_vit = all(hasattr(model, a) for a in ("patch_embed", "blocks", "norm", "pos_embed"))
+    has_cls = getattr(model, "cls_token", None) is not None and not getattr(model, "no_embed_class", False)
+    if is_vit and has_cls and not getattr(model, "num_reg_tokens", 0):
+        return MaskedViT(model, masked_im_modeling)
+    return PooledBackbone(model, masked_im_modeling)
 
 
 def make_teacher_backbone(student: nn.Module) -> nn.Module:

@@ -2,6 +2,7 @@
 
 Differences from the one-device example: DDP is enabled, Lightning shards the data with a
 DistributedSampler, and a BatchNorm head (model.head_norm=bn) would be converted to SyncBatchNorm.
+The schedules follow the per-process steps per epoch, which the module reads from the trainer.
 On a CPU-only machine it runs 2 gloo processes:
 
     python examples/lightning_ddp_ibot.py           # the smoke preset, 2 CPU processes
@@ -23,7 +24,7 @@ def main(argv):
     )
     devices = int(opts.get("devices", 2))
     loader = make_dataloader(cfg, num_workers=0)
-    module = iBOTLightningModule(cfg, steps_per_epoch=max(1, len(loader) // devices))
+    module = iBOTLightningModule(cfg)  # steps per epoch come from the trainer (per process)
     trainer = L.Trainer(
         max_epochs=cfg.optim.epochs,
         accelerator=opts.get("accelerator", "cpu"),
@@ -37,6 +38,7 @@ def main(argv):
     )
     trainer.fit(module, loader)
     if trainer.global_rank == 0:
+        print(f"steps/epoch {module.niter}")
         print(f"final loss {float(trainer.callback_metrics['loss']):.4f}")
 
 

@@ -1,58 +1,69 @@
 """Lightning integration: a ``LightningModule`` over the same method modules (no second copy of the math).
 
-    from ibot.lightning import iBOTLightningModule, make_dataloader
-    module = iBOTLightningModule(cfg)
-    lightning.Trainer(max_epochs=cfg.optim.epochs).fit(module, make_dataloader(cfg))
+    import lightning
+    from ibot.config import build_config
+    from ibot.lightning import KNNCallback, iBOTLightningModule, make_dataloader
+    cfg = build_config("smoke")
+    trainer = lightning.Trainer(max_epochs=cfg.optim.epochs, callbacks=[KNNCallback.from_config(cfg)])
+    trainer.fit(iBOTLightningModule(cfg), make_dataloader(cfg))
 
 The module runs ``ibot.iBOT`` / ``ibot.DINO`` for the loss, ``ibot.train.optim`` for parameter
 groups, per-parameter clipping and last-layer freezing, and the official per-iteration lr, weight
-decay and momentum schedules. Requires ``pip install lightning``.
+decay and momentum schedules, sized from the Lightning trainer (``estimated_stepping_batches``,
+so devices, ``limit_train_batches`` and gradient accumulation are accounted for). Each epoch it
+moves the model (teacher temperatures, mask start) and the data (crops, masks) to the new epoch.
+It logs the loss terms, the schedules and the collapse monitors. Requires ``pip install lightning``.
 """
 
 from __future__ import annotations
+
+import math
 
 import lightning as L
 import torch
 
 from ibot.config import build_model
-from ibot.data.factory import collate_from_config, dataset_from_config, pil_transform_from_config
-from ibot.data.loader import MultiCropDataset
+from ibot.data.factory import dataset_from_config, make_dataloader, set_data_epoch
+from ibot.train.metrics import collapse_monitors
 from ibot.train.optim import cancel_last_layer_grads, clip_gradients, param_groups
 from ibot.train.schedules import cosine_scheduler
 
+__all__ = ["KNNCallback", "iBOTLightningModule", "make_dataloader"]
 
-def make_dataloader(cfg, num_workers: int | None = None) -> torch.utils.data.DataLoader:
-    """A standard DataLoader of multi-crop batches with collate-side masks (Lightning adds its sampler)."""
-    ds = MultiCropDataset(dataset_from_config(cfg), pil_transform_from_config(cfg), seed=cfg.run.seed)
-    return torch.utils.data.DataLoader(
-        ds,
-        batch_size=cfg.optim.batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=collate_from_config(cfg),
-        num_workers=cfg.data.num_workers if num_workers is None else num_workers,
-    )
+CONSTANT_MONITORS = ("teacher_entropy_max", "feature_dim")
 
 
 class iBOTLightningModule(L.LightningModule):  # noqa: N801
     """iBOT / DINO pretraining as a LightningModule.
 
     Args:
-        cfg: an ``ibot.config`` config (``build_config(preset, overrides)``).
-        steps_per_epoch: optimizer steps per epoch (for the per-iteration schedules).
+        cfg: an ``ibot.config`` config (``build_config(preset, overrides)``); the schedules span
+            ``cfg.optim.epochs`` epochs.
+        steps_per_epoch: optimizer steps per epoch; by default taken from the Lightning trainer.
     """
 
-    def __init__(self, cfg, steps_per_epoch: int) -> None:
+    def __init__(self, cfg, steps_per_epoch: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.model = build_model(cfg)
         self.niter = steps_per_epoch
         self.automatic_optimization = True
 
-    def _schedules(self):
+    def _steps_per_epoch(self) -> int:
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches  # loads the train loader when needed
+        if trainer.max_steps == -1 and trainer.max_epochs and math.isfinite(total):
+            return max(1, int(total) // trainer.max_epochs)
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError("an infinite train loader has no epoch; pass steps_per_epoch= to iBOTLightningModule")
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+    def _schedules(self) -> None:
         o = self.cfg.optim
-        world = self.trainer.world_size if self._trainer is not None else 1
-        total_batch = o.batch_size * world
+        if self.niter is None:
+            self.niter = self._steps_per_epoch()
+        total_batch = o.batch_size * self.trainer.world_size
         self.lr_schedule = cosine_scheduler(
             o.lr * total_batch / 256.0, o.min_lr, o.epochs, self.niter, warmup_epochs=o.warmup_epochs
         )
@@ -61,6 +72,7 @@ class iBOTLightningModule(L.LightningModule):  # noqa: N801
 
     def on_fit_start(self) -> None:
         self._schedules()
+        self._set_epoch(self.current_epoch)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(param_groups(self.model.student), lr=0.0, betas=tuple(self.cfg.optim.betas))
@@ -81,9 +93,26 @@ class iBOTLightningModule(L.LightningModule):  # noqa: N801
     def training_step(self, batch, batch_idx):
         out = self.model(batch=batch, epoch=self.current_epoch)
         self.log("loss", out.loss.detach(), prog_bar=True)
-        self.log("loss_cls", out.loss_cls)
+        self.log("loss/cls", out.loss_cls)
         if out.loss_patch is not None:
-            self.log("loss_patch", out.loss_patch)
+            self.log("loss/patch", out.loss_patch)
+        if out.loss_koleo is not None:
+            self.log("loss/koleo", out.loss_koleo)
+        it = self._it()
+        cls_t, patch_t = self.model.teacher_temperatures(self.current_epoch)
+        self.log_dict(
+            {
+                "schedule/lr": float(self.lr_schedule[it]),
+                "schedule/weight_decay": float(self.wd_schedule[it]),
+                "schedule/momentum": float(self.momentum_schedule[it]),
+                "schedule/teacher_temp": cls_t,
+                "schedule/teacher_patch_temp": patch_t,
+            }
+        )
+        log_every = max(1, self.cfg.run.log_every)
+        if self.global_step % log_every == 0 or batch_idx + 1 == self.trainer.num_training_batches:
+            mon = collapse_monitors(self.model, out, self.current_epoch)
+            self.log_dict({f"monitor/{k}": float(v) for k, v in mon.items() if k not in CONSTANT_MONITORS})
         return out.loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -94,10 +123,73 @@ class iBOTLightningModule(L.LightningModule):  # noqa: N801
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.model.update_teacher(float(self.momentum_schedule[self._it() - 1 if self.global_step else 0]))
 
-    def on_train_epoch_start(self) -> None:
-        self.model.set_epoch(self.current_epoch)
+    def _set_epoch(self, epoch: int) -> None:
+        self.model.set_epoch(epoch)
         loader = self.trainer.train_dataloader
-        if loader is not None and hasattr(loader, "collate_fn") and hasattr(loader.collate_fn, "epoch"):
-            loader.collate_fn.epoch = self.current_epoch
-            if loader.collate_fn.mask_generator is not None:
-                loader.collate_fn.mask_generator.set_epoch(self.current_epoch)
+        if loader is not None and hasattr(getattr(loader, "dataset", None), "epoch"):
+            set_data_epoch(loader, epoch)
+
+    def on_train_epoch_start(self) -> None:
+        self._set_epoch(self.current_epoch)
+
+
+class KNNCallback(L.Callback):
+    """k-NN accuracy of the teacher's CLS features every ``every_n_epochs`` epochs (and after the last).
+
+    Logs ``knn/top1`` and ``knn/top5`` (k = ``k``, cosine votes weighted by ``exp(sim / T)``) and keeps
+    the results in ``self.results``. Every rank extracts the same features and gets the same score.
+
+    Args:
+        bank, queries: labelled datasets of ``(PIL image, label)`` or in-memory datasets (``.images``).
+        image_size, in_chans: evaluation size and channels of the backbone.
+    """
+
+    def __init__(
+        self,
+        bank,
+        queries,
+        image_size: int,
+        in_chans: int = 3,
+        every_n_epochs: int = 1,
+        k: int = 20,
+        temperature: float = 0.07,
+        num_workers: int = 0,
+    ) -> None:
+        self.bank, self.queries, self.image_size, self.in_chans = bank, queries, image_size, in_chans
+        self.every_n_epochs, self.k, self.temperature, self.num_workers = every_n_epochs, k, temperature, num_workers
+        self.results: list[dict] = []
+
+    @classmethod
+    def from_config(cls, cfg, every_n_epochs: int = 1) -> KNNCallback:
+        """Bank = the training split, queries = the test split of ``cfg.data``."""
+        return cls(
+            dataset_from_config(cfg, train=True),
+            dataset_from_config(cfg, train=False),
+            cfg.model.img_size,
+            cfg.model.in_chans,
+            every_n_epochs=every_n_epochs,
+            k=cfg.run.knn_k,
+            temperature=cfg.run.knn_temperature,
+            num_workers=cfg.data.num_workers,
+        )
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        if epoch % self.every_n_epochs and not last:
+            return
+        from ibot.eval.knn import extract_features, knn_classify
+
+        backbone = pl_module.model.teacher["backbone"]
+        was_training = backbone.training
+        backbone.eval()
+        kw = dict(image_size=self.image_size, in_chans=self.in_chans, device=pl_module.device)
+        kw["num_workers"] = self.num_workers
+        with torch.no_grad():
+            bank_f, bank_y = extract_features(backbone.forward_cls, self.bank, **kw)
+            query_f, query_y = extract_features(backbone.forward_cls, self.queries, **kw)
+        backbone.train(was_training)
+        k = min(self.k, bank_f.shape[0])
+        top1, top5 = knn_classify(bank_f, bank_y, query_f, query_y, ks=[k], temperature=self.temperature)[k]
+        self.results.append({"epoch": epoch, "step": trainer.global_step, "k": k, "top1": top1, "top5": top5})
+        pl_module.log_dict({"knn/top1": top1, "knn/top5": top5}, rank_zero_only=True)

@@ -1,5 +1,6 @@
-"""The three examples (plain PyTorch, Lightning, Lightning + DDP) run on the CPU on the smoke preset."""
+"""The three examples (plain PyTorch, Lightning, Lightning + DDP) run on the CPU and advance the epochs."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,12 +11,55 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["pytorch_ibot.py", "lightning_ibot.py", "lightning_ddp_ibot.py"])
-def test_example_runs(script):
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_plain_pytorch_example_needs_no_lightning_and_advances_epochs(capsys):
+    source = (ROOT / "examples" / "pytorch_ibot.py").read_text()
+    assert "lightning" not in source.replace("no Lightning", "")
+    model, loader = _load("pytorch_ibot").main(["--epochs", "2"])
+    assert "epoch 1: loss" in capsys.readouterr().out
+    assert loader.dataset.epoch == 1 and loader.collate_fn.epoch == 1
+    assert loader.collate_fn.mask_generator.epoch == 1 and model.epoch == 1
+
+
+def test_lightning_example_schedules_from_trainer_monitors_and_knn(tmp_path, monkeypatch):
+    pytest.importorskip("lightning")
+    monkeypatch.chdir(tmp_path)
+    trainer, module = _load("lightning_ibot").main(["optim.epochs=2", "run.knn_at_end=false"])
+    assert module.niter == 4  # 64 synthetic images / batch 16, read from the trainer
+    assert len(module.lr_schedule) == 8 and module.lr_schedule[3] == pytest.approx(1e-3 * 16 / 256)
+    loader = trainer.train_dataloader
+    assert loader.dataset.epoch == 1 and loader.collate_fn.mask_generator.epoch == 1  # bug: stayed at 0
+    assert module.model.epoch == 1
+    metrics = trainer.callback_metrics
+    for key in ("monitor/teacher_entropy", "monitor/feature_rank", "schedule/lr", "loss/patch", "knn/top1"):
+        assert key in metrics, key
+    knn = trainer.callbacks[0].results
+    assert [r["epoch"] for r in knn] == [1, 2] and knn[0]["k"] == 5
+
+
+def test_lightning_docstring_example_runs(tmp_path, monkeypatch):
+    pytest.importorskip("lightning")
+    import ibot.lightning
+
+    monkeypatch.chdir(tmp_path)
+    lines = ibot.lightning.__doc__.split("\n\n")[1].splitlines()
+    code = "\n".join(line[4:] for line in lines)
+    assert "iBOTLightningModule(cfg)" in code
+    code = code.replace("lightning.Trainer(", "lightning.Trainer(logger=False, enable_progress_bar=False, ")
+    exec(code, {})
+
+
+def test_lightning_ddp_example_two_processes():
     pytest.importorskip("lightning")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), "optim.epochs=1", "run.knn_at_end=false"],
+        [sys.executable, str(ROOT / "examples" / "lightning_ddp_ibot.py"), "optim.epochs=1", "run.knn_at_end=false"],
         env=env,
         capture_output=True,
         text=True,
@@ -23,4 +67,5 @@ def test_example_runs(script):
         cwd=ROOT,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "loss" in res.stdout
+    assert "steps/epoch 2" in res.stdout  # 64 images / (16 per process x 2 processes)
+    assert "final loss" in res.stdout

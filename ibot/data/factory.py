@@ -79,3 +79,40 @@ def batch_augment_from_config(cfg) -> BatchMultiCrop:
         jitter_p=d.color_jitter_p,
         solarize_p=d.solarization_p,
     )
+
+
+def make_dataloader(cfg, num_workers: int | None = None, shuffle: bool = True):
+    """A standard DataLoader of multi-crop :class:`ibot.data.loader.Batch` es with collate-side masks.
+
+    Call :func:`set_data_epoch` at the start of every epoch, or the augmentations and masks of
+    epoch 0 repeat forever. Lightning may replace its sampler (DDP); the data stay the same.
+    """
+    import torch
+
+    from ibot.data.loader import MultiCropDataset
+
+    ds = MultiCropDataset(dataset_from_config(cfg), pil_transform_from_config(cfg), seed=cfg.run.seed)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=cfg.optim.batch_size,
+        shuffle=shuffle,
+        drop_last=True,
+        collate_fn=collate_from_config(cfg),
+        num_workers=cfg.data.num_workers if num_workers is None else num_workers,
+    )
+
+
+def set_data_epoch(loader, epoch: int) -> None:
+    """Move a :func:`make_dataloader` loader to ``epoch``: its crops are seeded by (seed, epoch, index),
+    its masks by (seed, epoch, ...), and the masks start at ``mask.start_epoch``.
+
+    Takes effect at the next ``iter(loader)``: worker processes copy the dataset then, so
+    ``persistent_workers=True`` would keep the old epoch (refused here).
+    """
+    if getattr(loader, "persistent_workers", False):
+        raise ValueError("set_data_epoch needs persistent_workers=False (workers keep their copy of the epoch)")
+    loader.dataset.epoch = epoch
+    collate = loader.collate_fn
+    collate.epoch = epoch
+    if collate.mask_generator is not None:
+        collate.mask_generator.set_epoch(epoch)

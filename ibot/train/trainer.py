@@ -7,7 +7,6 @@ under ``torchrun`` (DDP); no global state.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -29,7 +28,7 @@ from ibot.data.factory import (
 from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches
 from ibot.eval.knn import extract_features, knn_classify
 from ibot.train.checkpoint import CheckpointError, load_safe, remove_stale_temporaries, save_atomic
-from ibot.train.metrics import MetricsWriter, plot_curves, rankme
+from ibot.train.metrics import MetricsWriter, collapse_monitors, plot_curves
 from ibot.train.schedules import cosine_scheduler
 from ibot.train.step import TrainStep
 
@@ -274,24 +273,7 @@ class Trainer:
 
     def _monitors(self, out, epoch: int) -> dict:
         """Collapse monitors from the teacher's CLS logits of this step."""
-        t = out.teacher_logits.float()  # (G, B, K)
-        temp = self.model.teacher_temperatures(epoch)[0]
-        # the targets the loss used (the center before this step's update), not a re-centering
-        probs = out.teacher_probs if self.model.centering == "center" else torch.softmax(t / temp, -1)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-        arg = t.argmax(-1)
-        used = arg.unique().numel() / t.shape[-1]
-        agree = (arg[0] == arg[1]).float().mean() if t.shape[0] > 1 else torch.tensor(float("nan"))
-        return {
-            "teacher_entropy": float(entropy),
-            "teacher_entropy_max": math.log(t.shape[-1]),
-            "prototypes_used": int(arg.unique().numel()),
-            "prototypes_used_frac": used,
-            "center_norm": float(self.model.cls_center.center.norm()),
-            "view_agreement": float(agree),
-            "feature_rank": rankme(out.embedding.detach()),
-            "feature_dim": out.embedding.shape[-1],
-        }
+        return collapse_monitors(self.model, out, epoch)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:

@@ -1,0 +1,30 @@
+"""make_dataloader + set_data_epoch: new crops every epoch, masks start at mask.start_epoch."""
+
+import pytest
+import torch
+
+from ibot.config import build_config
+from ibot.data.factory import make_dataloader, set_data_epoch
+
+
+def test_set_data_epoch_changes_crops_and_starts_masks():
+    cfg = build_config("smoke", ["mask.start_epoch=1", "optim.epochs=3"])
+    loader = make_dataloader(cfg, num_workers=0, shuffle=False)
+    first = next(iter(loader))
+    again = next(iter(loader))
+    torch.testing.assert_close(first.global_crops, again.global_crops)  # same epoch, same crops
+    assert not first.masks.masks.any()  # epoch 0 < mask.start_epoch
+    set_data_epoch(loader, 1)
+    second = next(iter(loader))
+    assert not torch.allclose(first.global_crops, second.global_crops)
+    assert second.masks.masks.any()
+
+
+def test_set_data_epoch_refuses_persistent_workers():
+    cfg = build_config("smoke")
+    plain = make_dataloader(cfg, num_workers=0)
+    loader = torch.utils.data.DataLoader(
+        plain.dataset, collate_fn=plain.collate_fn, num_workers=1, persistent_workers=True
+    )
+    with pytest.raises(ValueError, match="persistent_workers=False"):
+        set_data_epoch(loader, 1)

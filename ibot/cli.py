@@ -26,6 +26,8 @@ EXAMPLES = """examples:
   ibot finetune runs/fmnist_tiny --epochs 3             # fine-tune with a linear head
   ibot export runs/fmnist_tiny --out exported/          # timm-loadable safetensors
   ibot config preset=fmnist_tiny                        # print the resolved config
+  ibot config --explain                                 # every key with its meaning
+  ibot pretrain --config runs/x/config.json optim.epochs=5 run.output_dir=runs/y   # a saved config as input
 """
 
 
@@ -37,6 +39,23 @@ def _split_overrides(items: list[str]) -> tuple[str | None, list[str]]:
         else:
             rest.append(it)
     return preset, rest
+
+
+def config_file_overrides(path: str) -> list[str]:
+    """A JSON or YAML config file (a run's ``config.json``, or a partial one) as ``key=value`` overrides."""
+    from pathlib import Path
+
+    import yaml
+
+    from ibot.config import ConfigError, flatten
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())  # JSON is YAML
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read the config file {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a config file (a mapping like the config.json of a run folder)")
+    return [f"{k}={json.dumps(v)}" for k, v in flatten(data).items()]
 
 
 def _known_errors():
@@ -58,6 +77,8 @@ def cmd_pretrain(args) -> int:
 
     preset, overrides = _split_overrides(args.overrides)
     preset = preset or args.preset
+    if args.config:
+        overrides = config_file_overrides(args.config) + overrides
     if args.resume:
         ckpt = Path(args.resume)
         ckpt = ckpt / CHECKPOINT if ckpt.is_dir() else ckpt
@@ -281,7 +302,14 @@ def cmd_config(args) -> int:
     from ibot.config import PRESETS, build_config
 
     preset, overrides = _split_overrides(args.overrides)
+    if args.config:
+        overrides = config_file_overrides(args.config) + overrides
     cfg = build_config(preset, overrides)
+    if args.explain:
+        from ibot.config_help import explain
+
+        print(explain(cfg))
+        return 0
     print(f"# presets: {', '.join(sorted(PRESETS))}")
     print(OmegaConf.to_yaml(cfg))
     return 0
@@ -318,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--preset", help="preset name (same as preset=NAME)")
     pre.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (or a checkpoint file)")
     pre.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the run folder")
+    pre.add_argument(
+        "--config", metavar="FILE", help="start from a JSON/YAML config (e.g. RUN/config.json); key=value still win"
+    )
     pre.set_defaults(func=cmd_pretrain)
 
     def source_args(sp):
@@ -440,10 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser(
         "config",
-        help="print the resolved config of a preset with overrides",
-        description="Print every config key with its value (preset=NAME key=value ...).",
+        help="print the resolved config of a preset with overrides (--explain: what each key means)",
+        description="Print every config key with its value (preset=NAME key=value ...); with --explain, one "
+        "line per key with its value and its meaning.",
     )
     cfg.add_argument("overrides", nargs="*", metavar="key=value")
+    cfg.add_argument("--explain", action="store_true", help="one line per key: value and meaning")
+    cfg.add_argument("--config", metavar="FILE", help="start from a JSON/YAML config file")
     cfg.set_defaults(func=cmd_config)
     return p
 

@@ -21,10 +21,10 @@ class ModelConfig:
     arch: str = "vit_small_patch16_224"  # any timm ViT or Swin (swin_*) name
     patch_size: int = 16  # ViT patch; Swin: patch-embedding size (masks use cells of patch_size * 8)
     img_size: int = 224  # global crop size; position embeddings are made for it
-    in_chans: int = 3
+    in_chans: int = 3  # image channels: 3 (RGB) or 1 (grayscale)
     embed_dim: int | None = None  # override the timm width (custom small ViTs)
-    depth: int | None = None
-    num_heads: int | None = None
+    depth: int | None = None  # override the timm number of blocks
+    num_heads: int | None = None  # override the timm attention heads
     window_size: int | None = None  # Swin attention window (official: 7 or 14)
     depths: list[int] | None = None  # Swin blocks per stage (timm default for the arch when None)
     stage_heads: list[int] | None = None  # Swin attention heads per stage
@@ -32,20 +32,20 @@ class ModelConfig:
     efficient_drop_path: bool = False  # run residual branches on kept samples only (DINOv2)
     out_dim: int = 8192  # CLS prototypes
     patch_out_dim: int = 8192  # patch prototypes (ignored when shared_head)
-    shared_head: bool = True
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    head_layers: int = 3
+    shared_head: bool = True  # CLS and patch tokens share one head and its prototypes (official --shared_head)
+    hidden_dim: int = 2048  # head MLP hidden width
+    bottleneck_dim: int = 256  # head MLP output width, before the L2-normalised prototypes
+    head_layers: int = 3  # head MLP layers
     head_norm: str = "none"  # none | bn | ln
-    head_act: str = "gelu"
-    norm_last_layer: bool = True
+    head_act: str = "gelu"  # head activation (official gelu)
+    norm_last_layer: bool = True  # freeze the prototype weight-norm gain (official --norm_last_layer)
 
 
 @dataclass
 class MaskConfig:
     shape: str = "block"  # block | rand
     ratio: list[float] = field(default_factory=lambda: [0.3])  # official pred_ratio (pairs with ratio_var)
-    ratio_var: list[float] = field(default_factory=lambda: [0.0])
+    ratio_var: list[float] = field(default_factory=lambda: [0.0])  # official pred_ratio_var (ratio +- var)
     start_epoch: int = 0  # official pred_start_epoch
     probability: float = 1.0  # fraction of images masked at all (DINOv2); 1.0 = official
     min_patches: int | None = None  # minimum block area; None = (min(h, w) // 3) ** 2
@@ -58,34 +58,34 @@ class MaskConfig:
 class LossConfig:
     lambda1: float = 1.0  # CLS loss weight
     lambda2: float = 1.0  # patch loss weight (0: no patch loss; masks stay off unless mask.enabled=true)
-    student_temp: float = 0.1
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
-    warmup_teacher_patch_temp: float = 0.04
-    teacher_patch_temp: float = 0.07
-    warmup_teacher_temp_epochs: int = 30
+    student_temp: float = 0.1  # student softmax temperature
+    warmup_teacher_temp: float = 0.04  # CLS teacher temperature at epoch 0 (linear warm-up to teacher_temp)
+    teacher_temp: float = 0.04  # CLS teacher temperature after the warm-up
+    warmup_teacher_patch_temp: float = 0.04  # patch teacher temperature at the warm-up start
+    teacher_patch_temp: float = 0.07  # patch teacher temperature after the warm-up
+    warmup_teacher_temp_epochs: int = 30  # epochs of both teacher-temperature warm-ups
     centering: str = "center"  # center | sinkhorn
     patch_center: str = "all"  # all (official) | masked (DINOv2)
-    center_momentum: float = 0.9
-    sinkhorn_iterations: int = 3
-    koleo_weight: float = 0.0
+    center_momentum: float = 0.9  # EMA momentum of the CLS and patch centers
+    sinkhorn_iterations: int = 3  # Sinkhorn-Knopp iterations (loss.centering=sinkhorn)
+    koleo_weight: float = 0.0  # KoLeo regulariser on the student CLS features (DINOv2); 0 = off
 
 
 @dataclass
 class DataConfig:
     dataset: str = "imagefolder"  # imagefolder | folder | fashion_mnist | mnist | cifar10 | cifar100 | synthetic
-    path: str | None = None
+    path: str | None = None  # image folder (imagefolder/folder) or where downloaded datasets live
     pipeline: str = "auto"  # auto | pil | tensor (vectorised augmentation of in-memory datasets)
-    global_crops_number: int = 2
-    global_crops_scale: list[float] = field(default_factory=lambda: [0.14, 1.0])
-    local_crops_number: int = 0
-    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
-    local_crop_size: int = 96
+    global_crops_number: int = 2  # global crops per image (official 2)
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.14, 1.0])  # global crop area range
+    local_crops_number: int = 0  # local crops per image (official recipe: 10)
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])  # local crop area range
+    local_crop_size: int = 96  # local crop size in pixels (a multiple of model.patch_size)
     blur_scale: float = 1.0  # multiplies the blur radius range (0.1, 2.0)
     color_jitter_p: float = 0.8  # probability of brightness/contrast(/saturation/hue) jitter per crop
     solarization_p: float = 0.2  # probability of solarizing the second global crop
-    num_workers: int = 4
-    synthetic_size: int = 256
+    num_workers: int = 4  # DataLoader worker processes per training process
+    synthetic_size: int = 256  # images of data.dataset=synthetic
     limit: int = 0  # use only the first N training images (0 = all)
     holdout: float = 0.1  # imagefolder without val/: share of each class held out of training to evaluate on (0 = none)
     max_skip_fraction: float = 0.05  # stop when more unreadable images than this were skipped
@@ -93,25 +93,25 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 100
+    epochs: int = 100  # length of the lr / weight-decay / momentum / temperature schedules
     batch_size: int = 128  # per process
     lr: float = 5e-4  # for a total batch of 256 (scaled linearly)
-    min_lr: float = 1e-6
+    min_lr: float = 1e-6  # lr at the end of the cosine
     warmup_epochs: float = 10  # linear lr warm-up (fractions of an epoch allowed)
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
+    weight_decay: float = 0.04  # weight decay at step 0 (cosine to weight_decay_end)
+    weight_decay_end: float = 0.4  # weight decay at the last step
     clip_grad: float = 3.0  # 0 disables
     clip_mode: str = "param"  # param (official) | global
-    freeze_last_layer: int = 1
-    momentum_teacher: float = 0.996
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    freeze_last_layer: int = 1  # epochs during which the prototypes get no gradient
+    momentum_teacher: float = 0.996  # teacher EMA momentum at step 0 (cosine to 1)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/ibot"
+    output_dir: str = "runs/ibot"  # run folder: config, metrics, curves, checkpoints (resumed when it has one)
     init_from: str | None = None  # start from weights: ibot or official iBOT checkpoint, timm .safetensors/.pth
-    seed: int = 0
+    seed: int = 0  # seed of the weights, crops, masks and data order
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | fp32 | bf16 | fp16
     threads: int = 0  # torch CPU threads (0 = torch default)
@@ -123,15 +123,20 @@ class RunConfig:
     save_every_steps: int = 0  # also checkpoint every N steps (crash safety inside long epochs)
     saveckp_freq: int = 0  # keep checkpoint{epoch:04}.pth every N epochs (0 = only the last)
     knn_every: int = 0  # epochs between k-NN evaluations (0 = only at the end)
-    knn_at_end: bool = True
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    knn_at_end: bool = True  # k-NN evaluation after training
+    knn_k: int = 20  # neighbours of the reported k-NN top-1
+    knn_temperature: float = 0.07  # k-NN vote temperature (votes weighted by exp(sim / T))
     knn_train_limit: int = 0  # use at most N memory-bank images (0 = all)
     knn_split: str = "test"  # test | val (val: the last 10k training images are the queries, for tuning)
     max_steps: int = 0  # stop after N steps (0 = the whole schedule); schedules keep their length
     time_limit_min: float = 0  # stop training after this many minutes of training time (0 = none)
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping
-    progress: bool = True
+    progress: bool = True  # a progress bar per epoch (rank 0); false: a text line every run.print_every_s
+    print_every_s: float = 30.0  # seconds between text progress lines when run.progress=false
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # any of tensorboard, csv, wandb
+    wandb_project: str = "ibot"  # W&B project (run.loggers has wandb)
+    wandb_mode: str = "offline"  # offline (sync later: wandb sync RUN/wandb) | online | disabled
+    allow_schedule_change: bool = False  # resume with changed optim schedule keys (e.g. more optim.epochs)
 
 
 @dataclass
@@ -384,10 +389,13 @@ def validate(cfg) -> None:
         "run.knn_split": (cfg.run.knn_split, ("test", "val")),
         "run.precision": (cfg.run.precision, ("auto", "fp32", "bf16", "fp16")),
         "model.head_norm": (m.head_norm, ("none", "bn", "ln")),
+        "run.wandb_mode": (cfg.run.wandb_mode, ("offline", "online", "disabled")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             problems.append(f"{key}={value!r} is not one of {allowed}")
+    loggers = ("tensorboard", "csv", "wandb")
+    problems += [f"run.loggers has {x!r}, not one of {loggers}" for x in cfg.run.loggers if x not in loggers]
     probabilities = {"data.color_jitter_p": d.color_jitter_p, "data.solarization_p": d.solarization_p}
     probabilities["mask.probability"] = mk.probability
     problems += [f"{k}={v} is not a probability in [0, 1]" for k, v in probabilities.items() if not 0 <= v <= 1]

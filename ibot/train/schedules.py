@@ -25,3 +25,17 @@ def cosine_scheduler(
     schedule = np.concatenate((warmup, cosine))
     assert len(schedule) == epochs * niter_per_ep
     return schedule
+
+
+def optim_schedules(o, niter_per_ep: int, world_size: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-step (lr, weight decay, teacher momentum) of an ``optim`` config section, as the official code.
+
+    The lr peaks at ``o.lr * total batch / 256`` after ``o.warmup_epochs`` (linear scaling rule),
+    then follows a cosine to ``o.min_lr``; weight decay and momentum follow cosines to
+    ``o.weight_decay_end`` and 1. ``o`` is anything with those attributes (the config's ``optim``).
+    """
+    total_batch = o.batch_size * world_size
+    lr = cosine_scheduler(o.lr * total_batch / 256.0, o.min_lr, o.epochs, niter_per_ep, warmup_epochs=o.warmup_epochs)
+    wd = cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, niter_per_ep)
+    momentum = cosine_scheduler(o.momentum_teacher, 1.0, o.epochs, niter_per_ep)
+    return lr, wd, momentum

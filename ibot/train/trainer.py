@@ -28,8 +28,9 @@ from ibot.data.factory import (
 from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches
 from ibot.eval.knn import extract_features, knn_classify
 from ibot.train.checkpoint import CheckpointError, load_safe, remove_stale_temporaries, save_atomic
+from ibot.train.loggers import build_loggers
 from ibot.train.metrics import MetricsWriter, collapse_monitors, plot_curves
-from ibot.train.schedules import cosine_scheduler
+from ibot.train.schedules import optim_schedules
 from ibot.train.step import TrainStep
 
 CHECKPOINT = "checkpoint.pth"
@@ -60,6 +61,19 @@ NAN_ADVICE = (
     "the loss was not finite for {n} consecutive steps; the last good checkpoint is kept. Try: a lower optim.lr, "
     "a longer optim.warmup_epochs, run.precision=fp32, a lower AdamW beta2 (optim.betas=[0.9,0.99]), "
     "or a higher optim.momentum_teacher."
+)
+
+
+# keys of the per-step lr / weight decay / momentum schedules: changing one on resume moves them
+SCHEDULE_KEYS = (
+    "optim.epochs",
+    "optim.batch_size",
+    "optim.lr",
+    "optim.min_lr",
+    "optim.warmup_epochs",
+    "optim.weight_decay",
+    "optim.weight_decay_end",
+    "optim.momentum_teacher",
 )
 
 
@@ -166,7 +180,10 @@ class Trainer:
         if D.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        self.metrics = MetricsWriter(self.run_dir) if D.is_main() else None
+        self.metrics = None
+        if D.is_main():  # lines after the step training starts from are dropped (resume, --fresh)
+            loggers = build_loggers(cfg.run.loggers, self.run_dir, to_dict(cfg), self.global_step)
+            self.metrics = MetricsWriter(self.run_dir, loggers, start_step=self.global_step)
 
     # ------------------------------------------------------------------ setup
     def _init_distributed(self) -> None:
@@ -206,13 +223,9 @@ class Trainer:
             self.mc_dataset = MultiCropDataset(self.train_set, pil_transform_from_config(cfg), seed=cfg.run.seed)
 
     def _build_schedules(self) -> None:
-        o = self.cfg.optim
-        total_batch = o.batch_size * D.world_size()
-        self.lr_schedule = cosine_scheduler(
-            o.lr * total_batch / 256.0, o.min_lr, o.epochs, self.niter, warmup_epochs=o.warmup_epochs
+        self.lr_schedule, self.wd_schedule, self.momentum_schedule = optim_schedules(
+            self.cfg.optim, self.niter, D.world_size()
         )
-        self.wd_schedule = cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, self.niter)
-        self.momentum_schedule = cosine_scheduler(o.momentum_teacher, 1.0, o.epochs, self.niter)
 
     def batches(self, epoch: int, start_step: int = 0):
         """This rank's batches of ``epoch`` from ``start_step`` on (deterministic)."""
@@ -292,6 +305,8 @@ class Trainer:
         result = {}
         stopped = False
         t_start = time.time()
+        self.last_record, self._last_print = None, 0.0
+        step0, images0 = self.global_step, self.seen_images
         self.train_seconds = 0.0  # excludes evaluation
         self._warned_epoch = -1
         while self.epoch < cfg.optim.epochs and not stopped:
@@ -299,10 +314,10 @@ class Trainer:
             self.model.set_epoch(epoch)
             self.model.train()
             batches = self.batches(epoch, self.step_in_epoch)
-            bar = self._progress(batches, epoch)
+            bar = self._progress(epoch)
             t_last, n_last = time.time(), 0
             t_epoch = time.time()
-            for batch in bar:
+            for batch in batches:
                 it = epoch * self.niter + self.step_in_epoch
                 self.skipped_images += batch.n_skipped
                 self._check_skips()
@@ -311,14 +326,20 @@ class Trainer:
                 res = self.train_step(batch, epoch, it, stop_vote=over and D.is_dist())
                 self.step_in_epoch += 1
                 self.global_step += 1
+                if bar is not None:
+                    bar.update(1)
                 n_last += batch.batch_size * batch.n_global
                 self.seen_images += batch.batch_size * D.world_size()
-                if res is not None and (self.global_step % cfg.run.log_every == 0 or self.step_in_epoch == self.niter):
+                last = self.step_in_epoch == self.niter or self.global_step >= max_steps
+                if res is not None and (self.global_step % cfg.run.log_every == 0 or last):
                     rec = self._record(res, epoch, it, n_last / max(time.time() - t_last, 1e-9) / batch.n_global)
                     t_last, n_last = time.time(), 0
+                    self.last_record = rec
                     if self.metrics:
                         self.metrics.write(rec)
-                    if hasattr(bar, "set_postfix"):
+                    if bar is None:  # no progress bar: a text line now and then
+                        self._text_progress(rec, total, last)
+                    if bar is not None:
                         bar.set_postfix(
                             loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", ips=f"{rec['images_per_s']:.0f}"
                         )
@@ -340,7 +361,7 @@ class Trainer:
                         stopped = True
                 if stopped:
                     break
-            if hasattr(bar, "close"):
+            if bar is not None:
                 bar.close()
             self.train_seconds += time.time() - t_epoch
             if self.step_in_epoch >= self.niter:
@@ -358,22 +379,67 @@ class Trainer:
         result["wall_minutes"] = (time.time() - t_start) / 60
         if cfg.run.knn_at_end:
             result["knn"] = self.evaluate_knn()
+        result.update(self._summary(step0, images0))
+        if self.metrics:
+            self.metrics.close()
         if D.is_main():
             plot_curves(self.run_dir)
             (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2))
-        if self.metrics:
-            self.metrics.close()
+            self._log_summary(result)
         return result
 
-    def _progress(self, batches, epoch: int):
+    def _text_progress(self, rec: dict, total: int, last: bool) -> None:
+        """One line every run.print_every_s seconds and at the end of each epoch (when the bar is off)."""
+        now = time.time()
+        if not last and now - self._last_print < self.cfg.run.print_every_s:
+            return
+        self._last_print = now
+        self.log(
+            f"epoch {rec['epoch'] + 1}/{self.cfg.optim.epochs} step {rec['step']}/{total} "
+            f"({self.step_in_epoch}/{self.niter} in epoch): loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+            f"{rec['images_per_s']:.0f} img/s"
+        )
+
+    def _summary(self, step0: int, images0: int) -> dict:
+        """What this invocation did, for summary.json and the final lines."""
+        rec = self.last_record or {}
+        images = self.seen_images - images0
+        out = {
+            "steps": self.global_step - step0,
+            "final_step": self.global_step,
+            "final_epoch": self.epoch,
+            "images_per_s": images / max(self.train_seconds, 1e-9),
+        }
+        if rec:
+            out["final_loss"] = rec["loss"]
+            out["final_losses"] = {k: rec[k] for k in ("loss_cls", "loss_patch", "loss_koleo") if k in rec}
+        return out
+
+    def _log_summary(self, result: dict) -> None:
+        loss = f"final loss {result['final_loss']:.4f} (step {result['final_step']})" if "final_loss" in result else ""
+        self.log(
+            f"done: {result['steps']} steps in {result['wall_minutes']:.1f} min ({result['train_minutes']:.1f} min "
+            f"training, {result['images_per_s']:.0f} img/s); {loss or 'no step trained'}"
+        )
+        knn = result.get("knn")
+        if knn:
+            split = knn.get("split", f"the {self.cfg.run.knn_split} split")
+            self.log(
+                f"k-NN top-1 {knn['top1']:.2f}% top-5 {knn['top5']:.2f}% (k={knn['k']}, {knn['n_test']} queries "
+                f"from {split}, {knn['n_train']} bank images)"
+            )
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in self.run_dir.iterdir())
+        self.log(f"files in {self.run_dir}: {', '.join(names)}")
+
+    def _progress(self, epoch: int):
+        """The epoch's progress bar (updated by hand, so a run that stops at its last step shows n/n), or None."""
         if not (self.cfg.run.progress and D.is_main()):
-            return batches
+            return None
         from tqdm.auto import tqdm
 
         return tqdm(
-            batches,
-            total=len(batches),
-            initial=0,
+            total=self.niter,
+            initial=self.step_in_epoch,
             desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}",
             unit="step",
             dynamic_ncols=True,
@@ -483,6 +549,7 @@ class Trainer:
                 + "\n  ".join(diff)
                 + "\nuse the same settings or a new run.output_dir"
             )
+        self._check_schedules(path, ckpt)
         if self.fsdp:
             from ibot.fsdp import load_sharded_state
 
@@ -503,6 +570,28 @@ class Trainer:
             # hold rank 0's only
             per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]] * D.world_size()
             _set_rng_state(per_rank[D.rank()])
+
+    def _check_schedules(self, path, ckpt: dict) -> None:
+        """Refuse resuming with other lr / weight-decay / momentum schedules unless run.allow_schedule_change."""
+        old, new = flatten(ckpt["config"]), flatten(to_dict(self.cfg))
+        changed = [k for k in SCHEDULE_KEYS if k in old and old[k] != new[k]]
+        if not changed:
+            return
+        step = ckpt["global_step"]
+        old_optim = from_dict(ckpt["config"]).optim
+        old_lr, _, old_m = optim_schedules(old_optim, self.niter, ckpt.get("world_size", 1))
+        at = lambda a, i: float(a[min(i, len(a) - 1)])  # noqa: E731
+        jump = (
+            f"at step {step} the lr would go {at(old_lr, step):.3g} -> {at(self.lr_schedule, step):.3g} and the "
+            f"teacher momentum {at(old_m, step):.6g} -> {at(self.momentum_schedule, step):.6g}"
+        )
+        what = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)
+        if not self.cfg.run.allow_schedule_change:
+            raise CheckpointError(
+                f"{path} was trained with other schedules ({what}); {jump}. Resume with the old values, "
+                "or add run.allow_schedule_change=true to recompute the schedules over the new length"
+            )
+        self.log(f"schedules changed ({what}): {jump}")
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_knn(self) -> dict | None:

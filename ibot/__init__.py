@@ -3,7 +3,7 @@
 >>> from ibot import iBOT, DINO
 """
 
-from ibot.methods import DINO, DINOOutput, iBOT, iBOTOutput
+from ibot.methods import DINO, DINOOutput, ModelOutput, iBOT, iBOTOutput
 
 __version__ = "0.1.0"
-__all__ = ["DINO", "DINOOutput", "iBOT", "iBOTOutput", "__version__"]
+__all__ = ["DINO", "DINOOutput", "ModelOutput", "iBOT", "iBOTOutput", "__version__"]

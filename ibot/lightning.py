@@ -26,7 +26,7 @@ from ibot.config import build_model
 from ibot.data.factory import dataset_from_config, make_dataloader, set_data_epoch
 from ibot.train.metrics import collapse_monitors
 from ibot.train.optim import cancel_last_layer_grads, clip_gradients, param_groups
-from ibot.train.schedules import cosine_scheduler
+from ibot.train.schedules import optim_schedules
 
 __all__ = ["KNNCallback", "iBOTLightningModule", "make_dataloader"]
 
@@ -60,15 +60,11 @@ class iBOTLightningModule(L.LightningModule):  # noqa: N801
         return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
     def _schedules(self) -> None:
-        o = self.cfg.optim
         if self.niter is None:
             self.niter = self._steps_per_epoch()
-        total_batch = o.batch_size * self.trainer.world_size
-        self.lr_schedule = cosine_scheduler(
-            o.lr * total_batch / 256.0, o.min_lr, o.epochs, self.niter, warmup_epochs=o.warmup_epochs
+        self.lr_schedule, self.wd_schedule, self.momentum_schedule = optim_schedules(
+            self.cfg.optim, self.niter, self.trainer.world_size
         )
-        self.wd_schedule = cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, self.niter)
-        self.momentum_schedule = cosine_scheduler(o.momentum_teacher, 1.0, o.epochs, self.niter)
 
     def on_fit_start(self) -> None:
         self._schedules()

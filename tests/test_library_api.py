@@ -84,3 +84,16 @@ def test_after_step_does_the_ema_and_the_epoch():
     assert model.epoch == 1 and model.mask_generator.epoch == 1  # step 3 was the last of epoch 0
     model.after_step(step=4, total_steps=10, steps_per_epoch=4)
     assert model.epoch == 1
+
+
+def test_trainer_runs_dino_on_a_resnet_and_explains_vit_only_keys(tmp_path):
+    from ibot.config import ConfigError, build_config
+    from ibot.train.trainer import Trainer
+
+    base = ["method=dino", "model.arch=resnet18", f"run.output_dir={tmp_path}", "run.progress=false"]
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'embed_dim'; check the model"):
+        Trainer(build_config("smoke", base))
+    vit_keys = ["model.embed_dim=null", "model.depth=null", "model.num_heads=null"]
+    cfg = build_config("smoke", [*base, *vit_keys, "run.max_steps=2", "run.knn_at_end=false"])
+    result = Trainer(cfg, log=lambda *a: None).fit()
+    assert result["final_step"] == 2 and result["final_loss"] > 0

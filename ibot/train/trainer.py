@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ibot import distributed as D
-from ibot.config import build_model, flatten, from_dict, to_dict
+from ibot.config import ConfigError, build_model, flatten, from_dict, to_dict
 from ibot.data.datasets import DatasetError, slice_dataset, spread_subset, validation_split
 from ibot.data.factory import (
     batch_augment_from_config,
@@ -116,7 +116,10 @@ class Trainer:
         random.seed(cfg.run.seed + D.rank())
 
         self._build_data()
-        self.model = build_model(cfg)
+        try:
+            self.model = build_model(cfg)
+        except ValueError as err:  # the model settings do not fit the backbone: a config problem
+            raise ConfigError(f"{err}; check the model.* and method keys") from err
         if cfg.run.init_from:
             from ibot.interop import init_model_from
 

@@ -25,8 +25,8 @@ class PooledBackbone(nn.Module):
         name = type(model).__name__
         if masked_im_modeling:
             raise ValueError(
-                f"iBOT's masked-patch loss needs a ViT with a class token or a Swin; {name} has neither: "
-                "use ibot.DINO (or patch_loss_weight=0) for this backbone"
+                f"iBOT's masked-patch loss needs a timm ViT with a class token (no register tokens) or a Swin, "
+                f"not {name}: use ibot.DINO (or patch_loss_weight=0) for this backbone"
             )
         if getattr(model, "num_classes", 0):
             raise ValueError(f"{name} has a classifier (num_classes={model.num_classes}); build it with num_classes=0")

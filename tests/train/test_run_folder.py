@@ -98,10 +98,11 @@ def test_last_epoch_bar_reaches_n_of_n(tmp_path, capsys):
 
 def test_csv_and_wandb_offline_loggers(tmp_path):
     pytest.importorskip("wandb")
-    fit(tmp_path, "run.max_steps=3", "run.loggers=[csv,wandb]")
+    fit(tmp_path, "run.max_steps=3", "run.loggers=[csv,wandb]", "run.knn_at_end=true")
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3] and float(rows[-1]["loss/total"]) > 0
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 3] and float(rows[2]["loss/total"]) > 0
+    assert rows[0]["knn/top1"] == "" and float(rows[-1]["knn/top1"]) >= 0  # the k-NN column came later
     assert "schedule/lr" in rows[0] and "feature_dim" not in str(rows[0])
     run_id = (tmp_path / "wandb_id").read_text().strip()
     offline = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))

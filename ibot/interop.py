@@ -423,6 +423,14 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, info: dict, 
     """
     from safetensors.torch import save_file
 
+    from ibot.models.pooled import PooledBackbone
+
+    if isinstance(backbone, PooledBackbone):
+        name = type(backbone.timm_model).__name__
+        raise NotImplementedError(
+            f"ibot export writes ViT and Swin backbones; for this {name}, save backbone.timm_model.state_dict() "
+            "and load it into timm.create_model(arch, num_classes=0)"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vit = backbone.timm_model

@@ -97,3 +97,6 @@ def test_trainer_runs_dino_on_a_resnet_and_explains_vit_only_keys(tmp_path):
     cfg = build_config("smoke", [*base, *vit_keys, "run.max_steps=2", "run.knn_at_end=false"])
     result = Trainer(cfg, log=lambda *a: None).fit()
     assert result["final_step"] == 2 and result["final_loss"] > 0
+    from ibot.cli import main
+
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "exported")]) == 2  # one line, no traceback

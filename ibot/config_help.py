@@ -17,14 +17,18 @@ from functools import cache
 
 @cache
 def field_comments() -> dict[str, str]:
-    """``{"optim.lr": "for a total batch of 256 (scaled linearly)", ...}`` for every key with a comment."""
+    """``{"optim.lr": "for a total batch of 256 (scaled linearly)", ...}`` for every key with a comment.
+
+    A field's comment is the one after it on its line, or else the comment lines right above it.
+    """
     import ibot.config as config_module
 
     source = inspect.getsource(config_module)
-    comments = {}  # line number -> comment text
+    trailing, above = {}, {}  # line number -> comment text (after code / on a line of its own)
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            own_line = not tok.line[: tok.start[1]].strip()
+            (above if own_line else trailing)[tok.start[0]] = tok.string.lstrip("#").strip()
     classes = {n.name: n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)}
 
     def fields(cls: ast.ClassDef):
@@ -32,15 +36,23 @@ def field_comments() -> dict[str, str]:
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
                 yield node.target.id, node
 
+    def comment(node) -> str | None:
+        """The field's trailing comment, else the comment lines right above it."""
+        if node.end_lineno in trailing:
+            return trailing[node.end_lineno]
+        lines, i = [], node.lineno - 1
+        while i in above:
+            lines.insert(0, above[i])
+            i -= 1
+        return " ".join(lines) or None
+
     out = {}
     for name, node in fields(classes["Config"]):
         section = ast.unparse(node.annotation)
-        if section in classes:
-            for key, sub in fields(classes[section]):
-                if sub.end_lineno in comments:
-                    out[f"{name}.{key}"] = comments[sub.end_lineno]
-        elif node.end_lineno in comments:
-            out[name] = comments[node.end_lineno]
+        for key, sub in fields(classes[section]) if section in classes else [(None, node)]:
+            text = comment(sub)
+            if text:
+                out[f"{name}.{key}" if key else name] = text
     return out
 
 

@@ -436,10 +436,10 @@ class iBOT(nn.Module):  # noqa: N801
         # teacher: unmasked global crops, no grad
         with torch.no_grad():
             t_cls_tok, t_patch_tok = self.teacher["backbone"](g_imgs)
-            flat = t_patch_tok.reshape(-1, t_patch_tok.shape[-1])
             all_patches = bn or (self.centering == "center" and self.patch_center == "all")
             patch_rows = None
-            if bn or patch:
+            if (bn or patch) and t_patch_tok is not None:  # a pooled (CNN) backbone has no patch tokens
+                flat = t_patch_tok.reshape(-1, t_patch_tok.shape[-1])
                 patch_rows = flat if all_patches else flat[mb.index]
             rows = t_cls_tok if patch_rows is None else torch.cat([t_cls_tok, patch_rows])
             z = t_head.project(rows)
@@ -466,14 +466,15 @@ class iBOT(nn.Module):  # noqa: N801
 
         # student: masked global crops (one pass), local crops (one pass)
         s_cls_g, s_patch_g = self.student["backbone"](g_imgs, mask=None if mb is None else mb.masks)
-        s_flat = s_patch_g.reshape(-1, s_patch_g.shape[-1])
+        s_flat = None if s_patch_g is None else s_patch_g.reshape(-1, s_patch_g.shape[-1])
         local = None if l_imgs is None else self.student["backbone"](l_imgs)
         n_rows = n_cls + (0 if local is None else local[0].shape[0])
         if bn:  # one head pass per crop group over all of its tokens, then the rows the loss reads
-            z_g = s_head.project(torch.cat([s_cls_g, s_flat]))
+            z_g = s_head.project(s_cls_g if s_flat is None else torch.cat([s_cls_g, s_flat]))
             parts = [z_g[:n_cls]]
             if local is not None:
-                z_l = s_head.project(torch.cat([local[0], local[1].reshape(-1, local[1].shape[-1])]))
+                l_rows = local[0] if local[1] is None else torch.cat([local[0], local[1].flatten(0, 1)])
+                z_l = s_head.project(l_rows)
                 parts.append(z_l[: local[0].shape[0]])
             if patch:
                 parts.append(z_g[n_cls:][mb.index])

@@ -100,3 +100,10 @@ def test_trainer_runs_dino_on_a_resnet_and_explains_vit_only_keys(tmp_path):
     from ibot.cli import main
 
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "exported")]) == 2  # one line, no traceback
+
+
+def test_dino_on_a_resnet_with_a_batchnorm_head():
+    torch.manual_seed(0)
+    model = DINO("resnet18", **SMALL, n_prototypes=16, head_norm="bn")
+    out = model(global_views=_views(2, 4, 32), local_views=_views(2, 4, 16, seed=1))
+    assert torch.isfinite(out.loss) and out.student_logits.shape == (4, 4, 16)

@@ -268,3 +268,20 @@ def test_trainer_ranks_keep_identical_weights(tmp_path):
     out = tmp_path / "params"
     mp.spawn(_trainer_worker, args=(2, _free_port(), str(tmp_path / "run"), str(out)), nprocs=2, join=True)
     assert torch.equal(torch.load(f"{out}.0"), torch.load(f"{out}.1"))
+
+
+def test_torchrun_dino_on_a_cnn_backbone(tmp_path):
+    """DINO on a timm ResNet under DDP (BatchNorm in the backbone; per-process statistics on CPUs)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    cmd += ["-m", "ibot", "pretrain", "preset=smoke", f"run.output_dir={run}", "run.progress=false"]
+    cmd += ["method=dino", "model.arch=resnet18", "model.embed_dim=null", "model.depth=null", "model.num_heads=null"]
+    cmd += ["optim.batch_size=8", "run.max_steps=2", "run.knn_at_end=false"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "statistics per process" in res.stdout + res.stderr
+    from ibot.train.checkpoint import load_safe
+
+    ckpt = load_safe(run / "checkpoint.pth")
+    assert ckpt["world_size"] == 2 and ckpt["global_step"] == 2

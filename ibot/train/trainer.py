@@ -143,7 +143,12 @@ class Trainer:
 
             shard_model(self.model)
         elif D.is_dist():
-            if cfg.model.head_norm == "bn":  # both heads, as the official code (the teacher's uses batch stats too)
+            # BatchNorm (a bn head, a CNN backbone) -> SyncBatchNorm in student and teacher, as the official code;
+            # torch's SyncBatchNorm runs on GPUs only: CPU processes each normalise with their own batch
+            has_bn = any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in self.model.modules())
+            if has_bn and self.device.type == "cpu":
+                self.log("BatchNorm on CPU processes: statistics per process (SyncBatchNorm needs GPUs)")
+            elif has_bn:
                 self.model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.student)
                 self.model.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.teacher)
             # SyncBatchNorm keeps the BN running statistics identical on every rank, as the centers
@@ -342,7 +347,7 @@ class Trainer:
                         self.metrics.write(rec)
                     if bar is None:  # no progress bar: a text line now and then
                         self._text_progress(rec, total, last)
-                    if bar is not None:
+                    else:
                         bar.set_postfix(
                             loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", ips=f"{rec['images_per_s']:.0f}"
                         )

@@ -121,7 +121,9 @@ class WandbLogger:
         try:
             import wandb
         except ImportError as err:
-            raise ImportError("run.loggers has wandb but wandb is not installed: pip install 'ibot[wandb]'") from err
+            from ibot.config import ConfigError
+
+            raise ConfigError("run.loggers has wandb but wandb is not installed: pip install 'ibot[wandb]'") from err
         run_dir = Path(run_dir)
         id_file = run_dir / "wandb_id"
         if start_step and id_file.is_file():

@@ -5,6 +5,7 @@ import csv
 import json
 import re
 import shutil
+import sys
 
 import pytest
 
@@ -110,9 +111,14 @@ def test_csv_and_wandb_offline_loggers(tmp_path):
     assert not (tmp_path / "tb").exists()  # tensorboard was not asked for
 
 
-def test_unknown_logger_is_a_config_error():
+def test_unknown_or_missing_logger_is_a_config_error(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="run.loggers has 'mlflow'"):
         build_config("smoke", ["run.loggers=[mlflow]"])
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    from ibot.cli import main
+
+    assert main(["pretrain", "preset=smoke", f"run.output_dir={tmp_path}", "run.loggers=[wandb]"]) == 2
+    assert "wandb is not installed: pip install 'ibot[wandb]'" in capsys.readouterr().err
 
 
 def test_extending_epochs_needs_an_explicit_schedule_change(tmp_path):

@@ -107,3 +107,16 @@ def test_dino_on_a_resnet_with_a_batchnorm_head():
     model = DINO("resnet18", **SMALL, n_prototypes=16, head_norm="bn")
     out = model(global_views=_views(2, 4, 32), local_views=_views(2, 4, 16, seed=1))
     assert torch.isfinite(out.loss) and out.student_logits.shape == (4, 4, 16)
+
+
+def test_dino_takes_any_module_that_returns_features():
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 24, 3, padding=1), torch.nn.BatchNorm2d(24), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+    )  # fmt: skip
+    model = DINO(cnn, **SMALL, n_prototypes=16)
+    assert model.embed_dim == 24
+    out = model(global_views=_views(2, 4, 32), local_views=_views(2, 4, 16, seed=1))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and cnn[0].weight.grad is not None

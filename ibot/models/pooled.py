@@ -16,7 +16,8 @@ class PooledBackbone(nn.Module):
     """A timm model with ``num_classes=0``: (B, C, H, W) -> pooled (B, D) features, no patch tokens.
 
     Args:
-        model: a timm model built with ``num_classes=0`` (its forward returns pooled features).
+        model: a timm model built with ``num_classes=0`` (its forward returns pooled features), or
+            any module that maps (B, 3, H, W) images to (B, D) features (or (B, N, D) tokens).
         masked_im_modeling: must be False; such models have no patch tokens to mask.
     """
 
@@ -31,10 +32,21 @@ class PooledBackbone(nn.Module):
         if getattr(model, "num_classes", 0):
             raise ValueError(f"{name} has a classifier (num_classes={model.num_classes}); build it with num_classes=0")
         self.model = model
-        self.embed_dim: int = int(model.num_features)
+        self.embed_dim: int = int(getattr(model, "num_features", 0) or self._probe_width())
         self.masked_embed = None
         self.patch_size = None
         self.efficient_drop_path = False
+
+    @torch.no_grad()
+    def _probe_width(self) -> int:
+        """Feature width of a non-timm module, from one forward of a (2, 3, 64, 64) zero batch."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            width = self(torch.zeros(2, 3, 64, 64))[0].shape[-1]
+        finally:
+            self.model.train(was_training)
+        return int(width)
 
     @property
     def timm_model(self) -> nn.Module:

@@ -126,6 +126,8 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
     knn = [r for r in records if "knn_top1" in r]
     out = Path(out) if out else Path(run_dir) / "curves.png"
     panels = _panels(records)
+    lo, hi = min(r["step"] for r in rows + knn), max(r["step"] for r in rows + knn)
+    pad = max(0.5, 0.02 * (hi - lo))
     cols = 3
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.0 * nrows), squeeze=False)
@@ -145,6 +147,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
+        ax.set_xlim(lo - pad, hi + pad)  # one step axis for every panel (k-NN included)
         if len(keys) > 1:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:

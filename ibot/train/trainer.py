@@ -431,10 +431,10 @@ class Trainer:
         )
         knn = result.get("knn")
         if knn:
-            split = knn.get("split", f"the {self.cfg.run.knn_split} split")
+            split = knn.get("split", f"the {self.cfg.run.knn_split} split ({knn['n_test']} images)")
             self.log(
-                f"k-NN top-1 {knn['top1']:.2f}% top-5 {knn['top5']:.2f}% (k={knn['k']}, {knn['n_test']} queries "
-                f"from {split}, {knn['n_train']} bank images)"
+                f"k-NN top-1 {knn['top1']:.2f}% top-5 {knn['top5']:.2f}% (k={knn['k']}, queries: {split}; "
+                f"{knn['n_train']} bank images)"
             )
         names = sorted(p.name + ("/" if p.is_dir() else "") for p in self.run_dir.iterdir())
         self.log(f"files in {self.run_dir}: {', '.join(names)}")

@@ -29,7 +29,8 @@ def test_output_is_dict_like():
         out["loss_koleo"]
     assert out.get("loss_koleo", 3) == 3
     d = dict(out)
-    assert list(d) == out.keys() == ["loss", "loss_cls", "loss_patch", "embedding", "teacher_logits", "student_logits"]
+    keys = ["loss", "loss_cls", "loss_patch", "embedding", "teacher_logits", "student_logits", "teacher_probs"]
+    assert list(d) == out.keys() == keys
     assert d["teacher_logits"].shape == (2, 4, 16)
     assert out.to_tuple()[1] is out.loss_cls
 

@@ -40,28 +40,53 @@ def _split_overrides(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _known_errors():
+    """Anticipated failures: one line ``ibot: error: ...`` with the fix, no traceback (``--debug`` shows it)."""
     from ibot.config import ConfigError
     from ibot.data.datasets import DatasetError
     from ibot.device import DeviceError
+    from ibot.eval.protocols import EvalError
     from ibot.train.checkpoint import CheckpointError
+    from ibot.train.runlock import RunLockError
     from ibot.train.trainer import TrainingError
 
-    return (ConfigError, DatasetError, CheckpointError, TrainingError, DeviceError, NotImplementedError)
+    return (
+        ConfigError,
+        DatasetError,
+        CheckpointError,
+        TrainingError,
+        DeviceError,
+        RunLockError,
+        EvalError,
+        NotImplementedError,
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:  # e.g. "Permission denied: 'runs/x/out.png'"
+        return f"{err.strerror}: {err.filename!r}" if err.filename else err.strerror
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (the subcommand parsers inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def cmd_pretrain(args) -> int:
     from pathlib import Path
 
     from ibot.config import build_config, flatten, parse_override, to_dict
-    from ibot.train.checkpoint import load_safe
-    from ibot.train.trainer import CHECKPOINT, Trainer
+    from ibot.train.trainer import CHECKPOINT, Trainer, resume_config
 
     preset, overrides = _split_overrides(args.overrides)
     preset = preset or args.preset
     if args.resume:
         ckpt = Path(args.resume)
         ckpt = ckpt / CHECKPOINT if ckpt.is_dir() else ckpt
-        saved = flatten(load_safe(ckpt)["config"])
+        saved = flatten(resume_config(ckpt))
         cfg = build_config(None, {**saved, **dict(parse_override(o) for o in overrides)})
         cfg.run.output_dir = str(ckpt.parent)
         trainer = Trainer(cfg, resume=str(ckpt))
@@ -288,13 +313,14 @@ def cmd_config(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ibot",
         description="iBOT self-supervised pretraining of Vision Transformers: pretrain, evaluate, inspect.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"ibot {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of every error (also after COMMAND)")
 
     def device_arg(sp):
         sp.add_argument(
@@ -459,7 +485,15 @@ def interrupted_message(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 an anticipated error, 128 + N stopped by signal N).
+
+    Anticipated failures (bad values, missing or corrupt files, OS errors) print one line; anything
+    else is a bug in ibot and prints its traceback.
+    """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args, extra = parser.parse_known_args(argv)
     bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if bad:
@@ -469,14 +503,29 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from ibot.train.signals import SignalStopError
+
     try:
         return args.func(args)
-    except _known_errors() as err:
-        print(f"ibot: error: {err}", file=sys.stderr)
+    except SignalStopError as err:
+        print(f"ibot: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except (*_known_errors(), OSError) as err:
+        if debug:
+            raise
+        print(f"ibot: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if debug:
+            raise
         print(interrupted_message(args), file=sys.stderr)
         return 130
+    except Exception as err:
+        import traceback
+
+        traceback.print_exc()
+        print(f"ibot: internal error ({type(err).__name__}); this is a bug, please report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

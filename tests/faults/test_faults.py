@@ -140,13 +140,13 @@ def test_torn_file_is_reported_not_loaded(tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("loss.warmup_teacher_temp_epochs=3", "warmup_teacher_temp_epochs"),
-        ("mask.start_epoch=2", "mask.start_epoch"),
+        ("loss.warmup_teacher_temp_epochs=-1", "warmup_teacher_temp_epochs"),
+        ("mask.start_epoch=-2", "mask.start_epoch"),
         ("model.patch_size=5", "not divisible"),
         ("data.local_crop_size=12", "local_crop_size"),
         ("mask.shape=grid", "mask.shape"),
         ("loss.centering=softmax", "loss.centering"),
-        ("data.global_crops_number=0", "global crop"),
+        ("data.global_crops_number=0", "global_crops_number=0"),
     ],
 )
 def test_impossible_configs_fail_before_work(override, message):

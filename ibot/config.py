@@ -436,7 +436,9 @@ def _range_problems(cfg) -> list[str]:
     at_least("run.save_every_minutes run.time_limit_min", 0, integer=False)
     at_least("run.log_every run.knn_k run.max_bad_steps", 1)
     need("run.knn_temperature", positive, "a temperature > 0")
-    need("model.arch", _known_arch, "a timm model name, e.g. vit_small_patch16_224 (see timm.list_models('vit_*'))")
+    need(
+        "model.arch", _known_arch, "a plain timm model name, e.g. vit_small_patch16_224; see timm.list_models('vit_*')"
+    )
     return problems
 
 

@@ -548,6 +548,10 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        """Save (every rank calls it); a second call at the same position writes nothing new."""
+        position = (self.epoch, self.step_in_epoch, self.global_step)
+        if getattr(self, "_saved_at", None) == position:
+            return
         rng = _gather_rng_states()  # every rank's streams (a collective: every rank calls it)
         state = self.state_dict(rng) if self.fsdp or D.is_main() else None
         if D.is_main():
@@ -555,6 +559,7 @@ class Trainer:
         if D.is_dist():
             dist.barrier()
         self._last_save = time.time()
+        self._saved_at = position
 
     def load_checkpoint_or_previous(self, path: Path) -> None:
         """Resume from ``path``; when it is missing or corrupt, from the one saved before it (with a message)."""

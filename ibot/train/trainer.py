@@ -510,6 +510,11 @@ class Trainer:
     def _check_skips(self) -> None:
         """Stop when this rank skipped more than ``data.max_skip_fraction`` of the images it tried to load."""
         tried = max(self.attempted_images, 1)
+        if self.skipped_images == self.attempted_images >= self.cfg.optim.batch_size:
+            raise DatasetError(
+                f"none of the first {tried} images could be read (see the warnings above for their paths); "
+                "check data.path"
+            )
         if self.skipped_images > 10 and self.skipped_images / tried > self.cfg.data.max_skip_fraction:
             raise TrainingError(
                 f"{self.skipped_images} unreadable images skipped out of {tried} "

@@ -756,6 +756,8 @@ def _check_writable(folder: Path) -> None:
 
 def resume_config(path: Path) -> dict:
     """The saved config (nested dict) of the checkpoint to resume; of the previous one when it is corrupt."""
+    if not path.exists() and not previous_path(path).is_file():
+        raise CheckpointError(f"no checkpoint at {path}; start a new run without --resume")
     try:
         ckpt = load_safe(path) if path.is_file() or not previous_path(path).is_file() else None
     except CheckpointError:

@@ -62,7 +62,7 @@ def test_skip_rate_threshold_stops_the_run(tmp_path):
     )
     tr = Trainer(cfg, log=lambda *a: None)
     tr.cfg.data.max_skip_fraction = 0.01
-    tr.skipped_images, tr.seen_images = 11, 20  # as if many files were bad
+    tr.skipped_images, tr.attempted_images = 11, 20  # as if many files were bad
     with pytest.raises(TrainingError, match="unreadable images skipped"):
         tr.fit()
 

@@ -68,6 +68,20 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not an integer >= 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a fraction in (0, 1)")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (the subcommand parsers inherit it)."""
 
@@ -394,10 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(as for knn) of the classifier that is best on validation.",
     )
     source_args(lin)
-    lin.add_argument("--n-last-blocks", type=int, default=4)
+    lin.add_argument("--n-last-blocks", type=_positive_int, default=4)
     lin.add_argument("--avgpool", action="store_true", help="append the mean of the final patch tokens")
-    lin.add_argument("--epochs", type=int, default=30)
-    lin.add_argument("--val-fraction", type=float, default=0.1)
+    lin.add_argument("--epochs", type=_positive_int, default=30)
+    lin.add_argument("--val-fraction", type=_fraction, default=0.1)
     eval_loop_args(lin)
     lin.set_defaults(func=cmd_linear)
 
@@ -415,9 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="tiny_cpu",
         help="hyperparameters (official per-size recipes; tiny_cpu: 3 epochs for a quick check)",
     )
-    ft.add_argument("--epochs", type=int, help="override the preset's epochs")
+    ft.add_argument("--epochs", type=_positive_int, help="override the preset's epochs")
     ft.add_argument("--lr", type=float, help="override the preset's base lr (4e-3)")
-    ft.add_argument("--batch-size", type=int, help="override the preset's batch size (128)")
+    ft.add_argument("--batch-size", type=_positive_int, help="override the preset's batch size (128)")
     ft.set_defaults(func=cmd_finetune)
 
     exp = sub.add_parser(
@@ -452,14 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
     vz.add_argument("--images", nargs="+", help="image files (default: the first test images of the dataset)")
     vz.add_argument("--dataset", help="dataset name (default: the run's)")
     vz.add_argument("--data", help="dataset folder")
-    vz.add_argument("--n", type=int, default=4, help="images to use (patterns: use many, e.g. 512)")
+    vz.add_argument("--n", type=_positive_int, default=4, help="images to use (patterns: use many, e.g. 512)")
     vz.add_argument("--img-size", type=int, help="image size (default: the model's)")
     vz.add_argument("--which", choices=("teacher", "student"), default="teacher")
-    vz.add_argument("--threshold", type=float, help="attention: keep this share of the mass (official 0.6)")
+    vz.add_argument("--threshold", type=_fraction, help="attention: keep this share of the mass (official 0.6)")
     vz.add_argument("--type", choices=("patch", "cls"), default="patch", help="patterns: patch or CLS tokens")
-    vz.add_argument("--topk", type=int, default=16)
-    vz.add_argument("--show", type=int, default=8, help="patterns: how many prototypes")
-    vz.add_argument("--window", type=int, default=3, help="patterns: context window in patches")
+    vz.add_argument("--topk", type=_positive_int, default=16)
+    vz.add_argument("--show", type=_positive_int, default=8, help="patterns: how many prototypes")
+    vz.add_argument("--window", type=_positive_int, default=3, help="patterns: context window in patches")
     vz.add_argument("--allow-unsafe-pickle", action="store_true")
     device_arg(vz)
     vz.set_defaults(func=cmd_viz)

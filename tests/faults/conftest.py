@@ -1,4 +1,8 @@
-"""Helpers of the fault-injection suite: run ``ibot.cli.main`` in-process and check how it failed."""
+"""The ``cli`` fixture of the fault-injection suite: run ``ibot.cli.main`` in-process and check how it failed.
+
+(``tests/faults`` is a package so that this file imports as ``faults.conftest`` and does not shadow
+``tests/conftest.py``, which other test modules import as ``conftest``.)
+"""
 
 from __future__ import annotations
 

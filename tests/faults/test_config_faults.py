@@ -100,5 +100,10 @@ def test_every_preset_is_in_range():
 def test_usage_errors_are_one_line(cli):
     code, _, err = cli("knn", "runs/x", "--ks", "ten")
     assert code == 2 and err.strip().count("\n") == 0 and "--ks" in err and "--help" in err
+    for flag, value in [("--val-fraction", "1.5"), ("--epochs", "0"), ("--n-last-blocks", "-1")]:
+        code, _, err = cli("linear", "runs/x", flag, value)
+        assert code == 2 and err.strip().count("\n") == 0 and flag in err and value in err
+    code, _, err = cli("viz", "attention", "runs/x", "--n", "0")
+    assert code == 2 and err.strip().count("\n") == 0 and "--n: 0 is not an integer >= 1" in err
     code, _, err = cli("pretrain", "--no-such-flag")
     assert code == 2 and err.strip().count("\n") == 0 and "--no-such-flag" in err

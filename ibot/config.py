@@ -455,6 +455,8 @@ def validate(cfg) -> None:
     Every value is checked against its allowed range; the error is one line naming each bad key,
     its value and what is allowed.
     """
+    from ibot.data.datasets import DATASETS
+
     m, d, o, lo, mk = cfg.model, cfg.data, cfg.optim, cfg.loss, cfg.mask
     problems = []
     choices = {
@@ -463,10 +465,7 @@ def validate(cfg) -> None:
         "loss.centering": (lo.centering, ("center", "sinkhorn")),
         "loss.patch_center": (lo.patch_center, ("all", "masked")),
         "data.pipeline": (d.pipeline, ("auto", "pil", "tensor")),
-        "data.dataset": (
-            d.dataset,
-            ("imagefolder", "folder", "fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic"),
-        ),
+        "data.dataset": (d.dataset, DATASETS),
         "optim.clip_mode": (o.clip_mode, ("param", "global")),
         "run.knn_split": (cfg.run.knn_split, ("test", "val")),
         "run.precision": (cfg.run.precision, ("auto", "fp32", "bf16", "fp16")),

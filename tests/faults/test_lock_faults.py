@@ -8,8 +8,10 @@ import time
 from ibot.train import runlock
 from ibot.train.checkpoint import load_safe
 
-HOLD = (
-    "import sys, time; from ibot.train import runlock; runlock.acquire(sys.argv[1]); "
+HOLD = (  # loads runlock.py alone (stdlib only), not the ibot package: a fast second process
+    "import importlib.util, sys, time; "
+    f"spec = importlib.util.spec_from_file_location('runlock', {runlock.__file__!r}); "
+    "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m.acquire(sys.argv[1]); "
     "print('locked', flush=True); time.sleep(120)"
 )
 

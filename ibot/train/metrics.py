@@ -20,6 +20,13 @@ def rankme(features: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", -1))
+    except (ValueError, AttributeError):
+        return math.inf  # a torn last line of a killed run: dropped
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to TensorBoard."""
 
@@ -34,6 +41,18 @@ class MetricsWriter:
                 self.tb = SummaryWriter(str(self.run_dir / "tb"))
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 self.tb = None
+
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps after ``step`` (a resumed run redoes them); returns how many."""
+        if not self.path.is_file():
+            return 0
+        lines = self.path.read_text().splitlines()
+        keep = [ln for ln in lines if _step_of(ln) <= step]
+        if len(keep) != len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(self.path)
+        return len(lines) - len(keep)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:

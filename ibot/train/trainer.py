@@ -184,6 +184,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         self.metrics = MetricsWriter(self.run_dir) if D.is_main() else None
+        if self.metrics and self.global_step:  # steps after the checkpoint were lost: their records go too
+            self.metrics.truncate_after(self.global_step)
 
     # ------------------------------------------------------------------ setup
     def _init_distributed(self) -> None:

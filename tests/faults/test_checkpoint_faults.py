@@ -1,6 +1,7 @@
 """Broken, foreign and unwritable checkpoints: one line, never unsafe advice, the last good state kept."""
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -62,6 +63,8 @@ def test_corrupt_checkpoint_falls_back_to_the_previous(run, cli):
     assert code == 0
     assert "corrupt" in out and "previous checkpoint" in out
     assert load_safe(run / "checkpoint.pth")["global_step"] == 4  # 2 (previous) + 2 steps
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the lost step 3 was dropped from the log and redone once
 
 
 def test_truncated_checkpoint_falls_back_to_the_previous(run, cli):
@@ -75,9 +78,13 @@ def test_truncated_checkpoint_falls_back_to_the_previous(run, cli):
 
 def test_missing_newest_after_a_kill_between_renames(run, cli):
     (run / "checkpoint.pth").unlink()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 1.')  # torn by the kill
     code, out, _ = cli("pretrain", *cli.SMOKE, f"run.output_dir={run}", "run.max_steps=3")
     assert code == 0 and "is missing" in out
     assert load_safe(run / "checkpoint.pth")["global_step"] == 3
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
 
 
 def test_random_bytes_never_steer_to_unsafe_loading(tmp_path, cli):

@@ -1,6 +1,7 @@
 """Data faults: unreadable images in training and in the end-of-run k-NN, folders of only bad images,
 paths that are files, float TIFFs, and the skip-fraction denominator."""
 
+import json
 import logging
 
 import numpy as np
@@ -39,7 +40,8 @@ def test_unreadable_image_in_the_end_of_run_knn(tmp_path, cli):
     )
     assert code == 0, err
     assert "RESULT k-NN top-1" in out
-    assert "16 train / 16 test" in out  # the unreadable file of each split left out, not a crash
+    res = json.loads((tmp_path / "run" / "knn.jsonl").read_text().splitlines()[-1])
+    assert (res["n_train"], res["n_test"]) == (16, 16)  # the unreadable file of each split left out, not a crash
 
 
 def test_folder_of_only_unreadable_images(tmp_path, cli):

@@ -59,21 +59,60 @@ def config_file_overrides(path: str) -> list[str]:
 
 
 def _known_errors():
+    """Anticipated failures: one line ``ibot: error: ...`` with the fix, no traceback (``--debug`` shows it)."""
     from ibot.config import ConfigError
     from ibot.data.datasets import DatasetError
     from ibot.device import DeviceError
+    from ibot.eval.protocols import EvalError
     from ibot.train.checkpoint import CheckpointError
+    from ibot.train.runlock import RunLockError
     from ibot.train.trainer import TrainingError
 
-    return (ConfigError, DatasetError, CheckpointError, TrainingError, DeviceError, NotImplementedError)
+    return (
+        ConfigError,
+        DatasetError,
+        CheckpointError,
+        TrainingError,
+        DeviceError,
+        RunLockError,
+        EvalError,
+        NotImplementedError,
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:  # e.g. "Permission denied: 'runs/x/out.png'"
+        return f"{err.strerror}: {err.filename!r}" if err.filename else err.strerror
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not an integer >= 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a fraction in (0, 1)")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (the subcommand parsers inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def cmd_pretrain(args) -> int:
     from pathlib import Path
 
     from ibot.config import build_config, flatten, parse_override, to_dict
-    from ibot.train.checkpoint import load_safe
-    from ibot.train.trainer import CHECKPOINT, Trainer
+    from ibot.train.trainer import CHECKPOINT, Trainer, resume_config
 
     preset, overrides = _split_overrides(args.overrides)
     preset = preset or args.preset
@@ -82,7 +121,7 @@ def cmd_pretrain(args) -> int:
     if args.resume:
         ckpt = Path(args.resume)
         ckpt = ckpt / CHECKPOINT if ckpt.is_dir() else ckpt
-        saved = flatten(load_safe(ckpt)["config"])
+        saved = flatten(resume_config(ckpt))
         cfg = build_config(None, {**saved, **dict(parse_override(o) for o in overrides)})
         cfg.run.output_dir = str(ckpt.parent)
         trainer = Trainer(cfg, resume=str(ckpt))
@@ -316,13 +355,14 @@ def cmd_config(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ibot",
         description="iBOT self-supervised pretraining of Vision Transformers: pretrain, evaluate, inspect.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"ibot {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of every error (also after COMMAND)")
 
     def device_arg(sp):
         sp.add_argument(
@@ -399,10 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(as for knn) of the classifier that is best on validation.",
     )
     source_args(lin)
-    lin.add_argument("--n-last-blocks", type=int, default=4)
+    lin.add_argument("--n-last-blocks", type=_positive_int, default=4)
     lin.add_argument("--avgpool", action="store_true", help="append the mean of the final patch tokens")
-    lin.add_argument("--epochs", type=int, default=30)
-    lin.add_argument("--val-fraction", type=float, default=0.1)
+    lin.add_argument("--epochs", type=_positive_int, default=30)
+    lin.add_argument("--val-fraction", type=_fraction, default=0.1)
     eval_loop_args(lin)
     lin.set_defaults(func=cmd_linear)
 
@@ -420,9 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="tiny_cpu",
         help="hyperparameters (official per-size recipes; tiny_cpu: 3 epochs for a quick check)",
     )
-    ft.add_argument("--epochs", type=int, help="override the preset's epochs")
+    ft.add_argument("--epochs", type=_positive_int, help="override the preset's epochs")
     ft.add_argument("--lr", type=float, help="override the preset's base lr (4e-3)")
-    ft.add_argument("--batch-size", type=int, help="override the preset's batch size (128)")
+    ft.add_argument("--batch-size", type=_positive_int, help="override the preset's batch size (128)")
     ft.set_defaults(func=cmd_finetune)
 
     exp = sub.add_parser(
@@ -457,14 +497,14 @@ def build_parser() -> argparse.ArgumentParser:
     vz.add_argument("--images", nargs="+", help="image files (default: the first test images of the dataset)")
     vz.add_argument("--dataset", help="dataset name (default: the run's)")
     vz.add_argument("--data", help="dataset folder")
-    vz.add_argument("--n", type=int, default=4, help="images to use (patterns: use many, e.g. 512)")
+    vz.add_argument("--n", type=_positive_int, default=4, help="images to use (patterns: use many, e.g. 512)")
     vz.add_argument("--img-size", type=int, help="image size (default: the model's)")
     vz.add_argument("--which", choices=("teacher", "student"), default="teacher")
-    vz.add_argument("--threshold", type=float, help="attention: keep this share of the mass (official 0.6)")
+    vz.add_argument("--threshold", type=_fraction, help="attention: keep this share of the mass (official 0.6)")
     vz.add_argument("--type", choices=("patch", "cls"), default="patch", help="patterns: patch or CLS tokens")
-    vz.add_argument("--topk", type=int, default=16)
-    vz.add_argument("--show", type=int, default=8, help="patterns: how many prototypes")
-    vz.add_argument("--window", type=int, default=3, help="patterns: context window in patches")
+    vz.add_argument("--topk", type=_positive_int, default=16)
+    vz.add_argument("--show", type=_positive_int, default=8, help="patterns: how many prototypes")
+    vz.add_argument("--window", type=_positive_int, default=3, help="patterns: context window in patches")
     vz.add_argument("--allow-unsafe-pickle", action="store_true")
     device_arg(vz)
     vz.set_defaults(func=cmd_viz)
@@ -493,7 +533,15 @@ def interrupted_message(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 an anticipated error, 128 + N stopped by signal N).
+
+    Anticipated failures (bad values, missing or corrupt files, OS errors) print one line; anything
+    else is a bug in ibot and prints its traceback.
+    """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args, extra = parser.parse_known_args(argv)
     bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if bad:
@@ -503,14 +551,29 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from ibot.train.signals import SignalStopError
+
     try:
         return args.func(args)
-    except _known_errors() as err:
-        print(f"ibot: error: {err}", file=sys.stderr)
+    except SignalStopError as err:
+        print(f"ibot: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except (*_known_errors(), OSError) as err:
+        if debug:
+            raise
+        print(f"ibot: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if debug:
+            raise
         print(interrupted_message(args), file=sys.stderr)
         return 130
+    except Exception as err:
+        import traceback
+
+        traceback.print_exc()
+        print(f"ibot: internal error ({type(err).__name__}); this is a bug, please report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

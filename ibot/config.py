@@ -9,7 +9,9 @@ checkpoint.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -121,6 +123,7 @@ class RunConfig:
     fsdp: bool = False  # shard student and teacher with FSDP2 (torchrun; large backbones, see docs/distributed.md)
     log_every: int = 10  # steps between metric lines
     save_every_steps: int = 0  # also checkpoint every N steps (crash safety inside long epochs)
+    save_every_minutes: float = 30  # also checkpoint after this much time since the last save (0 = off)
     saveckp_freq: int = 0  # keep checkpoint{epoch:04}.pth every N epochs (0 = only the last)
     knn_every: int = 0  # epochs between k-NN evaluations (0 = only at the end)
     knn_at_end: bool = True  # k-NN evaluation after training
@@ -375,8 +378,90 @@ def build_config(preset: str | None = None, overrides: list[str] | dict | None =
     return cfg
 
 
+def _range_problems(cfg) -> list[str]:
+    """One ``key=value ... (allowed ...)`` line per value outside its allowed range."""
+    problems = []
+
+    def need(key: str, ok, allowed: str) -> None:
+        section, _, leaf = key.partition(".")
+        value = cfg[section][leaf] if leaf else cfg[section]
+        if value is None:
+            return
+        try:
+            good = bool(ok(value))
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            shown = list(value) if OmegaConf.is_list(value) else value
+            problems.append(f"{key}={shown!r} is invalid (allowed: {allowed})")
+
+    def at_least(keys: str, lo: float, integer: bool = True) -> None:
+        for key in keys.split():
+            need(key, lambda v: v >= lo, f"{'an integer' if integer else 'a number'} >= {lo:g}")
+
+    positive = lambda v: v > 0  # noqa: E731
+    unit = lambda v: 0 <= v <= 1  # noqa: E731
+    at_least("model.patch_size model.img_size model.embed_dim model.depth model.num_heads model.window_size", 1)
+    at_least("model.out_dim model.patch_out_dim model.hidden_dim model.bottleneck_dim model.head_layers", 1)
+    need("model.in_chans", lambda v: v in (1, 3), "1 (grayscale) or 3 (RGB)")
+    need("model.depths", lambda v: len(v) >= 1 and all(x >= 1 for x in v), "a non-empty list of integers >= 1")
+    need("model.stage_heads", lambda v: len(v) >= 1 and all(x >= 1 for x in v), "a non-empty list of integers >= 1")
+    need("model.drop_path", lambda v: 0 <= v < 1, "0 <= drop_path < 1")
+    need("model.head_act", lambda v: v in ("gelu", "relu"), "'gelu' or 'relu'")
+    need("mask.ratio", lambda v: len(v) >= 1 and all(0 <= x < 1 for x in v), "a non-empty list of values in [0, 1)")
+    need("mask.ratio_var", lambda v: len(v) >= 1 and all(x >= 0 for x in v), "a non-empty list of values >= 0")
+    at_least("mask.start_epoch", 0)
+    at_least("mask.min_patches", 1)
+    at_least("loss.lambda1 loss.lambda2 loss.koleo_weight", 0, integer=False)
+    for key in ("loss.student_temp", "loss.warmup_teacher_temp", "loss.teacher_temp"):
+        need(key, positive, "a temperature > 0")
+    for key in ("loss.warmup_teacher_patch_temp", "loss.teacher_patch_temp"):
+        need(key, positive, "a temperature > 0")
+    at_least("loss.warmup_teacher_temp_epochs", 0)
+    need("loss.center_momentum", unit, "0 <= center_momentum <= 1")
+    at_least("loss.sinkhorn_iterations", 1)
+    scale = lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1  # noqa: E731
+    need("data.global_crops_scale", scale, "[min, max] with 0 < min <= max <= 1")
+    need("data.local_crops_scale", scale, "[min, max] with 0 < min <= max <= 1")
+    at_least("data.global_crops_number data.local_crop_size data.synthetic_size", 1)
+    at_least("data.local_crops_number data.num_workers data.limit", 0)
+    at_least("data.blur_scale", 0, integer=False)
+    need("data.max_skip_fraction", unit, "a fraction in [0, 1]")
+    at_least("optim.epochs optim.batch_size", 1)
+    need("optim.lr", positive, "a learning rate > 0")
+    at_least("optim.min_lr optim.warmup_epochs optim.weight_decay optim.weight_decay_end optim.clip_grad", 0, False)
+    at_least("optim.freeze_last_layer", 0)
+    need("optim.momentum_teacher", unit, "an EMA momentum in [0, 1]")
+    need("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "[beta1, beta2], each in [0, 1)")
+    need("run.output_dir", lambda v: v.strip() and not Path(v).expanduser().is_file(), "a folder, not a file")
+    need(
+        "run.device", lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v), "auto, cpu, cuda, cuda:N"
+    )
+    at_least("run.threads run.save_every_steps run.saveckp_freq run.knn_every run.knn_train_limit run.max_steps", 0)
+    at_least("run.save_every_minutes run.time_limit_min", 0, integer=False)
+    at_least("run.log_every run.knn_k run.max_bad_steps", 1)
+    need("run.knn_temperature", positive, "a temperature > 0")
+    need(
+        "model.arch", _known_arch, "a plain timm model name, e.g. vit_small_patch16_224; see timm.list_models('vit_*')"
+    )
+    return problems
+
+
+def _known_arch(name: str) -> bool:
+    """A plain timm architecture name (no ``hf-hub:`` / ``local-dir:`` sources, no pretrained tags)."""
+    import timm
+
+    return bool(re.fullmatch(r"[a-z0-9_]+", name)) and timm.is_model(name)
+
+
 def validate(cfg) -> None:
-    """Impossible combinations are errors before any heavy work."""
+    """Impossible values and combinations are errors before any heavy work.
+
+    Every value is checked against its allowed range; the error is one line naming each bad key,
+    its value and what is allowed.
+    """
+    from ibot.data.datasets import DATASETS
+
     m, d, o, lo, mk = cfg.model, cfg.data, cfg.optim, cfg.loss, cfg.mask
     problems = []
     choices = {
@@ -385,6 +470,7 @@ def validate(cfg) -> None:
         "loss.centering": (lo.centering, ("center", "sinkhorn")),
         "loss.patch_center": (lo.patch_center, ("all", "masked")),
         "data.pipeline": (d.pipeline, ("auto", "pil", "tensor")),
+        "data.dataset": (d.dataset, DATASETS),
         "optim.clip_mode": (o.clip_mode, ("param", "global")),
         "run.knn_split": (cfg.run.knn_split, ("test", "val")),
         "run.precision": (cfg.run.precision, ("auto", "fp32", "bf16", "fp16")),
@@ -401,12 +487,27 @@ def validate(cfg) -> None:
     problems += [f"{k}={v} is not a probability in [0, 1]" for k, v in probabilities.items() if not 0 <= v <= 1]
     if not 0 <= d.holdout < 1:
         problems.append(f"data.holdout={d.holdout} must be in [0, 1) (the share of each class held out for evaluation)")
+    ranges = _range_problems(cfg)
+    problems += ranges
+    if ranges:  # the combination checks below assume values in range
+        raise ConfigError("invalid config: " + "; ".join(problems))
     cell = mask_cell(cfg)
     if m.img_size % cell:
         what = "the Swin mask cell (model.patch_size x 8)" if cell != m.patch_size else "model.patch_size"
         problems.append(f"model.img_size={m.img_size} is not divisible by {what} = {cell}")
     if d.local_crops_number and d.local_crop_size % m.patch_size:
         problems.append(f"data.local_crop_size={d.local_crop_size} is not divisible by model.patch_size={m.patch_size}")
+    if m.embed_dim and m.num_heads and m.embed_dim % m.num_heads:
+        problems.append(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
+    if m.depths and m.stage_heads and len(m.depths) != len(m.stage_heads):
+        problems.append("model.depths and model.stage_heads need one value per stage (the same length)")
+    for r, v in zip(
+        mk.ratio, mk.ratio_var if len(mk.ratio_var) > 1 else list(mk.ratio_var) * len(mk.ratio), strict=False
+    ):
+        if v > r or r + v > 1:
+            problems.append(f"mask.ratio {r} +/- mask.ratio_var {v} leaves [0, 1]; lower mask.ratio_var")
+    if lo.lambda1 == 0 and (lo.lambda2 == 0 or cfg.method == "dino"):
+        problems.append("loss.lambda1 and loss.lambda2 are both 0: nothing to train")
     swin_only = {"model.window_size": m.window_size, "model.depths": m.depths, "model.stage_heads": m.stage_heads}
     if not m.arch.startswith("swin"):
         problems += [f"{k} applies to Swin backbones only (model.arch={m.arch!r})" for k, v in swin_only.items() if v]
@@ -429,11 +530,8 @@ def validate(cfg) -> None:
             problems.append("run.compile_mode=full is not supported with run.fsdp=true; use run.compile_mode=blocks")
     if d.global_crops_number < 1 or d.global_crops_number + d.local_crops_number < 2:
         problems.append("need at least 1 global crop and 2 crops in all")
-    if lo.warmup_teacher_temp_epochs + mk.start_epoch > o.epochs:
-        problems.append(
-            f"loss.warmup_teacher_temp_epochs + mask.start_epoch = {lo.warmup_teacher_temp_epochs + mk.start_epoch} "
-            f"> optim.epochs = {o.epochs}; shorten the warm-up or train longer"
-        )
+    # (no check of loss.warmup_teacher_temp_epochs against optim.epochs: the official code sizes a numpy
+    # array by epochs and fails when the warm-up is longer; ibot's schedule is a function of the epoch)
     if o.warmup_epochs > o.epochs:
         problems.append(f"optim.warmup_epochs={o.warmup_epochs} > optim.epochs={o.epochs}")
     if cfg.method == "dino" and mk.enabled:
@@ -448,10 +546,8 @@ def validate(cfg) -> None:
         problems.append("model.shared_head needs model.out_dim == model.patch_out_dim")
     if len(mk.ratio) != len(mk.ratio_var) and len(mk.ratio_var) != 1:
         problems.append("mask.ratio and mask.ratio_var must have the same length")
-    if o.batch_size < 1 or o.epochs < 1:
-        problems.append("optim.batch_size and optim.epochs must be >= 1")
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid config: " + "; ".join(problems))
 
 
 def mask_cell(cfg) -> int:

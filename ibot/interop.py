@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,14 +294,7 @@ def load_backbone(source: str | Path, which: str = "teacher", allow_unsafe: bool
         else:
             raise CheckpointError(f"{src} has no checkpoint.pth or backbone.safetensors")
     if src.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        meta = json.loads(src.with_suffix(".json").read_text())
-        kw = dict(meta["timm_kwargs"])
-        if "norm_eps" in meta:
-            kw["norm_layer"] = functools.partial(torch.nn.LayerNorm, eps=meta["norm_eps"])
-        model = create_vit(meta["arch"], **kw)
-        model.load_state_dict(load_file(str(src)))
+        model, meta = load_export(src)
         info = {k: meta[k] for k in ("img_size", "patch_size", "in_chans", "mean", "std")}
         return wrap_backbone(model, masked_im_modeling=False), info, f"{src}: exported backbone"
     ckpt = load_safe(src, allow_unsafe=allow_unsafe)
@@ -331,6 +325,73 @@ def load_backbone(source: str | Path, which: str = "teacher", allow_unsafe: bool
         "std": list(std),
     }
     return backbone, info, str(report)
+
+
+# the timm arguments an export may carry (never pretrained / checkpoint_path / pretrained_cfg_overlay)
+EXPORT_KWARGS = ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "in_chans", "depths", "window_size")
+
+
+def _export_meta(src: Path) -> dict:
+    """``backbone.json`` of an export, checked: a plain timm arch name and only geometry arguments."""
+    import timm
+
+    path = src.with_suffix(".json")
+    if not path.is_file():
+        raise CheckpointError(f"{src} has no {path.name} next to it (written by `ibot export`); export it again")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); export the backbone again") from err
+    need = ("arch", "timm_kwargs", "img_size", "patch_size", "in_chans", "mean", "std")
+    missing = [k for k in need if k not in meta] if isinstance(meta, dict) else list(need)
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; export the backbone again")
+    arch, kw = meta["arch"], meta["timm_kwargs"]
+    # timm also resolves "hf-hub:..." and "local-dir:..." names: an untrusted file must not pick what is fetched
+    if not (isinstance(arch, str) and re.fullmatch(r"[a-z0-9_]+", arch) and timm.is_model(arch)):
+        raise CheckpointError(f"{path}: arch {arch!r} is not a plain timm model name; refusing to build it")
+    if not isinstance(kw, dict) or set(kw) - {*EXPORT_KWARGS, "strict_img_size"}:
+        extra = sorted(set(kw) - {*EXPORT_KWARGS, "strict_img_size"}) if isinstance(kw, dict) else kw
+        raise CheckpointError(f"{path}: timm_kwargs has arguments an export does not carry ({extra}); refusing")
+
+    def plain(v) -> bool:
+        return isinstance(v, bool | int) or (isinstance(v, list) and all(plain(x) for x in v))
+
+    if not all(plain(v) for v in kw.values()) or not isinstance(meta.get("norm_eps", 1e-6), float):
+        raise CheckpointError(f"{path}: timm_kwargs / norm_eps must be integers, lists of integers or flags")
+    return meta
+
+
+def load_export(src: str | Path) -> tuple[torch.nn.Module, dict]:
+    """A timm backbone and its metadata from ``backbone.safetensors`` + ``backbone.json`` (untrusted files).
+
+    The tensor names and shapes in the safetensors header must be those of the model that
+    ``backbone.json`` describes (checked on the meta device, before any allocation).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    src = Path(src)
+    meta = _export_meta(src)
+    kw = dict(meta["timm_kwargs"])
+    if "norm_eps" in meta:
+        kw["norm_layer"] = functools.partial(torch.nn.LayerNorm, eps=meta["norm_eps"])
+    try:
+        with safe_open(str(src), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for any malformed file
+        raise CheckpointError(f"{src} is not a readable safetensors file ({str(err)[:160]})") from err
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in create_vit(meta["arch"], **kw).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError, AssertionError) as err:
+        raise CheckpointError(f"{src.with_suffix('.json')}: timm cannot build this backbone ({err})") from err
+    if shapes != expected:
+        bad = sorted(set(shapes) ^ set(expected)) or [k for k in shapes if shapes[k] != expected[k]]
+        raise CheckpointError(f"{src} does not match its {src.with_suffix('.json').name} ({', '.join(bad[:4])})")
+    model = create_vit(meta["arch"], **kw)
+    model.load_state_dict(load_file(str(src)))
+    return model, meta
 
 
 def timm_kwargs(vit: torch.nn.Module) -> dict:
@@ -432,6 +493,8 @@ def export_backbone(backbone: torch.nn.Module, out_dir: str | Path, info: dict, 
             "and load it into timm.create_model(arch, num_classes=0)"
         )
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file; pass a folder (it gets backbone.safetensors + backbone.json)")
     out.mkdir(parents=True, exist_ok=True)
     vit = backbone.timm_model
     kw = timm_kwargs(vit)

@@ -279,18 +279,26 @@ def load_images(
     size: int | None = None,
 ) -> torch.Tensor:
     """(n, C, S, S) normalised images from files or from the first test images of a dataset."""
-    from ibot.data.datasets import build_dataset, load_image
+    from ibot.data.datasets import DatasetError, build_dataset, load_image
     from ibot.data.transforms import eval_transform
     from ibot.eval.knn import _tensor_batches
 
     size = size or info["img_size"]
     if files:
         tf = eval_transform(size, info["in_chans"], info["mean"], info["std"], resize=size)
-        return torch.stack([tf(load_image(f)) for f in files])
+        images = []
+        for f in files:
+            if not Path(f).is_file():
+                raise DatasetError(f"--images: {f} is not a file")
+            try:
+                images.append(tf(load_image(f)))
+            except Exception as err:  # noqa: BLE001 - any decoder error: name the file
+                raise DatasetError(f"--images: cannot read {f} as an image ({type(err).__name__}: {err})") from err
+        return torch.stack(images)
     cfg = info.get("config")
     name = dataset or (cfg["data"]["dataset"] if cfg else None)
     if not name:
-        raise ValueError("give image files (--images) or a dataset (--dataset)")
+        raise DatasetError("give image files (--images) or a dataset (--dataset)")
     kw = {"image_size": info["img_size"], "in_chans": info["in_chans"]}
     if cfg:
         kw.update(synthetic_size=cfg["data"]["synthetic_size"], seed=cfg["run"]["seed"])

@@ -44,3 +44,14 @@ def test_mask_enabled_switch_is_the_official_use_masked_im_modeling():
         build_config("smoke", ["method=dino", "mask.enabled=true"])
     with pytest.raises(ConfigError, match="needs masked student crops"):
         build_config("smoke", ["mask.enabled=false"])
+
+
+def test_teacher_warmup_longer_than_the_run_is_allowed():
+    """Bug 8 of issue 15: the official code sizes a numpy array by the epochs; ibot's schedule has no such limit."""
+    from ibot.losses.teacher import teacher_temperature
+
+    cfg = build_config("vit_small_in1k", ["optim.epochs=10"])
+    assert cfg.loss.warmup_teacher_temp_epochs == 30 and cfg.optim.epochs == 10
+    temps = [teacher_temperature(e, 0.04, 0.07, 30) for e in range(10)]
+    assert temps[0] == 0.04 and temps[9] == pytest.approx(0.04 + 0.03 * 9 / 29)  # still warming up at the end
+    build_config("smoke", ["mask.start_epoch=5", "loss.warmup_teacher_temp_epochs=5"])  # epochs=2: allowed

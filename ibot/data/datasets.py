@@ -39,13 +39,35 @@ class DatasetError(ValueError):
     """A dataset cannot be used; the message says what to do."""
 
 
+_warned_float = False
+
+
+def _float_to_l(img: Image.Image, path) -> Image.Image:
+    """A 32-bit float image -> 8-bit "L": values in [0, 1] scale by 255, others by their maximum (warned once)."""
+    global _warned_float
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    hi = float(arr.max()) if arr.size else 0.0
+    scale = 255.0 if hi <= 1.0 else 255.0 / hi
+    if not _warned_float:
+        _warned_float = True
+        how = "[0, 1] scaled by 255" if hi <= 1.0 else f"[min, {hi:g}] scaled to 0..255 by its maximum"
+        log.warning("float image %s: values read as %s (later float images are scaled alike)", path, how)
+    return Image.fromarray((np.clip(arr, 0, None) * scale).clip(0, 255).astype(np.uint8), "L")
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image (raises on corrupt or truncated files)."""
+    """Open and fully decode an image (raises on corrupt or truncated files).
+
+    16-bit and 32-bit integer images are scaled to 8 bits by their maximum; float images (mode "F",
+    e.g. TIFF) with values in [0, 1] are scaled by 255 (a warning says so), others by their maximum.
+    """
     with Image.open(path) as img:
         img.load()
         if img.mode in ("I;16", "I;16B", "I"):  # 16-bit grayscale -> 8 bit
             arr = np.asarray(img, dtype=np.float32)
             img = Image.fromarray((arr / max(float(arr.max()), 1.0) * 255).astype(np.uint8), "L")
+        elif img.mode == "F":
+            img = _float_to_l(img, path)
         elif img.mode not in ("RGB", "L"):
             img = img.convert("RGB")
         return img.copy()
@@ -56,6 +78,8 @@ class FileImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, labelled: bool = True) -> None:
         root = Path(root).expanduser()
+        if root.is_file():
+            raise DatasetError(f"data.path {str(root)!r} is a file; pass the folder that holds the images")
         if not root.is_dir():
             raise DatasetError(f"data folder {str(root)!r} does not exist; pass data.path=/path/to/images")
         self.root = root

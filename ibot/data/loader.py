@@ -39,7 +39,7 @@ class Batch:
         masks: :class:`MaskBatch` of the global crops, or None (DINO).
         labels: (B,) (-1 when unlabelled; never used for training).
         n_global, n_local: G and L.
-        n_skipped: unreadable samples dropped from this batch.
+        n_skipped: unreadable samples dropped from this batch (all of them: ``batch_size`` 0, no crops).
     """
 
     global_crops: torch.Tensor
@@ -149,9 +149,9 @@ class MultiCropCollate:
 
     def __call__(self, samples) -> Batch:
         kept = [s for s in samples if s is not None]
-        if not kept:
-            raise RuntimeError("every image of a batch was unreadable; check the data folder")
         g, nl = self.n_global, self.n_local
+        if not kept:  # every image unreadable: an empty batch (batch_size 0) the trainer counts and skips
+            return Batch(torch.empty(0), None, None, torch.empty(0, dtype=torch.long), g, nl, len(samples))
         glob = torch.stack([s[0][i] for i in range(g) for s in kept])
         loc = torch.stack([s[0][g + i] for i in range(nl) for s in kept]) if nl else None
         labels = torch.tensor([s[1] for s in kept])

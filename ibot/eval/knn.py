@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ibot.data.datasets import DatasetError
 from ibot.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ibot.device import inference_autocast
 
@@ -30,16 +31,21 @@ def _tensor_batches(images: torch.Tensor, size: int, batch_size: int):
         yield (x - mean) / std
 
 
-def _file_batches(dataset, size: int, in_chans: int, batch_size: int, num_workers: int):
+def _file_batches(dataset, size: int, in_chans: int, batch_size: int, num_workers: int, labels: list):
+    """Normalised image batches; appends the label of every readable image to ``labels`` (unreadable ones,
+    already reported with their path by the dataset, are left out)."""
     tf = eval_transform(size, in_chans)
 
     def collate(items):
         items = [it for it in items if it is not None]
-        return torch.stack([tf(img) for img, _ in items]) if items else None
+        if not items:
+            return None, []
+        return torch.stack([tf(img) for img, _ in items]), [int(y) for _, y in items]
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    for x in loader:
+    for x, y in loader:
         if x is not None:
+            labels.extend(y)
             yield x
 
 
@@ -73,9 +79,10 @@ def extract_features(
     """L2-normalised features (N, D) of ``encode(images)`` over a dataset, and its labels (N,).
 
     ``dataset`` is an in-memory :class:`~ibot.data.datasets.TensorImageDataset` (fast path) or
-    any ``(PIL image, label)`` dataset. ``limit`` keeps the first N images; ``progress`` shows a
-    bar named ``desc``. On CUDA the batches are encoded under bf16 autocast
-    (:func:`ibot.device.inference_autocast`); features are fp32.
+    any ``(PIL image, label)`` dataset; unreadable files (items ``None``) are left out, so N counts
+    the readable images. ``limit`` keeps the first N images; ``progress`` shows a bar named ``desc``.
+    On CUDA the batches are encoded under bf16 autocast (:func:`ibot.device.inference_autocast`);
+    features are fp32.
     """
     n = len(dataset) if not limit else min(limit, len(dataset))
     if hasattr(dataset, "images"):
@@ -83,17 +90,18 @@ def extract_features(
         labels = dataset.labels[:n]
     else:
         sub = torch.utils.data.Subset(dataset, range(n))
-        batches = _file_batches(sub, image_size, in_chans, batch_size, num_workers)
+        kept: list[int] = []
+        batches = _file_batches(sub, image_size, in_chans, batch_size, num_workers, kept)
         labels = None
     feats = []
     for x in progress_images(batches, n, desc, progress):
         with inference_autocast(device):
             f = encode(x.to(device, non_blocking=True))
         feats.append(F.normalize(f.float(), dim=-1).cpu())
-    if labels is None:  # file datasets: unreadable files were skipped, re-read the labels of kept ones
-        labels = torch.tensor([dataset.labels[i] for i in range(n)])
-        if sum(f.shape[0] for f in feats) != n:
-            raise RuntimeError("some evaluation images were unreadable; remove them from the folder")
+    if labels is None:  # file datasets: the labels of the readable images
+        labels = torch.tensor(kept, dtype=torch.long)
+        if not feats:
+            raise DatasetError(f"none of the {n} evaluation images could be read (see the warnings for their paths)")
     return torch.cat(feats), labels.long()
 
 

@@ -38,12 +38,13 @@ def extract_linear_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, n_last_blocks * D [+ D]) features and (N,) labels of the first ``limit`` images (0 = all)."""
     n = len(dataset) if not limit else min(limit, len(dataset))
+    kept: list[int] | None = None  # file datasets: the labels of the readable images
     if hasattr(dataset, "images"):
         batches = _tensor_batches(dataset.images[:n], image_size, batch_size)
     else:
-        batches = _file_batches(
-            torch.utils.data.Subset(dataset, range(n)), image_size, backbone.in_chans, batch_size, num_workers
-        )
+        kept = []
+        sub = torch.utils.data.Subset(dataset, range(n))
+        batches = _file_batches(sub, image_size, backbone.in_chans, batch_size, num_workers, kept)
     feats = []
     for x in progress_images(batches, n, desc, progress):
         with inference_autocast(device):  # bf16 on CUDA, fp32 on the CPU
@@ -52,7 +53,8 @@ def extract_linear_features(
         if avgpool:
             f = torch.cat([f, layers[-1][:, 1:].mean(1)], dim=-1)
         feats.append(f.float().cpu())
-    return torch.cat(feats), dataset.labels[:n].long()
+    labels = dataset.labels[:n] if kept is None else torch.tensor(kept, dtype=torch.long)
+    return torch.cat(feats), labels.long()
 
 
 def train_linear_sweep(

@@ -12,6 +12,7 @@ from ibot.device import resolve_device
 from ibot.eval.knn import extract_features, knn_classify
 from ibot.eval.linear import extract_linear_features, linear_accuracy, train_linear_sweep
 from ibot.interop import load_backbone
+from ibot.models.swin import is_swin
 
 
 def fingerprint(backbone: torch.nn.Module, *parts) -> str:
@@ -32,15 +33,26 @@ def _dataset_id(ds) -> tuple:
     return (type(ds).__name__, len(ds), lab, str(first), getattr(ds, "split", ""))
 
 
+class EvalError(ValueError):
+    """An evaluation argument cannot work; the message says which and what to pass."""
+
+
 def _cached(cache: str | None, key: str, compute, log=print):
     if cache:
         path = Path(cache)
+        if path.is_dir():
+            raise EvalError(f"--cache {path} is a folder; pass a file name (e.g. {path / 'features.pt'})")
         if path.is_file():
-            blob = torch.load(path, weights_only=True)
-            if blob.get("key") == key:
+            try:
+                blob = torch.load(path, weights_only=True)
+            except Exception as err:  # noqa: BLE001 - any unreadable cache is recomputed
+                blob = None
+                log(f"features: cache {path} is unreadable ({type(err).__name__}); recomputing it")
+            if isinstance(blob, dict) and blob.get("key") == key and "value" in blob:
                 log(f"features: reusing cache {path}")
                 return blob["value"]
-            log(f"features: cache {path} was made for another model or data; recomputing")
+            if blob is not None:
+                log(f"features: cache {path} was made for another model or data; recomputing")
     value = compute()
     if cache:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
@@ -98,11 +110,18 @@ def run_knn(
     (CUDA when available), "cpu", "cuda", "cuda:N"; features are extracted there (bf16 autocast on
     CUDA) and the neighbour search runs there too.
     """
+    if not ks or min(ks) < 1:
+        raise EvalError(f"k-NN needs every k >= 1 (got --ks {' '.join(map(str, ks))})")
+    if temperature <= 0:
+        raise EvalError(f"--temperature must be > 0 (got {temperature})")
     device = resolve_device(device)
     backbone, info, report = load_backbone(source, which, allow_unsafe)
     log(report)
     backbone = backbone.to(device).eval()
     size = image_size or info["img_size"]
+    cell = info["patch_size"] * (8 if is_swin(backbone.timm_model) else 1)  # Swin: the final-stage cell
+    if size < 1 or size % cell:
+        raise EvalError(f"--img-size {size} is not a positive multiple of the model's patch size {cell}")
     train, test, name = resolve_data(info, dataset, data_path)
     train, test = spread_subset(train, limit), spread_subset(test, limit)
     log(f"k-NN: memory bank {train.split}; queries {test.split}")

@@ -77,14 +77,24 @@ class MetricsWriter:
             logger.close()
 
 
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return math.inf  # a line torn by a kill: dropped
+
+
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the lines of a JSONL file whose ``step`` is at most ``last_step`` (a missing file stays missing)."""
+    """Keep the lines of a JSONL file whose ``step`` is at most ``last_step`` and drop a torn last line
+    (a missing file stays missing). Rewritten atomically."""
     if not path.is_file():
         return
     lines = [x for x in path.read_text().splitlines() if x.strip()]
-    kept = [x for x in lines if json.loads(x).get("step", 0) <= last_step]
+    kept = [x for x in lines if _step_of(x) <= last_step]
     if len(kept) != len(lines):
-        path.write_text("".join(x + "\n" for x in kept))
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(x + "\n" for x in kept))
+        tmp.replace(path)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -25,12 +26,14 @@ from ibot.data.factory import (
     dataset_from_config,
     pil_transform_from_config,
 )
-from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches
+from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches, mix_seed
 from ibot.eval.knn import extract_features, knn_classify
-from ibot.train.checkpoint import CheckpointError, load_safe, remove_stale_temporaries, save_atomic
+from ibot.train import runlock
+from ibot.train.checkpoint import CheckpointError, load_safe, previous_path, remove_stale_temporaries, save_atomic
 from ibot.train.loggers import build_loggers
 from ibot.train.metrics import MetricsWriter, collapse_monitors, plot_curves
 from ibot.train.schedules import optim_schedules
+from ibot.train.signals import SignalStopError, StopSignals, ignore_stop_signals
 from ibot.train.step import TrainStep
 
 CHECKPOINT = "checkpoint.pth"
@@ -55,7 +58,11 @@ STRUCTURAL_KEYS = (
     "model.head_layers",
     "model.head_norm",
     "mask.enabled",  # the student's mask token
+    "model.norm_last_layer",  # decides which head weights the optimizer holds
 )
+# keys a checkpoint must hold for ``pretrain --resume``
+REQUIRED_KEYS = ("model", "optimizer", "epoch", "step_in_epoch", "global_step", "config", "rng")
+SYNC_EVERY = 10  # under torchrun, ranks agree on stop / save decisions every this many steps
 
 NAN_ADVICE = (
     "the loss was not finite for {n} consecutive steps; the last good checkpoint is kept. Try: a lower optim.lr, "
@@ -174,15 +181,24 @@ class Trainer:
         self.optimizer, self.scaler = self.step_fn.optimizer, self.step_fn.scaler
         self._build_schedules()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.bad_steps, self.skipped_images, self.seen_images = 0, 0, 0
+        self.bad_steps, self.skipped_images, self.seen_images, self.attempted_images = 0, 0, 0, 0
+        self._lock = None
         if D.is_main():
+            try:
+                self._lock = runlock.acquire(self.run_dir, log=self.log)
+                weakref.finalize(self, self._lock.release)
+                _check_writable(self.run_dir)
+            except OSError as err:
+                raise TrainingError(
+                    f"run folder {self.run_dir} is not writable ({err.strerror or err}); choose another run.output_dir"
+                ) from err
             remove_stale_temporaries(self.run_dir)
         if resume != "never":
             ckpt = self.run_dir / CHECKPOINT if resume == "auto" else Path(resume)
             if ckpt.is_dir():
                 ckpt = ckpt / CHECKPOINT
-            if ckpt.is_file():
-                self.load_checkpoint(ckpt)
+            if ckpt.is_file() or previous_path(ckpt).is_file():
+                self.load_checkpoint_or_previous(ckpt)
             elif resume != "auto":
                 raise CheckpointError(f"no checkpoint at {ckpt}; start a new run without --resume")
         if D.is_main():
@@ -253,6 +269,9 @@ class Trainer:
             return TensorBatches(self.train_set.images, self.train_set.labels, sampler, self.augment, self.collate)
         self.mc_dataset.epoch = epoch
         nw = self.cfg.data.num_workers
+        # its own generator: creating the iterator draws a worker base seed, which from the global RNG
+        # would shift the drop-path stream of a resumed run (the crops are seeded per sample anyway)
+        gen = torch.Generator().manual_seed(mix_seed(self.cfg.run.seed, epoch, D.rank()))
         return torch.utils.data.DataLoader(
             self.mc_dataset,
             batch_size=self.cfg.optim.batch_size,
@@ -263,6 +282,8 @@ class Trainer:
             drop_last=True,
             persistent_workers=False,
             prefetch_factor=4 if nw else None,
+            generator=gen,
+            worker_init_fn=ignore_stop_signals if nw else None,
         )
 
     # ------------------------------------------------------------------ one step
@@ -310,13 +331,57 @@ class Trainer:
             self.log(f"data: training on {self.train_set.split}")
         if self.global_step:
             self.log(f"resumed at epoch {self.epoch}, step {self.global_step}")
+        try:
+            with StopSignals() as signals:
+                result = self._train(signals, max_steps)
+            if signals.signum:
+                where = self.run_dir / CHECKPOINT
+                raise SignalStopError(
+                    f"stopped by {signals.name} at step {self.global_step} (epoch {self.epoch}); checkpoint "
+                    f"saved to {where}; continue with `ibot pretrain --resume {self.run_dir}`",
+                    signals.signum,
+                )
+            if cfg.run.knn_at_end:
+                result["knn"] = self.evaluate_knn()
+            result.update(self._summary(self._step0, self._images0))
+            if D.is_main():
+                plot_curves(self.run_dir)
+                (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2))
+                self._log_summary(result)
+        finally:
+            if self.metrics:
+                self.metrics.close()
+            if self._lock:
+                self._lock.release()
+        return result
+
+    def _stop_flags(self, signals: StopSignals) -> tuple[int, bool]:
+        """(signal number or 0, time-based save due), the same on every rank.
+
+        One process reads a Python flag and the clock. Under torchrun the ranks all-reduce them every
+        ``SYNC_EVERY`` steps only, so every rank stops and saves at the same step. (The time limit
+        rides on the step's own flags, see :meth:`train_step`.)
+        """
+        every = self.cfg.run.save_every_minutes
+        flags = [signals.signum or 0, bool(every) and time.time() - self._last_save > 60 * every]
+        if D.is_dist():
+            if self.global_step % SYNC_EVERY:
+                return 0, False
+            t = D.all_reduce_max(torch.tensor([float(f) for f in flags], device=self.device))
+            flags = [int(v) for v in t.tolist()]
+        return int(flags[0]), bool(flags[1])
+
+    def _train(self, signals: StopSignals, max_steps: int) -> dict:
+        cfg = self.cfg
+        total = cfg.optim.epochs * self.niter
         result = {}
         stopped = False
         t_start = time.time()
         self.last_record, self._last_print = None, 0.0
-        step0, images0 = self.global_step, self.seen_images
+        self._step0, self._images0 = self.global_step, self.seen_images
         self.train_seconds = 0.0  # excludes evaluation
         self._warned_epoch = -1
+        self._last_save = time.time()
         while self.epoch < cfg.optim.epochs and not stopped:
             epoch = self.epoch
             self.model.set_epoch(epoch)
@@ -328,10 +393,14 @@ class Trainer:
             for batch in batches:
                 it = epoch * self.niter + self.step_in_epoch
                 self.skipped_images += batch.n_skipped
+                self.attempted_images += batch.batch_size + batch.n_skipped
                 self._check_skips()
                 limit = cfg.run.time_limit_min
                 over = bool(limit) and self.train_seconds + time.time() - t_epoch > 60 * limit
-                res = self.train_step(batch, epoch, it, stop_vote=over and D.is_dist())
+                if batch.batch_size:
+                    res = self.train_step(batch, epoch, it, stop_vote=over and D.is_dist())
+                else:  # every image of the batch was unreadable: counted above, no step
+                    res = None
                 self.step_in_epoch += 1
                 self.global_step += 1
                 if bar is not None:
@@ -355,8 +424,9 @@ class Trainer:
                     if warn and self._warned_epoch != epoch:  # at most once per epoch
                         self._warned_epoch = epoch
                         self.log(f"epoch {epoch}, step {self.global_step}: {warn}")
+                signalled, save_by_time = self._stop_flags(signals)
                 save_due = cfg.run.save_every_steps and self.global_step % cfg.run.save_every_steps == 0
-                if save_due and self.bad_steps == 0:  # never checkpoint inside a streak of non-finite losses
+                if (save_due or save_by_time) and self.bad_steps == 0:  # never inside a streak of NaN losses
                     self.save_checkpoint()
                 if self.global_step >= max_steps:
                     stopped = True
@@ -367,6 +437,10 @@ class Trainer:
                     if over:
                         self.log(f"time limit of {cfg.run.time_limit_min} min reached at step {self.global_step}")
                         stopped = True
+                if signalled:
+                    signals.signum = signalled  # under torchrun: the signal of any rank
+                    self.log(f"{signals.name} received: saving a checkpoint at step {self.global_step} and stopping")
+                    stopped = True
                 if stopped:
                     break
             if bar is not None:
@@ -385,15 +459,6 @@ class Trainer:
                 self.save_checkpoint()
         result["train_minutes"] = self.train_seconds / 60
         result["wall_minutes"] = (time.time() - t_start) / 60
-        if cfg.run.knn_at_end:
-            result["knn"] = self.evaluate_knn()
-        result.update(self._summary(step0, images0))
-        if self.metrics:
-            self.metrics.close()
-        if D.is_main():
-            plot_curves(self.run_dir)
-            (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2))
-            self._log_summary(result)
         return result
 
     def _text_progress(self, rec: dict, total: int, last: bool) -> None:
@@ -500,11 +565,17 @@ class Trainer:
         return None
 
     def _check_skips(self) -> None:
-        seen = max(self.seen_images, 1)
-        if self.skipped_images > 10 and self.skipped_images / seen > self.cfg.data.max_skip_fraction:
+        """Stop when this rank skipped more than ``data.max_skip_fraction`` of the images it tried to load."""
+        tried = max(self.attempted_images, 1)
+        if self.skipped_images == self.attempted_images >= self.cfg.optim.batch_size:
+            raise DatasetError(
+                f"none of the first {tried} images could be read (see the warnings above for their paths); "
+                "check data.path"
+            )
+        if self.skipped_images > 10 and self.skipped_images / tried > self.cfg.data.max_skip_fraction:
             raise TrainingError(
-                f"{self.skipped_images} unreadable images skipped out of {seen} "
-                f"({100 * self.skipped_images / seen:.1f}% > data.max_skip_fraction={self.cfg.data.max_skip_fraction})"
+                f"{self.skipped_images} unreadable images skipped out of {tried} "
+                f"({100 * self.skipped_images / tried:.1f}% > data.max_skip_fraction={self.cfg.data.max_skip_fraction})"
                 "; see the warnings above for their paths"
             )
 
@@ -530,6 +601,7 @@ class Trainer:
             "global_step": self.global_step,
             "seen_images": self.seen_images,
             "skipped_images": self.skipped_images,
+            "attempted_images": self.attempted_images,
             "config": to_dict(self.cfg),
             "world_size": D.world_size(),
             "rng": rng[0],
@@ -538,42 +610,81 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        """Save (every rank calls it); a second call at the same position writes nothing new."""
+        position = (self.epoch, self.step_in_epoch, self.global_step)
+        if getattr(self, "_saved_at", None) == position:
+            return
         rng = _gather_rng_states()  # every rank's streams (a collective: every rank calls it)
         state = self.state_dict(rng) if self.fsdp or D.is_main() else None
         if D.is_main():
-            save_atomic(state, self.run_dir / CHECKPOINT)
+            save_atomic(state, self.run_dir / CHECKPOINT, keep_previous=True)
         if D.is_dist():
             dist.barrier()
+        self._last_save = time.time()
+        self._saved_at = position
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        ckpt = load_safe(path)
-        if ckpt.get("format") != "ibot-1":
-            raise CheckpointError(f"{path} is not an ibot training checkpoint (use `ibot` import tools for others)")
+    def load_checkpoint_or_previous(self, path: Path) -> None:
+        """Resume from ``path``; when it is missing or corrupt, from the one saved before it (with a message)."""
+        prev = previous_path(path)
+        try:  # only an unreadable file falls back; a checkpoint that does not fit this run is an error
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint {path} is missing (a save was interrupted)")
+            ckpt = load_safe(path)
+        except CheckpointError as err:
+            if not prev.is_file():
+                raise
+            self.log(f"warning: {err}; resuming from the previous checkpoint {prev} instead")
+            path, ckpt = prev, load_safe(prev)
+        self.load_checkpoint(path, ckpt)
+
+    def load_checkpoint(self, path: str | Path, ckpt: dict | None = None) -> None:
+        """Resume from ``path`` (``ckpt``: its content, when already read)."""
+        ckpt = load_safe(path) if ckpt is None else ckpt
+        if not isinstance(ckpt, dict) or ckpt.get("format") != "ibot-1":
+            raise CheckpointError(
+                f"{path} is not an ibot training checkpoint; to start from its weights use run.init_from={path}"
+            )
+        missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+        if missing:
+            raise CheckpointError(
+                f"{path} lacks {', '.join(missing)} (not a complete `ibot pretrain` checkpoint); "
+                f"resume from another checkpoint or start from its weights with run.init_from={path}"
+            )
         old, new = flatten(ckpt["config"]), flatten(to_dict(self.cfg))
         diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in STRUCTURAL_KEYS if old.get(k) != new.get(k)]
         if diff:
             raise CheckpointError(
-                f"checkpoint {path} was made with an incompatible config:\n  "
-                + "\n  ".join(diff)
-                + "\nuse the same settings or a new run.output_dir"
+                f"checkpoint {path} was made with an incompatible config ({'; '.join(diff)}); "
+                "use the same settings or a new run.output_dir"
             )
         self._check_schedules(path, ckpt)
-        if self.fsdp:
-            from ibot.fsdp import load_sharded_state
+        try:
+            if self.fsdp:
+                from ibot.fsdp import load_sharded_state
 
-            load_sharded_state(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
-        else:
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+                load_sharded_state(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
+            else:
+                self.model.load_state_dict(ckpt["model"])
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"{path} does not fit this model ({first}); use the settings it was made with"
+            ) from err
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         self.global_step, self.seen_images = ckpt["global_step"], ckpt.get("seen_images", 0)
         self.skipped_images = ckpt.get("skipped_images", 0)
-        if ckpt.get("world_size", 1) != D.world_size():
-            # the epoch order is (seed, epoch)-determined; a different world size restarts the epoch's position
-            self.step_in_epoch = min(self.step_in_epoch * ckpt["world_size"] // D.world_size(), self.niter)
-        if D.world_size() == ckpt.get("world_size", 1):
+        self.attempted_images = ckpt.get("attempted_images", self.skipped_images + self.seen_images // D.world_size())
+        old_world = ckpt.get("world_size", 1)
+        old_total = old.get("optim.batch_size", self.cfg.optim.batch_size) * old_world
+        new_total = self.cfg.optim.batch_size * D.world_size()
+        if old_total != new_total:
+            # the epoch order is (seed, epoch)-determined: keep the images already trained on this epoch, in
+            # steps of the new total batch (a larger batch or more processes: fewer steps per epoch)
+            self.step_in_epoch = min(self.step_in_epoch * old_total // new_total, self.niter)
+        if D.world_size() == old_world:
             # each rank continues its own streams (drop-path differs per rank); older checkpoints
             # hold rank 0's only
             per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]] * D.world_size()
@@ -718,5 +829,34 @@ def _gathered_features(encode, dataset, kw):
     return torch.cat(feats), torch.cat(labels)
 
 
+def _check_writable(folder: Path) -> None:
+    """Fail now, with the fix, when the run folder cannot be written (not after an epoch of training)."""
+    probe = folder / f".ibot-write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
+def resume_config(path: Path) -> dict:
+    """The saved config (nested dict) of the checkpoint to resume; of the previous one when it is corrupt."""
+    if not path.exists() and not previous_path(path).is_file():
+        raise CheckpointError(f"no checkpoint at {path}; start a new run without --resume")
+    try:
+        ckpt = load_safe(path) if path.is_file() or not previous_path(path).is_file() else None
+    except CheckpointError:
+        if not previous_path(path).is_file():
+            raise
+        ckpt = None
+    if ckpt is None:
+        ckpt = load_safe(previous_path(path))
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "ibot-1" or not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(
+            f"{path} is not an ibot training checkpoint; to start from its weights use run.init_from={path}"
+        )
+    return ckpt["config"]
+
+
 def config_from_checkpoint(path: str | Path):
-    return from_dict(load_safe(path)["config"])
+    ckpt = load_safe(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path} is not an ibot training checkpoint (it has no config)")
+    return from_dict(ckpt["config"])

@@ -62,7 +62,7 @@ def test_skip_rate_threshold_stops_the_run(tmp_path):
     )
     tr = Trainer(cfg, log=lambda *a: None)
     tr.cfg.data.max_skip_fraction = 0.01
-    tr.skipped_images, tr.seen_images = 11, 20  # as if many files were bad
+    tr.skipped_images, tr.attempted_images = 11, 20  # as if many files were bad
     with pytest.raises(TrainingError, match="unreadable images skipped"):
         tr.fit()
 
@@ -140,13 +140,13 @@ def test_torn_file_is_reported_not_loaded(tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("loss.warmup_teacher_temp_epochs=3", "warmup_teacher_temp_epochs"),
-        ("mask.start_epoch=2", "mask.start_epoch"),
+        ("loss.warmup_teacher_temp_epochs=-1", "warmup_teacher_temp_epochs"),
+        ("mask.start_epoch=-2", "mask.start_epoch"),
         ("model.patch_size=5", "not divisible"),
         ("data.local_crop_size=12", "local_crop_size"),
         ("mask.shape=grid", "mask.shape"),
         ("loss.centering=softmax", "loss.centering"),
-        ("data.global_crops_number=0", "global crop"),
+        ("data.global_crops_number=0", "global_crops_number=0"),
     ],
 )
 def test_impossible_configs_fail_before_work(override, message):

@@ -32,7 +32,7 @@ def test_knn_every_saveckp_freq_and_knn_split_val(tmp_path):
     # val split: the last fifth of the 64 training images are the queries, the rest the memory bank
     assert {(r["n_train"], r["n_test"]) for r in rows} == {(52, 12)}
     kept = sorted(p.name for p in tmp_path.glob("checkpoint*.pth"))
-    assert kept == ["checkpoint.pth", "checkpoint0002.pth"]
+    assert kept == ["checkpoint.prev.pth", "checkpoint.pth", "checkpoint0002.pth"]  # the last two + epoch 2
     ckpt = load_safe(tmp_path / "checkpoint0002.pth")
     assert (ckpt["epoch"], ckpt["global_step"]) == (3, 12)
 

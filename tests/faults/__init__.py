@@ -1,0 +1,1 @@
+"""Fault-injection suite (a package: its conftest must not shadow tests/conftest.py)."""

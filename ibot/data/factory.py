@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ibot.config import mask_cell
 from ibot.data.datasets import build_dataset
+from ibot.data.device_augment import CropFlip, DeviceAugment
 from ibot.data.loader import MultiCropCollate
 from ibot.data.masking import MaskGenerator
 from ibot.data.transforms import BatchMultiCrop, MultiCropTransform
@@ -77,5 +78,35 @@ def batch_augment_from_config(cfg) -> BatchMultiCrop:
         std,
         blur_scale=d.blur_scale,
         jitter_p=d.color_jitter_p,
+        solarize_p=d.solarization_p,
+    )
+
+
+def crop_flip_from_config(cfg) -> CropFlip:
+    """Worker half of ``data.pipeline=gpu``: uint8 random resized crops and flips."""
+    d, m = cfg.data, cfg.model
+    return CropFlip(
+        d.global_crops_number,
+        m.img_size,
+        d.global_crops_scale,
+        d.local_crops_number,
+        d.local_crop_size,
+        d.local_crops_scale,
+        m.in_chans,
+    )
+
+
+def device_augment_from_config(cfg) -> DeviceAugment:
+    """Device half of ``data.pipeline=gpu``: jitter, grayscale, blur, solarize, normalise."""
+    d, m = cfg.data, cfg.model
+    mean, std = norm_stats(m.in_chans)
+    return DeviceAugment(
+        d.global_crops_number,
+        d.local_crops_number,
+        m.in_chans,
+        mean,
+        std,
+        jitter_p=d.color_jitter_p,
+        blur_scale=d.blur_scale,
         solarize_p=d.solarization_p,
     )

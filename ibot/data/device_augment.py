@@ -8,15 +8,15 @@
   jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, each crop's four adjustments in
   its own random order as torchvision's ``ColorJitter``; applied with p=0.8), grayscale (p=0.2),
   Gaussian blur (global crop 1: p=1, global crops 2..G: p=0.1, local crops: p=0.5; sigma
-  U(0.1, 2.0) x ``blur_scale``), solarization (global crops 2..G, p=0.2, threshold 128) and
-  normalisation.
+  U(0.1, 2.0) x ``blur_scale``, as PIL's three box blurs), solarization (global crops 2..G, p=0.2,
+  threshold 128) and normalisation.
 
-The outputs follow the same distribution as the PIL recipe (:class:`ibot.data.transforms.MultiCropTransform`),
-not the same pixels: the device half computes in float without rounding to uint8 between steps,
-and blurs with a true Gaussian where PIL uses three box blurs (``tests/data/test_device_augment.py``
-compares the two over many samples). All random parameters of the device half are drawn on the CPU
-from one ``torch.Generator``, so CPU and CUDA runs draw the same parameters and no step needs a
-device synchronisation to pick the rows an operation applies to.
+The outputs follow the same distribution as the PIL recipe
+(:class:`ibot.data.transforms.MultiCropTransform`), not the same pixels: the device half computes in
+float without rounding to uint8 between steps (``tests/data/test_device_augment.py`` compares the
+two over many samples). All random parameters of the device half are drawn on the CPU from one
+``torch.Generator``, so CPU and CUDA runs draw the same parameters and no step needs a device
+synchronisation to pick the rows an operation applies to.
 """
 
 from __future__ import annotations
@@ -252,18 +252,46 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float) -> torch.Tensor:
-    """Separable Gaussian blur of (m, C, H, W) with one sigma per image (m,), edges replicated (as PIL).
+def box_blur_kernels(sigma: torch.Tensor, passes: int = 3) -> torch.Tensor:
+    """PIL's Gaussian blur as 1-D kernels: (n,) sigmas -> (n, 2R+1), R = ``blur_radius(max(sigma))``.
 
-    The kernel has a fixed radius ceil(3 * sigma_max) (no data-dependent shapes), taps of smaller
-    sigmas are ~0.
+    ``ImageFilter.GaussianBlur(radius=sigma)`` runs ``passes`` extended box blurs (Gwosdek et al. 2011)
+    whose total variance is exactly sigma^2: box radius l + a with
+    l = floor((sqrt(12 s2 + 1) - 1) / 2), a = (2l + 1)(l(l + 1) - 3 s2) / (6 (s2 - (l + 1)^2)),
+    s2 = sigma^2 / passes. A sampled Gaussian of a small sigma is nearly the identity; this is not.
+    """
+    s2 = sigma.double() ** 2 / passes
+    length = torch.sqrt(12 * s2 + 1)
+    lo = torch.floor((length - 1) / 2)
+    a = (2 * lo + 1) * (lo * (lo + 1) - 3 * s2) / (6 * (s2 - (lo + 1) ** 2))
+    r = int(lo.max()) + 1  # one box's radius; the kernel's is passes * r
+    t = torch.arange(-passes * r, passes * r + 1, dtype=torch.float64).abs().view(1, -1)
+    box = torch.where(t <= lo.view(-1, 1), 1.0, torch.where(t == lo.view(-1, 1) + 1, a.view(-1, 1), 0.0))
+    box = box / box.sum(1, keepdim=True)
+    n, c = sigma.shape[0], passes * r
+    k, small = box, box[:, c - r : c + r + 1].reshape(n, 1, -1)
+    for _ in range(passes - 1):  # k * box, one kernel per row (grouped conv1d; the box is symmetric)
+        k = F.conv1d(F.pad(k.view(1, n, -1), (r, r)), small, groups=n).view(n, -1)
+    return k.float()
+
+
+def blur_radius(sigma_max: float, passes: int = 3) -> int:
+    """Radius of :func:`box_blur_kernels` for sigmas up to ``sigma_max``."""
+    s2 = sigma_max**2 / passes
+    return passes * (math.floor((math.sqrt(12 * s2 + 1) - 1) / 2) + 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float) -> torch.Tensor:
+    """PIL's Gaussian blur of (m, C, H, W) with one sigma per image (m,), edges replicated (as PIL).
+
+    Separable, with :func:`box_blur_kernels` zero-padded to the fixed radius of ``sigma_max`` (no
+    data-dependent shapes on the device).
     """
     m, c, h, w = x.shape
-    radius = max(1, math.ceil(3 * sigma_max))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-(t.view(1, -1) ** 2) / (2 * sigma.float().view(-1, 1) ** 2))
-    k = (k / k.sum(1, keepdim=True)).to(x.device, x.dtype, non_blocking=True)
-    k = k.repeat_interleave(c, dim=0)  # (m*C, K): one kernel per channel of each image
+    radius = blur_radius(sigma_max)
+    k = box_blur_kernels(sigma.clamp(max=sigma_max))
+    k = F.pad(k, ((2 * radius + 1 - k.shape[1]) // 2,) * 2)
+    k = k.to(x.device, x.dtype, non_blocking=True).repeat_interleave(c, dim=0)  # (m*C, K): per channel
     y = x.reshape(1, m * c, h, w)
     y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), k.view(m * c, 1, 1, -1), groups=m * c)
     y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k.view(m * c, 1, -1, 1), groups=m * c)

@@ -11,6 +11,15 @@ from ibot.data.transforms import BatchMultiCrop, MultiCropTransform
 from ibot.eval.knn import norm_stats
 
 
+def resolve_pipeline(pipeline: str, in_memory: bool, device_type: str) -> str:
+    """``data.pipeline=auto``: tensor for in-memory datasets; folders: gpu on CUDA, pil on the CPU."""
+    if pipeline != "auto":
+        return pipeline
+    if in_memory:
+        return "tensor"
+    return "gpu" if device_type == "cuda" else "pil"
+
+
 def dataset_from_config(cfg, train: bool = True):
     d, m = cfg.data, cfg.model
     return build_dataset(

@@ -27,6 +27,7 @@ from ibot.data.factory import (
     dataset_from_config,
     device_augment_from_config,
     pil_transform_from_config,
+    resolve_pipeline,
 )
 from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches, mix_seed
 from ibot.data.prefetch import DeviceBatches, batch_bytes, prefetch_factor
@@ -197,10 +198,7 @@ class Trainer:
                 "lower optim.batch_size or add images"
             )
         self.niter = n // (b * w)
-        self.pipeline = d.pipeline
-        if d.pipeline == "auto":  # in memory: tensor; folders: the device pipeline on CUDA, PIL on the CPU
-            in_memory = hasattr(self.train_set, "images")
-            self.pipeline = "tensor" if in_memory else ("gpu" if self.device.type == "cuda" else "pil")
+        self.pipeline = resolve_pipeline(d.pipeline, hasattr(self.train_set, "images"), self.device.type)
         self.use_tensor = self.pipeline == "tensor"
         if self.use_tensor and not hasattr(self.train_set, "images"):
             raise DatasetError("data.pipeline=tensor needs an in-memory dataset; use data.pipeline=pil for folders")
@@ -259,6 +257,9 @@ class Trainer:
                 drop_last=True,
                 persistent_workers=d.num_workers > 0,
                 prefetch_factor=prefetch_factor(d.num_workers, size),
+                # its own generator: iter() draws worker base seeds from it, not from the global RNG
+                # that drop path uses (a resumed run would otherwise draw different drop-path masks)
+                generator=torch.Generator().manual_seed(self.cfg.run.seed),
             )
         self.loader.sampler.epoch, self.loader.sampler.start_batch = epoch, start_step
         return self.loader

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ibot.config import mask_cell
 from ibot.data.datasets import build_dataset
-from ibot.data.device_augment import CropFlip, DeviceAugment
-from ibot.data.loader import MultiCropCollate
+from ibot.data.device_augment import CropFlip, DecodedImages, DeviceAugment
+from ibot.data.loader import MultiCropCollate, MultiCropDataset
 from ibot.data.masking import MaskGenerator
 from ibot.data.transforms import BatchMultiCrop, MultiCropTransform
 from ibot.eval.knn import norm_stats
@@ -103,6 +103,14 @@ def crop_flip_from_config(cfg) -> CropFlip:
         d.local_crops_scale,
         m.in_chans,
     )
+
+
+def crop_flip_dataset_from_config(cfg, dataset) -> MultiCropDataset:
+    """The workers' dataset of ``data.pipeline=gpu``: image files are decoded by torchvision and
+    cropped by torch (twice as fast as stock Pillow); other datasets go through PIL."""
+    if DecodedImages.supports(dataset):
+        dataset = DecodedImages(dataset, cfg.model.in_chans)
+    return MultiCropDataset(dataset, crop_flip_from_config(cfg), seed=cfg.run.seed)
 
 
 def device_augment_from_config(cfg) -> DeviceAugment:

@@ -23,7 +23,7 @@ from ibot.data.datasets import DatasetError, slice_dataset, spread_subset, valid
 from ibot.data.factory import (
     batch_augment_from_config,
     collate_from_config,
-    crop_flip_from_config,
+    crop_flip_dataset_from_config,
     dataset_from_config,
     device_augment_from_config,
     pil_transform_from_config,
@@ -210,7 +210,7 @@ class Trainer:
         if self.use_tensor:
             self.augment = batch_augment_from_config(cfg)
         elif self.pipeline == "gpu":
-            self.mc_dataset = MultiCropDataset(self.train_set, crop_flip_from_config(cfg), seed=cfg.run.seed)
+            self.mc_dataset = crop_flip_dataset_from_config(cfg, self.train_set)
             self.device_augment = device_augment_from_config(cfg)
         else:
             self.mc_dataset = MultiCropDataset(self.train_set, pil_transform_from_config(cfg), seed=cfg.run.seed)

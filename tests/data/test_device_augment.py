@@ -271,3 +271,62 @@ def test_brightness_contrast_saturation_hue_shifts_match_pil(crops):
     wrong = jitter_stats(unnormalise(run_device(crops, "global1", hue=0.2, **kw)))
     dw = torch.remainder(wrong[3] - base[3] + math.pi, 2 * math.pi) - math.pi
     assert dw.std() - dp.std() > 0.15
+
+
+# ---------------------------------------------------------------------------- decoding in the workers
+
+
+def test_crop_flip_on_tensors_draws_the_pil_boxes_and_close_pixels():
+    img = natural_images(1, size=120)[0]
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    cf = CropFlip(2, 32, (0.3, 1.0), 4, 16, (0.05, 0.3))
+    torch.manual_seed(7)
+    from_pil = cf(img)
+    torch.manual_seed(7)
+    from_tensor = cf(x)
+    for a, b in zip(from_pil, from_tensor, strict=True):
+        assert a.shape == b.shape and b.dtype == torch.uint8
+        # torch's antialiased uint8 bicubic against PIL's on the same box: within a grey level on average
+        assert (a.float() - b.float()).abs().mean() < 1.5
+    gray = CropFlip(1, 16, (0.5, 1.0), in_chans=1)(x)[0]
+    assert gray.shape == (1, 16, 16)
+
+
+def test_decoded_images_reads_files_with_torchvision_and_falls_back_to_pil(tmp_path):
+    from ibot.data.datasets import FileImageDataset, slice_dataset
+    from ibot.data.device_augment import DecodedImages
+
+    img = natural_images(1, size=40)[0]
+    (tmp_path / "a").mkdir()
+    img.save(tmp_path / "a" / "0.jpg", quality=95)
+    img.save(tmp_path / "a" / "1.png")
+    img.save(tmp_path / "a" / "2.bmp")
+    (tmp_path / "a" / "3.jpg").write_bytes(b"not a jpeg")
+    files = FileImageDataset(tmp_path)
+    assert DecodedImages.supports(files) and not DecodedImages.supports(natural_images(1))
+    dec = DecodedImages(files)
+    jpg, png, bmp, bad = (dec[i] for i in range(4))
+    ref = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    pil_jpg = torch.from_numpy(np.asarray(Image.open(tmp_path / "a" / "0.jpg")).copy()).permute(2, 0, 1)
+    assert jpg[0].shape == (3, 40, 40) and (jpg[0].float() - pil_jpg.float()).abs().mean() < 1
+    assert torch.equal(png[0], ref) and png[1] == 0
+    assert isinstance(bmp[0], Image.Image)  # PIL fallback
+    assert bad is None  # unreadable: skipped and counted like the PIL path
+    sub = DecodedImages(slice_dataset(files, 1, 3), in_chans=1)
+    assert len(sub) == 2 and sub[0][0].shape == (1, 40, 40)
+
+
+def test_gpu_pipeline_trains_on_a_folder(tmp_path):
+    from ibot.config import build_config
+    from ibot.data.device_augment import DecodedImages
+    from ibot.train.trainer import Trainer
+
+    for i, img in enumerate(natural_images(32, size=48)):
+        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        img.save(tmp_path / "data" / f"c{i % 2}" / f"{i}.jpg")
+    over = ["data.dataset=imagefolder", f"data.path={tmp_path / 'data'}", "data.pipeline=gpu", "optim.epochs=1"]
+    over += [f"run.output_dir={tmp_path / 'run'}", "run.progress=false", "run.knn_at_end=false"]
+    tr = Trainer(build_config("smoke", over), log=lambda *a: None)
+    assert isinstance(tr.mc_dataset.dataset, DecodedImages)
+    tr.fit()
+    assert tr.global_step == 2 and math.isfinite(tr.train_step(next(iter(tr.batches(0))), 0, 0).loss.item())

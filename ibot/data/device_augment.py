@@ -135,7 +135,9 @@ class DecodedImages(torch.utils.data.Dataset):
                 mode = ImageReadMode.RGB if self.in_chans == 3 else ImageReadMode.GRAY
                 with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for TorchCodec)
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    return decode_image(path, mode=mode), label
+                    x = decode_image(path, mode=mode)
+                if x.dtype == torch.uint8:  # 16-bit PNGs: PIL's loader rescales them to 8 bits
+                    return x, label
             except Exception:  # noqa: BLE001 - let PIL try (and report) what torchvision cannot read
                 pass
         item = self.base[j]  # PIL; None (already reported) when unreadable

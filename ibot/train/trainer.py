@@ -245,8 +245,8 @@ class Trainer:
             d, m, b = self.cfg.data, self.cfg.model, self.cfg.optim.batch_size
             crops = [(d.global_crops_number, m.img_size), (d.local_crops_number, d.local_crop_size)]
             size = batch_bytes(b, m.in_chans, crops, 1 if self.pipeline == "gpu" else 4)
-            sampler = EpochSampler(len(self.train_set), b, self.cfg.run.seed, epoch, D.rank(), D.world_size())
-            sampler.with_epoch = True
+            seed, rank, world = self.cfg.run.seed, D.rank(), D.world_size()
+            sampler = EpochSampler(len(self.train_set), b, seed, epoch, rank, world, with_epoch=True)
             self.loader = torch.utils.data.DataLoader(
                 self.mc_dataset,
                 batch_size=b,

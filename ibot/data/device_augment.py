@@ -244,11 +244,12 @@ class DeviceAugment:
         rows = p.blur.nonzero().squeeze(1)
         if rows.numel():
             idx = to(rows)
-            x = x.index_copy(0, idx, gaussian_blur(x.index_select(0, idx), p.sigma[rows], self.sigma[1]))
+            x = x.index_copy_(0, idx, gaussian_blur(x.index_select(0, idx), p.sigma[rows], self.sigma[1]))
         if bool(p.solarize.any()):
             on = to(p.solarize).view(-1, 1, 1, 1) & (x >= 0.5)  # uint8 >= 128 after rounding
             x = torch.where(on, 1.0 - x, x)
-        return (x - self.mean.to(dev)) / self.std.to(dev)
+        scale = (1 / self.std).to(dev)
+        return torch.addcmul((-self.mean * scale).to(dev), x, scale)  # (x - mean) / std in one pass
 
     def _jitter(self, x: torch.Tensor, p: AugmentParams, to) -> torch.Tensor:
         rows = torch.arange(x.shape[0])
@@ -263,11 +264,11 @@ class DeviceAugment:
                 mean = gray.mean(dim=(-2, -1), keepdim=True)
                 opd = to(op).view(-1, 1, 1, 1)
                 other = torch.where(opd == SATURATION, gray, torch.where(opd == CONTRAST, mean, 0.0))
-                x = (x * fd + other * (1 - fd)).clamp_(0, 1)
+                x = torch.lerp(other, x, fd).clamp_(0, 1)  # other + f (x - other) in one pass
             hue_rows = ((op == HUE) & (f != 0)).nonzero().squeeze(1)
             if hue_rows.numel():
                 idx = to(hue_rows)
-                x = x.index_copy(0, idx, adjust_hue(x.index_select(0, idx), to(f[hue_rows])))
+                x = x.index_copy_(0, idx, adjust_hue(x.index_select(0, idx), to(f[hue_rows])))
         return x
 
     # ------------------------------------------------------------------ batches
@@ -294,8 +295,8 @@ def luma(x: torch.Tensor) -> torch.Tensor:
     """(n, C, H, W) in [0, 1] -> (n, 1, H, W) Rec. 601 luma (the image itself for one channel)."""
     if x.shape[1] == 1:
         return x
-    w = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return (r * LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2])
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -147,3 +147,17 @@ def test_gpu_pipeline_resume_gives_the_same_losses(tmp_path):
     a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert len(a) == len(b) == 6
     assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_batches_cuda_side_stream_equals_the_cpu_path():
+    aug = DeviceAugment(2, 3)
+    batches = [_batch(8) for _ in range(3)]
+    pinned = [b.pin_memory() for b in batches]
+    gpu = [b for b in DeviceBatches(pinned, torch.device("cuda"), aug, seed_of=lambda s: s)]
+    cpu = list(DeviceBatches(batches, torch.device("cpu"), aug, seed_of=lambda s: s))
+    for g, c in zip(gpu, cpu, strict=True):
+        assert g.global_crops.is_cuda and g.masks.index.is_cuda
+        torch.testing.assert_close(g.global_crops.cpu(), c.global_crops, atol=1e-4, rtol=0)
+        torch.testing.assert_close(g.local_crops.cpu(), c.local_crops, atol=1e-4, rtol=0)
+        assert torch.equal(g.masks.masks.cpu(), c.masks.masks)

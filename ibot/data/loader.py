@@ -155,6 +155,17 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return (crops, label, i, epoch) if isinstance(key, tuple) else (crops, label, i)
 
 
+def stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, written straight into shared memory inside a DataLoader worker (as
+    ``default_collate`` does), so sending the batch to the main process copies nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
+    out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
 class MultiCropCollate:
     """List of (crops, label, index) or None -> :class:`Batch`, with masks made here on the CPU."""
 
@@ -183,8 +194,8 @@ class MultiCropCollate:
         if len(kept[0]) > 3:  # the epoch travelled with the indices (persistent workers)
             self.set_epoch(kept[0][3])
         g, nl = self.n_global, self.n_local
-        glob = torch.stack([s[0][i] for i in range(g) for s in kept])
-        loc = torch.stack([s[0][g + i] for i in range(nl) for s in kept]) if nl else None
+        glob = stack_shared([s[0][i] for i in range(g) for s in kept])
+        loc = stack_shared([s[0][g + i] for i in range(nl) for s in kept]) if nl else None
         labels = torch.tensor([s[1] for s in kept])
         mb = self.make_masks(glob.shape[0], glob.shape[-2], glob.shape[-1], kept[0][2])
         return Batch(glob, loc, mb, labels, g, nl, len(samples) - len(kept))

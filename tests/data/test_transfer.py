@@ -161,3 +161,21 @@ def test_device_batches_cuda_side_stream_equals_the_cpu_path():
         torch.testing.assert_close(g.global_crops.cpu(), c.global_crops, atol=1e-4, rtol=0)
         torch.testing.assert_close(g.local_crops.cpu(), c.local_crops, atol=1e-4, rtol=0)
         assert torch.equal(g.masks.masks.cpu(), c.masks.masks)
+
+
+def test_worker_collate_writes_crops_into_shared_memory():
+    from ibot.data.loader import stack_shared
+
+    parts = [torch.full((3, 4, 4), i, dtype=torch.uint8) for i in range(5)]
+    assert not stack_shared(parts).is_shared()  # main process: a plain stack
+
+    class Stacks(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            out = stack_shared(parts)
+            return out.is_shared(), out
+
+    ((shared, out),) = list(torch.utils.data.DataLoader(Stacks(), batch_size=None, num_workers=1))
+    assert shared and torch.equal(out, torch.stack(parts))

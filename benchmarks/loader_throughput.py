@@ -260,15 +260,20 @@ def loader_figures(
 ) -> dict:
     """Images/s of the ``data.pipeline=gpu`` training path with the real Trainer on ``device``.
 
+    An untimed warm-up epoch of loading + steps comes first (worker start, page cache, kernel
+    selection); then, with the same persistent workers:
+
     * ``loader_ips``: one epoch of device batches (workers -> pinned uint8 -> side-stream copy ->
       DeviceAugment), no step;
     * ``step_ips``: ``step_repeats`` training steps on one resident batch (no loading);
     * ``end_to_end_ips``: one epoch of loading + training steps; ``end_to_end_over_step`` is the
       target ratio (>= 0.9 on a GPU node).
 
-    The first batch of each phase is a warm-up (worker start, autotuning) and is not timed.
-    ``preset`` + the official ViT-S recipe + ``overrides`` (e.g. ``["run.precision=bf16"]``); images
-    are generated JPEGs of ``image_size`` under ``data_dir`` (a temporary folder when None).
+    Epoch figures are timed from the start of the epoch, so they include filling the pipeline (each
+    worker's first batch), a cost real epochs of thousands of steps do not see; the
+    ``*_after_fill_ips`` figures start at the arrival of batch ``num_workers`` instead (the workers'
+    second round). ``preset`` + the official ViT-S recipe + ``overrides``; images are generated
+    JPEGs of ``image_size`` under ``data_dir`` (a temporary folder when None).
     """
     from ibot.train.trainer import Trainer
 
@@ -292,22 +297,33 @@ def loader_figures(
     tr = Trainer(build_config(preset, over), log=lambda *a: None, resume="never")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def timed(batches, fn) -> tuple[float, int, object]:
-        n, t, first = 0, 0.0, None
+    def timed(batches, fn, skip: int) -> tuple[float, float, int, object]:
+        """(images/s from the start, images/s from batch ``skip`` on, images, first batch)."""
+        sync()
+        n, n_after, first, t_after = 0, 0, None, None
+        t0 = time.perf_counter()
         for k, b in enumerate(batches):
             fn(b, k)
-            if k == 0:
+            first = first if first is not None else b
+            n += b.batch_size
+            if k == skip - 1:
                 sync()
-                t, first = time.perf_counter(), b
-            else:
-                n += b.batch_size
+                t_after = time.perf_counter()
+            elif k >= skip:
+                n_after += b.batch_size
         sync()
-        return n / max(time.perf_counter() - t, 1e-9), n, first
+        t1 = time.perf_counter()
+        after = n_after / (t1 - t_after) if t_after is not None and n_after else float("nan")
+        return n / (t1 - t0), after, n, first
 
-    loader_ips, n_loader, batch = timed(tr.batches(0), lambda b, k: None)
     tr.model.train()
-    step_ips, _, _ = timed([batch] * (step_repeats + 1), lambda b, k: tr.train_step(b, 0, k))
-    e2e_ips, n_e2e, _ = timed(tr.batches(1), lambda b, k: tr.train_step(b, 1, tr.niter + k))
+    skip = max(1, num_workers)
+    _, _, _, batch = timed(tr.batches(0), lambda b, k: tr.train_step(b, 0, k), skip)  # warm-up
+    loader_ips, loader_after, n_loader, _ = timed(tr.batches(1), lambda b, k: None, skip)
+    step_ips, _, _, _ = timed([batch] * step_repeats, lambda b, k: tr.train_step(b, 0, k), 1)
+    last = len(tr.lr_schedule) - 1  # the schedule position only sets lr/wd values, not the cost
+    e = min(2, tr.cfg.optim.epochs - 1)
+    e2e_ips, e2e_after, n_e2e, _ = timed(tr.batches(2), lambda b, k: tr.train_step(b, e, min(last, k)), skip)
     aug_ms = 1000 * time_device_half(tr.device_augment, tr.cfg, batch_size, device, 5)
     res = {
         "device": str(device),
@@ -315,10 +331,14 @@ def loader_figures(
         "n_images": len(tr.train_set),
         "batch_size": batch_size,
         "precision": tr.precision,
+        "steps_per_epoch": tr.niter,
         "loader_ips": loader_ips,
+        "loader_after_fill_ips": loader_after,
         "step_ips": step_ips,
         "end_to_end_ips": e2e_ips,
+        "end_to_end_after_fill_ips": e2e_after,
         "end_to_end_over_step": e2e_ips / step_ips,
+        "end_to_end_after_fill_over_step": e2e_after / step_ips,
         "device_half_ms_per_image": aug_ms,
         "device_half_share_of_step": aug_ms / 1000 * step_ips,
         "timed_images": {"loader": n_loader, "end_to_end": n_e2e},

@@ -22,8 +22,9 @@ def test_loader_figures_on_cpu(bench, tmp_path):
         "cpu", 0, 24, batch_size=8, step_repeats=1, preset="smoke", image_size=(40, 30), data_dir=tmp_path
     )
     assert (fig["device"], fig["num_workers"], fig["n_images"], fig["batch_size"]) == ("cpu", 0, 24, 8)
-    assert fig["timed_images"] == {"loader": 16, "end_to_end": 16}  # 3 batches, the first is a warm-up
-    for key in ("loader_ips", "step_ips", "end_to_end_ips", "device_half_ms_per_image"):
+    assert fig["timed_images"] == {"loader": 24, "end_to_end": 24} and fig["steps_per_epoch"] == 3
+    keys = ("loader_ips", "loader_after_fill_ips", "step_ips", "end_to_end_ips", "end_to_end_after_fill_ips")
+    for key in (*keys, "device_half_ms_per_image"):
         assert math.isfinite(fig[key]) and fig[key] > 0, key
     assert fig["end_to_end_over_step"] == pytest.approx(fig["end_to_end_ips"] / fig["step_ips"])
     assert len(list(tmp_path.rglob("*.jpg"))) == 24

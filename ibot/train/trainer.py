@@ -320,7 +320,7 @@ class Trainer:
         self.log(
             f"ibot: {cfg.method} on {cfg.data.dataset} ({len(self.train_set)} images), {cfg.model.arch} "
             f"-> {self.run_dir} | {self.niter} steps/epoch x {cfg.optim.epochs} epochs, batch "
-            f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}"
+            f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}, data.pipeline={self.pipeline}"
         )
         if cfg.data.dataset in ("imagefolder", "folder") and getattr(self.train_set, "split", None):
             self.log(f"data: training on {self.train_set.split}")

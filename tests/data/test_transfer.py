@@ -128,6 +128,8 @@ def test_gpu_pipeline_trainer_batches_and_persistent_workers(tmp_path):
     assert b0[0].global_crops.dtype == torch.float32 and b0[0].global_crops.shape == (32, 3, 32, 32)
     assert b0[0].local_crops.shape == (32, 3, 16, 16) and b0[0].masks.masks.shape == (32, 16)
     assert tr.loader.persistent_workers and tr.loader.prefetch_factor == 4
+    raw = next(iter(tr.loader))  # what the workers send: uint8 crops (4x less than float32)
+    assert raw.global_crops.dtype == raw.local_crops.dtype == torch.uint8
     ref = list(Trainer(_cfg(tmp_path / "r", "data.num_workers=0"), log=lambda *a: None).batches(1, 1))
     for a, b in zip(b1, ref, strict=True):  # same batches with or without (persistent) workers
         assert torch.equal(a.global_crops, b.global_crops) and torch.equal(a.local_crops, b.local_crops)

@@ -126,12 +126,12 @@ class DecodedImages(torch.utils.data.Dataset):
         return len(self.indices) if self.indices is not None else len(self.base)
 
     def __getitem__(self, i: int):
-        from torchvision.io import ImageReadMode, decode_image
-
         j = self.indices[i] if self.indices is not None else i
         path, label = self.base.samples[j]
         if path.lower().endswith(self.TORCHVISION):
-            try:
+            try:  # torchvision 0.29 deprecates its decoders: without them, PIL decodes
+                from torchvision.io import ImageReadMode, decode_image
+
                 mode = ImageReadMode.RGB if self.in_chans == 3 else ImageReadMode.GRAY
                 with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for TorchCodec)
                     warnings.simplefilter("ignore", DeprecationWarning)

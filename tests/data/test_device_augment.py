@@ -329,4 +329,5 @@ def test_gpu_pipeline_trains_on_a_folder(tmp_path):
     tr = Trainer(build_config("smoke", over), log=lambda *a: None)
     assert isinstance(tr.mc_dataset.dataset, DecodedImages)
     tr.fit()
-    assert tr.global_step == 2 and math.isfinite(tr.train_step(next(iter(tr.batches(0))), 0, 0).loss.item())
+    assert tr.global_step == tr.niter >= 1  # (a few images are held out for evaluation)
+    assert math.isfinite(tr.train_step(next(iter(tr.batches(0))), 0, 0).loss.item())

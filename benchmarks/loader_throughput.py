@@ -288,6 +288,7 @@ def loader_figures(
         f"data.num_workers={num_workers}",
         f"optim.batch_size={batch_size}",
         f"data.limit={n_images}",
+        "data.holdout=0",  # every generated image trains
         f"run.device={device.type}",
         f"run.output_dir={Path(tmp.name) / 'run'}",
         "run.progress=false",

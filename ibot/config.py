@@ -77,7 +77,9 @@ class LossConfig:
 class DataConfig:
     dataset: str = "imagefolder"  # imagefolder | folder | fashion_mnist | mnist | cifar10 | cifar100 | synthetic
     path: str | None = None  # image folder (imagefolder/folder) or where downloaded datasets live
-    pipeline: str = "auto"  # auto | pil | tensor (vectorised augmentation of in-memory datasets)
+    # auto | pil | tensor (vectorised augmentation of in-memory datasets) | gpu (workers crop and flip,
+    # the device jitters, blurs, solarizes, normalises); auto: tensor in memory, else gpu on CUDA, else pil
+    pipeline: str = "auto"
     global_crops_number: int = 2  # global crops per image (official 2)
     global_crops_scale: list[float] = field(default_factory=lambda: [0.14, 1.0])  # global crop area range
     local_crops_number: int = 0  # local crops per image (official recipe: 10)
@@ -469,7 +471,7 @@ def validate(cfg) -> None:
         "mask.shape": (mk.shape, ("block", "rand")),
         "loss.centering": (lo.centering, ("center", "sinkhorn")),
         "loss.patch_center": (lo.patch_center, ("all", "masked")),
-        "data.pipeline": (d.pipeline, ("auto", "pil", "tensor")),
+        "data.pipeline": (d.pipeline, ("auto", "pil", "tensor", "gpu")),
         "data.dataset": (d.dataset, DATASETS),
         "optim.clip_mode": (o.clip_mode, ("param", "global")),
         "run.knn_split": (cfg.run.knn_split, ("test", "val")),

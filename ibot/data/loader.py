@@ -66,12 +66,28 @@ class Batch:
             self.n_skipped,
         )
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copy (what ``DataLoader(pin_memory=True)`` calls), for ``non_blocking`` copies."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Batch(
+            pin(self.global_crops),
+            pin(self.local_crops),
+            None if self.masks is None else self.masks.pin_memory(),
+            pin(self.labels),
+            self.n_global,
+            self.n_local,
+            self.n_skipped,
+        )
+
 
 class EpochSampler(torch.utils.data.Sampler):
     """Per-epoch permutation from ``(seed, epoch)``, split across ranks, starting at ``start_batch``.
 
     Yields the indices of this rank's full batches only (drop_last), so every rank sees the same
-    number of steps and a resumed epoch skips exactly the batches already trained on.
+    number of steps and a resumed epoch skips exactly the batches already trained on. With
+    ``with_epoch=True`` it yields ``(epoch, index)`` pairs: the epoch then travels with each index to
+    the dataset and collate copies of persistent DataLoader workers (set ``epoch`` and
+    ``start_batch`` on the main process's sampler between epochs and reuse the DataLoader).
     """
 
     def __init__(
@@ -84,9 +100,11 @@ class EpochSampler(torch.utils.data.Sampler):
         world: int = 1,
         start_batch: int = 0,
         shuffle: bool = True,
+        with_epoch: bool = False,
     ) -> None:
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.rank, self.world, self.start_batch, self.shuffle = rank, world, start_batch, shuffle
+        self.with_epoch = with_epoch
 
     @property
     def steps_per_epoch(self) -> int:
@@ -104,11 +122,16 @@ class EpochSampler(torch.utils.data.Sampler):
         gb = self.batch_size * self.world
         for s in range(self.start_batch, self.steps_per_epoch):
             chunk = order[s * gb : (s + 1) * gb]
-            yield from chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+            mine = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+            yield from ((self.epoch, i) for i in mine) if self.with_epoch else mine
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Wraps a ``(PIL image, label)`` dataset: item i -> (crops, label, i), seeded by (seed, epoch, i)."""
+    """Wraps a ``(PIL image, label)`` dataset: item i -> (crops, label, i), seeded by (seed, epoch, i).
+
+    An ``(epoch, i)`` key (:class:`EpochSampler` with ``with_epoch``) gives ``(crops, label, i, epoch)``
+    with that epoch instead of ``self.epoch``.
+    """
 
     def __init__(self, dataset, transform, seed: int = 0) -> None:
         self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
@@ -116,19 +139,31 @@ class MultiCropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         item = self.dataset[i]
         if item is None:
             return None
         img, label = item
-        s = mix_seed(self.seed, self.epoch, i)
+        s = mix_seed(self.seed, epoch, i)
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)
             random.seed(s)
             crops = self.transform(img)
         random.setstate(state)
-        return crops, label, i
+        return (crops, label, i, epoch) if isinstance(key, tuple) else (crops, label, i)
+
+
+def stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, written straight into shared memory inside a DataLoader worker (as
+    ``default_collate`` does), so sending the batch to the main process copies nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
+    out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
 
 
 class MultiCropCollate:
@@ -139,6 +174,11 @@ class MultiCropCollate:
     ) -> None:
         self.n_global, self.n_local, self.patch_size = n_global, n_local, patch_size
         self.mask_generator, self.seed, self.epoch = mask_generator, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.mask_generator is not None:
+            self.mask_generator.set_epoch(epoch)
 
     def make_masks(self, n_images: int, h: int, w: int, *key: int) -> MaskBatch | None:
         if self.mask_generator is None:
@@ -152,8 +192,10 @@ class MultiCropCollate:
         g, nl = self.n_global, self.n_local
         if not kept:  # every image unreadable: an empty batch (batch_size 0) the trainer counts and skips
             return Batch(torch.empty(0), None, None, torch.empty(0, dtype=torch.long), g, nl, len(samples))
-        glob = torch.stack([s[0][i] for i in range(g) for s in kept])
-        loc = torch.stack([s[0][g + i] for i in range(nl) for s in kept]) if nl else None
+        if len(kept[0]) > 3:  # the epoch travelled with the indices (persistent workers)
+            self.set_epoch(kept[0][3])
+        glob = stack_shared([s[0][i] for i in range(g) for s in kept])
+        loc = stack_shared([s[0][g + i] for i in range(nl) for s in kept]) if nl else None
         labels = torch.tensor([s[1] for s in kept])
         mb = self.make_masks(glob.shape[0], glob.shape[-2], glob.shape[-1], kept[0][2])
         return Batch(glob, loc, mb, labels, g, nl, len(samples) - len(kept))

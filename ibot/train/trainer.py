@@ -23,10 +23,14 @@ from ibot.data.datasets import DatasetError, slice_dataset, spread_subset, valid
 from ibot.data.factory import (
     batch_augment_from_config,
     collate_from_config,
+    crop_flip_dataset_from_config,
     dataset_from_config,
+    device_augment_from_config,
     pil_transform_from_config,
+    resolve_pipeline,
 )
 from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches, mix_seed
+from ibot.data.prefetch import DeviceBatches, batch_bytes, prefetch_factor
 from ibot.eval.knn import extract_features, knn_classify
 from ibot.train import runlock
 from ibot.train.checkpoint import CheckpointError, load_safe, previous_path, remove_stale_temporaries, save_atomic
@@ -234,15 +238,20 @@ class Trainer:
                 "lower optim.batch_size or add images"
             )
         self.niter = n // (b * w)
-        self.use_tensor = d.pipeline == "tensor" or (d.pipeline == "auto" and hasattr(self.train_set, "images"))
+        self.pipeline = resolve_pipeline(d.pipeline, hasattr(self.train_set, "images"), self.device.type)
+        self.use_tensor = self.pipeline == "tensor"
         if self.use_tensor and not hasattr(self.train_set, "images"):
             raise DatasetError("data.pipeline=tensor needs an in-memory dataset; use data.pipeline=pil for folders")
         if self.use_tensor and self.train_set.images.shape[1] != m.in_chans:
             ch = self.train_set.images.shape[1]
             raise DatasetError(f"the dataset has {ch} channel(s) but model.in_chans={m.in_chans}")
         self.collate = collate_from_config(cfg)
+        self.device_augment, self.loader = None, None
         if self.use_tensor:
             self.augment = batch_augment_from_config(cfg)
+        elif self.pipeline == "gpu":
+            self.mc_dataset = crop_flip_dataset_from_config(cfg, self.train_set)
+            self.device_augment = device_augment_from_config(cfg)
         else:
             self.mc_dataset = MultiCropDataset(self.train_set, pil_transform_from_config(cfg), seed=cfg.run.seed)
 
@@ -252,39 +261,45 @@ class Trainer:
         )
 
     def batches(self, epoch: int, start_step: int = 0):
-        """This rank's batches of ``epoch`` from ``start_step`` on (deterministic)."""
-        sampler = EpochSampler(
-            len(self.train_set),
-            self.cfg.optim.batch_size,
-            self.cfg.run.seed,
-            epoch,
-            D.rank(),
-            D.world_size(),
-            start_step,
-        )
-        self.collate.epoch = epoch
-        if self.collate.mask_generator is not None:
-            self.collate.mask_generator.set_epoch(epoch)
+        """This rank's batches of ``epoch`` from ``start_step`` on (deterministic), on the training device."""
+        self.collate.set_epoch(epoch)
+        seed, rank = self.cfg.run.seed, D.rank()
         if self.use_tensor:
-            return TensorBatches(self.train_set.images, self.train_set.labels, sampler, self.augment, self.collate)
-        self.mc_dataset.epoch = epoch
-        nw = self.cfg.data.num_workers
-        # its own generator: creating the iterator draws a worker base seed, which from the global RNG
-        # would shift the drop-path stream of a resumed run (the crops are seeded per sample anyway)
-        gen = torch.Generator().manual_seed(mix_seed(self.cfg.run.seed, epoch, D.rank()))
-        return torch.utils.data.DataLoader(
-            self.mc_dataset,
-            batch_size=self.cfg.optim.batch_size,
-            sampler=sampler,
-            num_workers=nw,
-            collate_fn=self.collate,
-            pin_memory=self.device.type == "cuda",
-            drop_last=True,
-            persistent_workers=False,
-            prefetch_factor=4 if nw else None,
-            generator=gen,
-            worker_init_fn=ignore_stop_signals if nw else None,
+            sampler = EpochSampler(
+                len(self.train_set), self.cfg.optim.batch_size, seed, epoch, rank, D.world_size(), start_step
+            )
+            loader = TensorBatches(self.train_set.images, self.train_set.labels, sampler, self.augment, self.collate)
+        else:
+            loader = self._dataloader(epoch, start_step)
+        return DeviceBatches(
+            loader, self.device, self.device_augment, lambda step: mix_seed(seed, epoch, rank, step, 104729), start_step
         )
+
+    def _dataloader(self, epoch: int, start_step: int):
+        """One DataLoader for the whole run (persistent workers); the epoch travels with the indices."""
+        if self.loader is None:
+            d, m, b = self.cfg.data, self.cfg.model, self.cfg.optim.batch_size
+            crops = [(d.global_crops_number, m.img_size), (d.local_crops_number, d.local_crop_size)]
+            size = batch_bytes(b, m.in_chans, crops, 1 if self.pipeline == "gpu" else 4)
+            seed, rank, world = self.cfg.run.seed, D.rank(), D.world_size()
+            sampler = EpochSampler(len(self.train_set), b, seed, epoch, rank, world, with_epoch=True)
+            self.loader = torch.utils.data.DataLoader(
+                self.mc_dataset,
+                batch_size=b,
+                sampler=sampler,
+                num_workers=d.num_workers,
+                collate_fn=self.collate,
+                pin_memory=self.device.type == "cuda",
+                drop_last=True,
+                persistent_workers=d.num_workers > 0,
+                prefetch_factor=prefetch_factor(d.num_workers, size),
+                # its own generator: iter() draws worker base seeds from it, not from the global RNG
+                # that drop path uses (a resumed run would otherwise draw different drop-path masks)
+                generator=torch.Generator().manual_seed(self.cfg.run.seed),
+                worker_init_fn=ignore_stop_signals if d.num_workers else None,  # the main process saves
+            )
+        self.loader.sampler.epoch, self.loader.sampler.start_batch = epoch, start_step
+        return self.loader
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
@@ -325,7 +340,7 @@ class Trainer:
         self.log(
             f"ibot: {cfg.method} on {cfg.data.dataset} ({len(self.train_set)} images), {cfg.model.arch} "
             f"-> {self.run_dir} | {self.niter} steps/epoch x {cfg.optim.epochs} epochs, batch "
-            f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}"
+            f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}, data.pipeline={self.pipeline}"
         )
         if cfg.data.dataset in ("imagefolder", "folder") and getattr(self.train_set, "split", None):
             self.log(f"data: training on {self.train_set.split}")

@@ -516,7 +516,7 @@ class Trainer:
                 f"k-NN top-1 {knn['top1']:.2f}% top-5 {knn['top5']:.2f}% (k={knn['k']}, queries: {split}; "
                 f"{knn['n_train']} bank images)"
             )
-        names = sorted(p.name + ("/" if p.is_dir() else "") for p in self.run_dir.iterdir())
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in self.run_dir.iterdir() if p.name[0] != ".")
         self.log(f"files in {self.run_dir}: {', '.join(names)}")
 
     def _progress(self, epoch: int):

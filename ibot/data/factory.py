@@ -54,16 +54,25 @@ def collate_from_config(cfg) -> MultiCropCollate:
     )
 
 
-def pil_transform_from_config(cfg) -> MultiCropTransform:
-    d, m = cfg.data, cfg.model
-    mean, std = norm_stats(m.in_chans)
-    return MultiCropTransform(
+def crop_geometry(cfg) -> tuple:
+    """The multi-crop geometry every augmentation pipeline takes first: (global number, global size,
+    global scale, local number, local size, local scale)."""
+    d = cfg.data
+    return (
         d.global_crops_number,
-        m.img_size,
+        cfg.model.img_size,
         d.global_crops_scale,
         d.local_crops_number,
         d.local_crop_size,
         d.local_crops_scale,
+    )
+
+
+def pil_transform_from_config(cfg) -> MultiCropTransform:
+    d, m = cfg.data, cfg.model
+    mean, std = norm_stats(m.in_chans)
+    return MultiCropTransform(
+        *crop_geometry(cfg),
         m.in_chans,
         mean,
         std,
@@ -77,12 +86,7 @@ def batch_augment_from_config(cfg) -> BatchMultiCrop:
     d, m = cfg.data, cfg.model
     mean, std = norm_stats(m.in_chans)
     return BatchMultiCrop(
-        d.global_crops_number,
-        m.img_size,
-        d.global_crops_scale,
-        d.local_crops_number,
-        d.local_crop_size,
-        d.local_crops_scale,
+        *crop_geometry(cfg),
         mean,
         std,
         blur_scale=d.blur_scale,
@@ -130,16 +134,7 @@ def set_data_epoch(loader, epoch: int) -> None:
 
 def crop_flip_from_config(cfg) -> CropFlip:
     """Worker half of ``data.pipeline=gpu``: uint8 random resized crops and flips."""
-    d, m = cfg.data, cfg.model
-    return CropFlip(
-        d.global_crops_number,
-        m.img_size,
-        d.global_crops_scale,
-        d.local_crops_number,
-        d.local_crop_size,
-        d.local_crops_scale,
-        m.in_chans,
-    )
+    return CropFlip(*crop_geometry(cfg), cfg.model.in_chans)
 
 
 def crop_flip_dataset_from_config(cfg, dataset) -> MultiCropDataset:

@@ -64,7 +64,7 @@ def _known_errors():
     from ibot.data.datasets import DatasetError
     from ibot.device import DeviceError
     from ibot.eval.protocols import EvalError
-    from ibot.train.checkpoint import CheckpointError
+    from ibot.io import CheckpointError
     from ibot.train.runlock import RunLockError
     from ibot.train.trainer import TrainingError
 

@@ -70,7 +70,7 @@ def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, model
             return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
         return full
 
-    from ibot.train.checkpoint import CheckpointError
+    from ibot.io import CheckpointError
 
     own = model.state_dict()
     missing = sorted(set(own) - set(model_sd))

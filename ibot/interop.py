@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from ibot.io import CheckpointError, file_mode, load_safe
 from ibot.models.backbone import MaskedViT, create_vit, wrap_backbone
 from ibot.models.head import iBOTHead
 from ibot.models.swin import is_swin
-from ibot.train.checkpoint import CheckpointError, file_mode, load_safe
 
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 TIMM_BY_WIDTH = {

@@ -85,7 +85,7 @@ def test_export_check_reloads_with_plain_timm(run, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     from ibot.interop import check_export, load_backbone
-    from ibot.train.checkpoint import CheckpointError
+    from ibot.io import CheckpointError
 
     sd = load_file(str(out / "backbone.safetensors"))
     sd["norm.weight"] = sd["norm.weight"] * 2  # a wrong export must be caught

@@ -114,7 +114,7 @@ def test_torchrun_two_processes_then_resume_in_one(tmp_path, fsdp):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "k-NN" in res.stdout + res.stderr
-    from ibot.train.checkpoint import load_safe
+    from ibot.io import load_safe
 
     ckpt = load_safe(run / "checkpoint.pth")
     assert ckpt["world_size"] == 2 and ckpt["global_step"] == 3
@@ -217,7 +217,7 @@ def test_two_process_resume_restores_each_ranks_rng(tmp_path):
     """Drop-path draws differ per rank: a resumed 2-process run must continue both ranks' streams."""
     import json
 
-    from ibot.train.checkpoint import load_safe
+    from ibot.io import load_safe
 
     _torchrun_pretrain(tmp_path / "full", "run.max_steps=4")
     full_ckpt = load_safe(tmp_path / "full" / "checkpoint.pth")
@@ -281,7 +281,7 @@ def test_torchrun_dino_on_a_cnn_backbone(tmp_path):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "statistics per process" in res.stdout + res.stderr
-    from ibot.train.checkpoint import load_safe
+    from ibot.io import load_safe
 
     ckpt = load_safe(run / "checkpoint.pth")
     assert ckpt["world_size"] == 2 and ckpt["global_step"] == 2

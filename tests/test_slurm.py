@@ -81,7 +81,7 @@ def test_template_trains_under_a_fake_srun(tmp_path):
     res = subprocess.run(["bash", str(TEMPLATE), *args, "optim.batch_size=8"], env=env, capture_output=True,
                          text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    from ibot.train.checkpoint import load_safe
+    from ibot.io import load_safe
 
     ckpt = load_safe(run / "checkpoint.pth")
     assert ckpt["world_size"] == 2 and ckpt["global_step"] == 2

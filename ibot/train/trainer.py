@@ -32,8 +32,8 @@ from ibot.data.factory import (
 from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches, mix_seed
 from ibot.data.prefetch import DeviceBatches, batch_bytes, prefetch_factor
 from ibot.eval.knn import extract_features, knn_classify
+from ibot.io import CheckpointError, load_safe, previous_path, remove_stale_temporaries, save_atomic
 from ibot.train import runlock
-from ibot.train.checkpoint import CheckpointError, load_safe, previous_path, remove_stale_temporaries, save_atomic
 from ibot.train.loggers import build_loggers
 from ibot.train.metrics import MetricsWriter, collapse_monitors, plot_curves
 from ibot.train.schedules import optim_schedules

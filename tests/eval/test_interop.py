@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_ibot
 
 from ibot.interop import export_backbone, load_backbone, load_official
-from ibot.train.checkpoint import CheckpointError
+from ibot.io import CheckpointError
 
 
 def _official_layout(model, shared=True):

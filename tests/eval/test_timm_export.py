@@ -16,8 +16,8 @@ from ibot.cli import main
 from ibot.config import build_config, build_model
 from ibot.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ibot.interop import eval_crop_pct, export_backbone, load_backbone
+from ibot.io import CheckpointError
 from ibot.models.backbone import interpolate_pos_embed
-from ibot.train.checkpoint import CheckpointError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 RGB = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
@@ -91,7 +91,7 @@ def test_readme_snippet_runs_as_written(tmp_path):
 
 
 def test_checkpoints_are_written_0644(tmp_path):
-    from ibot.train.checkpoint import save_atomic
+    from ibot.io import save_atomic
 
     save_atomic({"a": torch.zeros(1)}, tmp_path / "checkpoint.pth")
     assert stat.S_IMODE((tmp_path / "checkpoint.pth").stat().st_mode) == 0o644

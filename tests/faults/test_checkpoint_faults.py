@@ -9,8 +9,8 @@ import subprocess
 import pytest
 import torch
 
-from ibot.train import checkpoint as ckpt_mod
-from ibot.train.checkpoint import load_safe, previous_path, verify_checksum
+from ibot import io as ckpt_mod
+from ibot.io import load_safe, previous_path, verify_checksum
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from ibot import io as ckpt_mod
 from ibot.config import ConfigError, build_config
 from ibot.data.datasets import FileImageDataset, load_image
-from ibot.train import checkpoint as ckpt_mod
-from ibot.train.checkpoint import CheckpointError, load_safe, save_atomic
+from ibot.io import CheckpointError, load_safe, save_atomic
 from ibot.train.metrics import rankme
 from ibot.train.trainer import Trainer, TrainingError
 

@@ -5,8 +5,8 @@ import subprocess
 import sys
 import time
 
+from ibot.io import load_safe
 from ibot.train import runlock
-from ibot.train.checkpoint import load_safe
 
 HOLD = (  # loads runlock.py alone (stdlib only), not the ibot package: a fast second process
     "import importlib.util, sys, time; "

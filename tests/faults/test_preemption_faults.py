@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from ibot.config import build_config
-from ibot.train.checkpoint import load_safe
+from ibot.io import load_safe
 from ibot.train.signals import SignalStopError, StopSignals
 from ibot.train.trainer import Trainer
 

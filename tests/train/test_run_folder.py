@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from ibot.config import build_config
-from ibot.train.checkpoint import CheckpointError
+from ibot.io import CheckpointError
 from ibot.train.metrics import curve_panels
 from ibot.train.trainer import Trainer
 

@@ -7,7 +7,7 @@ import torch
 
 from ibot.config import build_config
 from ibot.data.loader import EpochSampler
-from ibot.train.checkpoint import load_safe, save_atomic
+from ibot.io import load_safe, save_atomic
 from ibot.train.trainer import Trainer
 
 

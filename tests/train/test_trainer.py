@@ -11,7 +11,7 @@ from PIL import Image
 
 from ibot.config import ConfigError, build_config
 from ibot.data.datasets import DatasetError
-from ibot.train.checkpoint import load_safe
+from ibot.io import load_safe
 from ibot.train.trainer import Trainer
 
 
@@ -56,7 +56,7 @@ def test_resume_gives_the_same_losses(tmp_path, k):
 
 def test_resume_refuses_incompatible_config(tmp_path):
     Trainer(smoke_cfg(tmp_path, "run.max_steps=1"), log=lambda *a: None).fit()
-    from ibot.train.checkpoint import CheckpointError
+    from ibot.io import CheckpointError
 
     with pytest.raises(CheckpointError, match="model.depth"):
         Trainer(smoke_cfg(tmp_path, "model.depth=3"), log=lambda *a: None)

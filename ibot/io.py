@@ -1,4 +1,6 @@
-"""Atomic, checksummed checkpoint writes and safe (``weights_only``) loads.
+"""Checkpoint file I/O: atomic, checksummed writes, safe (``weights_only``) loads, :class:`CheckpointError`.
+
+The lowest layer: it imports nothing from ibot, so every layer above may use it.
 
 A checkpoint written here ends with a trailer line ``IBOT-SHA256 <hex>`` holding the SHA-256 of the
 bytes before it (``torch.load`` ignores bytes after the zip archive, so the file stays a plain

@@ -86,7 +86,8 @@ def _sizes(quick: bool) -> dict:
 
 
 def _build(sz: dict, extra=(), seed: int = 0):
-    from ibot.config import build_config, build_model
+    from ibot.builders.model import build_model
+    from ibot.config import build_config
 
     cfg = build_config(sz["preset"], ["data.dataset=synthetic", *sz["overrides"], *extra])
     torch.manual_seed(seed)

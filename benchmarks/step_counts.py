@@ -19,7 +19,8 @@ import torch
 
 
 def count_step(arch="vit_small_in1k", batch=2, local_crops=10, img=224, local_img=96, steps_before=1):
-    from ibot.config import build_config, build_model
+    from ibot.builders.model import build_model
+    from ibot.config import build_config
     from ibot.data.loader import Batch
     from ibot.data.masking import MaskBatch
     from ibot.train.counters import OpCounter

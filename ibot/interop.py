@@ -299,7 +299,8 @@ def load_backbone(source: str | Path, which: str = "teacher", allow_unsafe: bool
         return wrap_backbone(model, masked_im_modeling=False), info, f"{src}: exported backbone"
     ckpt = load_safe(src, allow_unsafe=allow_unsafe)
     if isinstance(ckpt, dict) and ckpt.get("format") == "ibot-1":
-        from ibot.config import build_model, from_dict
+        from ibot.builders.model import build_model
+        from ibot.config import from_dict
 
         cfg = from_dict(ckpt["config"])
         model = build_model(cfg)
@@ -536,7 +537,8 @@ def load_head(source: str | Path, which: str = "teacher", allow_unsafe: bool = F
     src = src / "checkpoint.pth" if src.is_dir() else src
     ckpt = load_safe(src, allow_unsafe=allow_unsafe)
     if isinstance(ckpt, dict) and ckpt.get("format") == "ibot-1":
-        from ibot.config import build_model, from_dict
+        from ibot.builders.model import build_model
+        from ibot.config import from_dict
 
         model = build_model(from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["model"])

@@ -28,7 +28,7 @@ def test_augmentation_probabilities_are_checked():
 
 
 def test_mask_enabled_switch_is_the_official_use_masked_im_modeling():
-    from ibot.config import build_model
+    from ibot.builders.model import build_model
     from ibot.data.factory import mask_generator_from_config
 
     official = build_config("smoke", ["loss.lambda2=0", "mask.enabled=true"])  # official --lambda2 0
@@ -55,3 +55,13 @@ def test_teacher_warmup_longer_than_the_run_is_allowed():
     temps = [teacher_temperature(e, 0.04, 0.07, 30) for e in range(10)]
     assert temps[0] == 0.04 and temps[9] == pytest.approx(0.04 + 0.03 * 9 / 29)  # still warming up at the end
     build_config("smoke", ["mask.start_epoch=5", "loss.warmup_teacher_temp_epochs=5"])  # epochs=2: allowed
+
+
+def test_dataset_names_are_the_ones_data_builds():
+    """config validates data.dataset without importing ibot.data: its list must match what data builds."""
+    from ibot.config import DATASET_NAMES
+    from ibot.data.datasets import DATASETS
+
+    assert DATASET_NAMES == DATASETS
+    with pytest.raises(ConfigError, match="data.dataset"):
+        build_config("smoke", ["data.dataset=imagenet"])

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from ibot import distributed as D
-from ibot.config import ConfigError, build_model, flatten, from_dict, to_dict
+from ibot.builders.model import build_model
+from ibot.config import ConfigError, flatten, from_dict, to_dict
 from ibot.data.datasets import DatasetError, slice_dataset, spread_subset, validation_split
 from ibot.data.factory import (
     batch_augment_from_config,

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ibot.builders.model import build_model
 from ibot.cli import main
-from ibot.config import build_config, build_model
+from ibot.config import build_config
 from ibot.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ibot.interop import eval_crop_pct, export_backbone, load_backbone
 from ibot.io import CheckpointError

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ibot import viz  # noqa: E402
 from ibot.builders.model import build_model  # noqa: E402
+from ibot.builders.sources import load_backbone  # noqa: E402
 from ibot.config import from_dict  # noqa: E402
-from ibot.interop import load_backbone  # noqa: E402
 
 
 def main() -> None:

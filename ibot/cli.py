@@ -109,18 +109,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_pretrain(args) -> int:
-    from pathlib import Path
 
+    from ibot.builders.sources import resolve_source
     from ibot.config import build_config, flatten, parse_override, to_dict
-    from ibot.train.trainer import CHECKPOINT, Trainer, resume_config
+    from ibot.train.trainer import Trainer, resume_config
 
     preset, overrides = _split_overrides(args.overrides)
     preset = preset or args.preset
     if args.config:
         overrides = config_file_overrides(args.config) + overrides
     if args.resume:
-        ckpt = Path(args.resume)
-        ckpt = ckpt / CHECKPOINT if ckpt.is_dir() else ckpt
+        ckpt = resolve_source(args.resume, checkpoint_only=True)
         saved = flatten(resume_config(ckpt))
         cfg = build_config(None, {**saved, **dict(parse_override(o) for o in overrides)})
         cfg.run.output_dir = str(ckpt.parent)
@@ -207,10 +206,10 @@ def cmd_linear(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    from ibot.builders.sources import load_backbone
     from ibot.device import resolve_device
     from ibot.eval.finetune import finetune
     from ibot.eval.protocols import resolve_data
-    from ibot.interop import load_backbone
 
     device = resolve_device(args.device)
     backbone, info, report = load_backbone(args.source, args.which, args.allow_unsafe_pickle)
@@ -249,8 +248,9 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from ibot.builders.sources import load_backbone
     from ibot.device import resolve_device
-    from ibot.interop import check_export, export_backbone, load_backbone
+    from ibot.export import check_export, export_backbone
 
     device = resolve_device(args.device) if args.check else None
     backbone, info, report = load_backbone(args.source, args.which, args.allow_unsafe_pickle)
@@ -270,8 +270,8 @@ def cmd_viz(args) -> int:
     from pathlib import Path
 
     from ibot import viz
+    from ibot.builders.sources import load_backbone
     from ibot.device import resolve_device
-    from ibot.interop import load_backbone
 
     if args.kind == "curves":
         from ibot.train.metrics import plot_curves
@@ -294,7 +294,7 @@ def cmd_viz(args) -> int:
         out = viz.plot_attention(backbone, images, args.out or "attention.png", mean, std, args.threshold)
         print(f"wrote {out}")
     elif args.kind == "patterns":
-        from ibot.interop import load_head
+        from ibot.builders.sources import load_head
 
         head = load_head(args.source, args.which, args.allow_unsafe_pickle).to(device).eval()
         paths = viz.plot_patterns(

@@ -1,6 +1,6 @@
 """Pictures of what a backbone learned: attention maps, prototype patterns, patch correspondences.
 
-Every function takes a loaded backbone (see :func:`ibot.interop.load_backbone`) and writes a PNG.
+Every function takes a loaded backbone (see :func:`ibot.builders.sources.load_backbone`) and writes a PNG.
 The backbone runs where its weights are (move it with ``.to(device)``; on CUDA under bf16 autocast);
 images may live anywhere, and what comes back for plotting is on the CPU in fp32.
 """

@@ -84,7 +84,8 @@ def test_export_check_reloads_with_plain_timm(run, tmp_path, capsys):
     assert "features match the backbone" in capsys.readouterr().out
     from safetensors.torch import load_file, save_file
 
-    from ibot.interop import check_export, load_backbone
+    from ibot.builders.sources import load_backbone
+    from ibot.export import check_export
     from ibot.io import CheckpointError
 
     sd = load_file(str(out / "backbone.safetensors"))

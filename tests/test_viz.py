@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ibot import viz
+from ibot.builders.sources import load_backbone, load_head
 from ibot.config import build_config
-from ibot.interop import load_backbone, load_head
 from ibot.train.trainer import Trainer
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
+from ibot.builders.sources import load_backbone
 from ibot.data.datasets import DatasetError, build_dataset, spread_subset
 from ibot.device import resolve_device
 from ibot.eval.knn import extract_features, knn_classify
 from ibot.eval.linear import extract_linear_features, linear_accuracy, train_linear_sweep
-from ibot.interop import load_backbone
 from ibot.models.swin import is_swin
 
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ibot import distributed as D
 from ibot.builders.model import build_model
+from ibot.builders.sources import CHECKPOINT, resolve_source
 from ibot.config import ConfigError, flatten, from_dict, to_dict
 from ibot.data.datasets import DatasetError, slice_dataset, spread_subset, validation_split
 from ibot.data.factory import (
@@ -41,7 +42,6 @@ from ibot.train.schedules import optim_schedules
 from ibot.train.signals import SignalStopError, StopSignals, ignore_stop_signals
 from ibot.train.step import TrainStep
 
-CHECKPOINT = "checkpoint.pth"
 # keys whose change makes a checkpoint incompatible (shapes / the method itself)
 STRUCTURAL_KEYS = (
     "method",
@@ -133,7 +133,7 @@ class Trainer:
         except ValueError as err:  # the model settings do not fit the backbone: a config problem
             raise ConfigError(f"{err}; check the model.* and method keys") from err
         if cfg.run.init_from:
-            from ibot.interop import init_model_from
+            from ibot.builders.sources import init_model_from
 
             self.log(init_model_from(self.model, cfg.run.init_from))
         self.model = self.model.to(self.device)
@@ -199,9 +199,7 @@ class Trainer:
                 ) from err
             remove_stale_temporaries(self.run_dir)
         if resume != "never":
-            ckpt = self.run_dir / CHECKPOINT if resume == "auto" else Path(resume)
-            if ckpt.is_dir():
-                ckpt = ckpt / CHECKPOINT
+            ckpt = self.run_dir / CHECKPOINT if resume == "auto" else resolve_source(resume, checkpoint_only=True)
             if ckpt.is_file() or previous_path(ckpt).is_file():
                 self.load_checkpoint_or_previous(ckpt)
             elif resume != "auto":

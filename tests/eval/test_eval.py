@@ -56,8 +56,8 @@ def test_run_protocols_and_cache_invalidation(tmp_path):
 
 
 def test_finetune_layer_decay_and_run(tmp_path):
+    from ibot.builders.sources import load_backbone
     from ibot.eval.finetune import finetune, layer_decay_groups
-    from ibot.interop import load_backbone
 
     run = tmp_path / "run"
     cfg = build_config(

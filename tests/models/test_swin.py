@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from ibot import iBOT
+from ibot.builders.sources import load_backbone
 from ibot.config import build_config, mask_cell
-from ibot.interop import export_backbone, load_backbone, load_official
+from ibot.export import export_backbone
 from ibot.models import MaskedSwin, create_vit
 from ibot.models.swin import swin_block, window_attention
+from ibot.official import load_official
 
 ARCH = "swin_tiny_patch4_window7_224"
 

@@ -7,8 +7,10 @@ import pytest
 import torch
 from conftest import tiny_ibot
 
-from ibot.interop import export_backbone, load_backbone, load_official
+from ibot.builders.sources import load_backbone
+from ibot.export import export_backbone
 from ibot.io import CheckpointError
+from ibot.official import load_official
 
 
 def _official_layout(model, shared=True):
@@ -161,7 +163,7 @@ def test_continued_pretraining_from_official_checkpoint(tmp_path, model):
 
 def test_official_default_heads_unshared_student_shared_teacher_load_completely(tmp_path, monkeypatch):
     """Official defaults: ``--shared_head false`` for the student, a shared teacher head (last_layer2 is last_layer)."""
-    import ibot.interop as interop
+    import ibot.builders.sources as sources
 
     torch.manual_seed(0)
     source = tiny_ibot(shared_head=False)
@@ -172,11 +174,11 @@ def test_official_default_heads_unshared_student_shared_teacher_load_completely(
     ckpt["teacher"] = teacher_head
     torch.save(ckpt, tmp_path / "official.pth")
     calls = []
-    real_load = interop.load_safe
-    monkeypatch.setattr(interop, "load_safe", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    real_load = sources.load_safe
+    monkeypatch.setattr(sources, "load_safe", lambda *a, **k: calls.append(a) or real_load(*a, **k))
     torch.manual_seed(1)
     target = tiny_ibot(shared_head=False)
-    report = interop.init_model_from(target, tmp_path / "official.pth")
+    report = sources.init_model_from(target, tmp_path / "official.pth")
     assert len(calls) == 1  # the file is read once
     t_head, s_head = target.teacher["head"], target.student["head"]
     torch.testing.assert_close(t_head.last_layer2.weight_v, ckpt["teacher"]["head.last_layer.weight_v"])
@@ -186,4 +188,4 @@ def test_official_default_heads_unshared_student_shared_teacher_load_completely(
     )
     bigger = tiny_ibot(shared_head=False, n_patch_prototypes=48)
     with pytest.raises(CheckpointError, match="last_layer2.weight_. has shape .*model.patch_out_dim"):
-        interop.init_model_from(bigger, tmp_path / "official.pth")
+        sources.init_model_from(bigger, tmp_path / "official.pth")

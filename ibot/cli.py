@@ -65,19 +65,20 @@ def _known_errors():
     from ibot.device import DeviceError
     from ibot.eval.protocols import EvalError
     from ibot.io import CheckpointError
-    from ibot.train.runlock import RunLockError
-    from ibot.train.trainer import TrainingError
 
-    return (
-        ConfigError,
-        DatasetError,
-        CheckpointError,
-        TrainingError,
-        DeviceError,
-        RunLockError,
-        EvalError,
-        NotImplementedError,
-    )
+    training = _loaded("ibot.train.trainer.TrainingError", "ibot.train.runlock.RunLockError")
+    return (ConfigError, DatasetError, CheckpointError, *training, DeviceError, EvalError, NotImplementedError)
+
+
+def _loaded(*names: str) -> tuple:
+    """The classes ``module.Class`` among ``names`` whose module the command imported: an error class of
+    a module never imported cannot have been raised (``ibot knn`` of an export never imports ibot.train)."""
+    found = []
+    for name in names:
+        module, _, cls = name.rpartition(".")
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], cls))
+    return tuple(found)
 
 
 def _one_line(err: BaseException) -> str:
@@ -551,11 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from ibot.train.signals import SignalStopError
-
     try:
         return args.func(args)
-    except SignalStopError as err:
+    except _loaded("ibot.train.signals.SignalStopError") as err:
         print(f"ibot: {err}", file=sys.stderr)
         return 128 + err.signum
     except (*_known_errors(), OSError) as err:

@@ -109,3 +109,27 @@ def test_init_from_an_export_folder(tmp_path):
     tr = _smoke(tmp_path, tmp_path / "exported")
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(tr.model.student["backbone"].eval()(x)[0], bb(x)[0])
+
+
+KNN_OF_EXPORT = r"""
+import sys
+from ibot.cli import main
+args = ["--dataset", "synthetic", "--limit", "16", "--ks", "3", "--device", "cpu", "--no-progress"]
+rc = main(["knn", sys.argv[1], *args])
+print(rc, sorted(m for m in sys.modules if m.startswith("ibot.train")))
+"""
+
+
+def test_evaluating_an_export_never_imports_the_training_package(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = build_config("smoke")
+    torch.manual_seed(0)
+    export_backbone(
+        build_model(cfg).teacher["backbone"].eval(), tmp_path / "exp", {"mean": [0.5] * 3, "std": [0.5] * 3}
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", KNN_OF_EXPORT, str(tmp_path / "exp")], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.splitlines()[-1] == "0 []", out.stdout + out.stderr

@@ -312,27 +312,15 @@ def cmd_viz(args) -> int:
         )
         print(f"wrote {len(paths)} PNGs to {Path(paths[0]).parent if paths else args.out}")
     else:  # correspond
-        if args.images and len(images) >= 2:
-            a, b = images[0], images[1]
-            title, acc = "two images", None
-        else:
-            size = images.shape[-1]
-            boxes = viz.two_view_boxes(size)
-            a, b = viz.crop_views(images[0], size, boxes)
-            title = "two views of one image"
-        match, sim = viz.match_patches(backbone, a, b)
-        if not (args.images and len(images) >= 2):
-            acc = viz.geometric_accuracy(match, backbone.grid_size(size, size)[0], boxes[0], boxes[1])
-            title += f": {100 * acc:.1f}% of matches where the crop geometry says"
-            score = viz.correspondence_accuracy(backbone, images)
+        pair = bool(args.images) and len(images) >= 2
+        res = viz.correspond(backbone, images, args.out or "correspondence.png", mean, std, pair=pair)
+        if not pair:
+            acc, score = res["accuracy"], res["score"]
             print(
                 f"correspondence accuracy {100 * acc:.1f}% (drawn image); over {score['n']} images "
                 f"{100 * score['accuracy']:.1f}%, random matches {100 * score['chance']:.1f}%"
             )
-        out = viz.plot_correspondence(
-            a, b, match, sim, backbone.patch_size, args.out or "correspondence.png", mean, std, title=title
-        )
-        print(f"wrote {out}")
+        print(f"wrote {res['path']}")
     return 0
 
 

@@ -269,6 +269,31 @@ def plot_correspondence(
     return Path(out)
 
 
+def correspond(backbone, images: torch.Tensor, out: str | Path, mean, std, *, pair: bool = False) -> dict:
+    """Patch correspondences drawn to ``out`` (what ``ibot viz correspond`` shows).
+
+    ``pair``: between ``images[0]`` and ``images[1]``. Otherwise between two overlapping views of
+    ``images[0]`` (:func:`two_view_boxes`), scored against the crop geometry, and over all ``images``
+    by :func:`correspondence_accuracy`. Returns ``{"path", "accuracy", "score"}`` (the drawn image's
+    share of right matches and the all-images score; None for a pair).
+    """
+    if pair:
+        a, b = images[0], images[1]
+        title, acc, score = "two images", None, None
+    else:
+        size = images.shape[-1]
+        boxes = two_view_boxes(size)
+        a, b = crop_views(images[0], size, boxes)
+        title = "two views of one image"
+    match, sim = match_patches(backbone, a, b)
+    if not pair:
+        acc = geometric_accuracy(match, backbone.grid_size(size, size)[0], boxes[0], boxes[1])
+        title += f": {100 * acc:.1f}% of matches where the crop geometry says"
+        score = correspondence_accuracy(backbone, images)
+    path = plot_correspondence(a, b, match, sim, backbone.patch_size, out, mean, std, title=title)
+    return {"path": path, "accuracy": acc, "score": score}
+
+
 def load_images(
     info: dict,
     *,

@@ -283,7 +283,7 @@ def load_backbone(source: str | Path, which: str = "teacher", allow_unsafe: bool
 
     Returns ``(MaskedViT or MaskedSwin, info dict with img_size / patch_size / in_chans / mean / std, report)``.
     """
-    from ibot.eval.knn import norm_stats
+    from ibot.data.transforms import norm_stats
 
     src = Path(source)
     if src.is_dir():

@@ -25,6 +25,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def norm_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation mean and std: 0.5 for grayscale (1 channel), ImageNet's for RGB."""
+    return ((0.5,), (0.5,)) if in_chans == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+
+
 class GaussianBlur:
     """PIL Gaussian blur with radius U(0.1, 2.0), applied when ``random.random() <= p`` (official)."""
 

@@ -13,9 +13,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ibot.data.transforms import BatchMultiCrop
+from ibot.data.transforms import BatchMultiCrop, norm_stats
 from ibot.device import inference_autocast
-from ibot.eval.knn import _tensor_batches, norm_stats
+from ibot.eval.knn import _tensor_batches
 
 # official evaluation/README.md per-model settings (epochs, drop_path, layer_decay); lr 4e-3, wd 0.05,
 # mixup 0.8, cutmix 1.0, label smoothing 0.1, warm-up 20 epochs (5 for ViT-L)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from ibot.builders.data import resolve_pipeline
 from ibot.config import build_config
 from ibot.data.device_augment import DeviceAugment
-from ibot.data.factory import resolve_pipeline
 from ibot.data.loader import Batch, EpochSampler, MultiCropCollate, MultiCropDataset
 from ibot.data.masking import MaskBatch, MaskGenerator
 from ibot.data.prefetch import DeviceBatches, batch_bytes, prefetch_factor

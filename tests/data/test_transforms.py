@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
+from ibot.builders.data import batch_augment_from_config, pil_transform_from_config
 from ibot.config import build_config
-from ibot.data.factory import batch_augment_from_config, pil_transform_from_config
 from ibot.data.transforms import BatchMultiCrop, MultiCropTransform
 
 

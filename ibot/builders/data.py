@@ -7,8 +7,7 @@ from ibot.data.datasets import build_dataset
 from ibot.data.device_augment import CropFlip, DecodedImages, DeviceAugment
 from ibot.data.loader import MultiCropCollate, MultiCropDataset
 from ibot.data.masking import MaskGenerator
-from ibot.data.transforms import BatchMultiCrop, MultiCropTransform
-from ibot.eval.knn import norm_stats
+from ibot.data.transforms import BatchMultiCrop, MultiCropTransform, norm_stats
 
 
 def resolve_pipeline(pipeline: str, in_memory: bool, device_type: str) -> str:

@@ -1,0 +1,1 @@
+"""Builders: turn a config into the objects it describes (the model, the data pipeline, weight sources)."""

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ibot.builders.data import batch_augment_from_config, dataset_from_config  # noqa: E402
 from ibot.config import build_config  # noqa: E402
 from ibot.data.datasets import validation_split  # noqa: E402
-from ibot.data.factory import batch_augment_from_config, dataset_from_config  # noqa: E402
 from ibot.eval.knn import extract_features, knn_classify  # noqa: E402
 from ibot.models.backbone import create_vit  # noqa: E402
 

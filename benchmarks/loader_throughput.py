@@ -48,15 +48,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ibot.config import build_config  # noqa: E402
-from ibot.data.datasets import FileImageDataset  # noqa: E402
-from ibot.data.factory import (  # noqa: E402
+from ibot.builders.data import (  # noqa: E402
     collate_from_config,
     crop_flip_dataset_from_config,
     crop_flip_from_config,
     device_augment_from_config,
     pil_transform_from_config,
 )
+from ibot.config import build_config  # noqa: E402
+from ibot.data.datasets import FileImageDataset  # noqa: E402
 from ibot.data.loader import MultiCropDataset  # noqa: E402
 
 RECIPE = [

@@ -17,7 +17,7 @@ from ibot import iBOT
 from ibot.data.datasets import build_dataset
 from ibot.data.loader import MultiCropCollate, MultiCropDataset
 from ibot.data.masking import MaskGenerator
-from ibot.data.transforms import MultiCropTransform
+from ibot.data.transforms import AugmentSpec, MultiCropTransform
 from ibot.train.optim import cancel_last_layer_grads, clip_gradients, param_groups
 from ibot.train.schedules import cosine_scheduler
 
@@ -32,7 +32,7 @@ def main(argv=None):
 
     # data: 2 global 32-px crops + 2 local 16-px crops per image; block masks on the 4x4 patch grid
     images = build_dataset("synthetic", train=True, synthetic_size=64, image_size=32)
-    transform = MultiCropTransform(2, 32, (0.4, 1.0), 2, 16, (0.05, 0.4))
+    transform = MultiCropTransform(AugmentSpec(2, 32, (0.4, 1.0), 2, 16, (0.05, 0.4)))
     dataset = MultiCropDataset(images, transform, seed=0)
     mask_generator = MaskGenerator("block", ratio=[0.0, 0.3], ratio_var=[0.0, 0.2], start_epoch=0)
     collate = MultiCropCollate(2, 2, patch_size=8, mask_generator=mask_generator, seed=0)

@@ -282,33 +282,21 @@ PRESETS["swin_smoke"] = {
     "run": {**_smoke["run"], "output_dir": "runs/swin_smoke"},
 }
 
-# The official Swin-T recipes (README: ``--patch_size 4 --window_size {7,14} --pred_start_epoch 50``
-# with the ViT-S flags, 300 epochs). Swin-T/14 ran on 40 GPUs x 26; the README gives 16 GPUs for
-# Swin-T/7 but not its batch, so 16 x 64 (the ViT-S total of 1024) is used here.
+# The official Swin-T recipes: the ViT-S flags with ``--patch_size 4 --window_size {7,14}
+# --pred_start_epoch 50`` and 300 epochs (README). Swin-T/14 ran on 40 GPUs x 26; the README gives
+# 16 GPUs for Swin-T/7 but not its batch, so 16 x 64 (the ViT-S total of 1024) is used here.
+_vit_small = PRESETS["vit_small_in1k"]
 for _window, _batch in ((7, 64), (14, 26)):
     PRESETS[f"swin_tiny_w{_window}_in1k"] = {
+        **_vit_small,
         "model": {
+            **_vit_small["model"],
             "arch": "swin_tiny_patch4_window7_224",
             "patch_size": 4,
-            "img_size": 224,
             "window_size": _window,
-            "out_dim": 8192,
-            "patch_out_dim": 8192,
-            "shared_head": True,
-            "norm_last_layer": False,
-            "drop_path": 0.1,
         },
-        "mask": {"shape": "block", "ratio": [0.0, 0.3], "ratio_var": [0.0, 0.2], "start_epoch": 50},
-        "loss": {"teacher_temp": 0.07, "warmup_teacher_temp_epochs": 30},
-        "data": {
-            "dataset": "imagefolder",
-            "global_crops_scale": [0.25, 1.0],
-            "local_crops_number": 10,
-            "local_crops_scale": [0.05, 0.25],
-            "local_crop_size": 96,
-            "num_workers": 10,
-        },
-        "optim": {"epochs": 300, "batch_size": _batch, "lr": 5e-4, "warmup_epochs": 10},
+        "mask": {**_vit_small["mask"], "start_epoch": 50},
+        "optim": {**_vit_small["optim"], "epochs": 300, "batch_size": _batch},
     }
 
 

@@ -22,8 +22,8 @@ import math
 import lightning as L
 import torch
 
+from ibot.builders.data import dataset_from_config, make_dataloader, set_data_epoch
 from ibot.builders.model import build_model
-from ibot.data.factory import dataset_from_config, make_dataloader, set_data_epoch
 from ibot.train.metrics import collapse_monitors
 from ibot.train.optim import cancel_last_layer_grads, clip_gradients, param_groups
 from ibot.train.schedules import optim_schedules

@@ -28,8 +28,8 @@ def test_augmentation_probabilities_are_checked():
 
 
 def test_mask_enabled_switch_is_the_official_use_masked_im_modeling():
+    from ibot.builders.data import mask_generator_from_config
     from ibot.builders.model import build_model
-    from ibot.data.factory import mask_generator_from_config
 
     official = build_config("smoke", ["loss.lambda2=0", "mask.enabled=true"])  # official --lambda2 0
     assert mask_generator_from_config(official) is not None

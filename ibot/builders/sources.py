@@ -16,7 +16,7 @@ import torch
 
 from ibot.builders.model import build_model
 from ibot.config import from_dict
-from ibot.eval.knn import norm_stats  # TODO(issue 20): ibot.data.transforms once norm_stats moves there
+from ibot.data.transforms import norm_stats
 from ibot.export import load_export, timm_kwargs
 from ibot.io import CheckpointError, load_safe
 from ibot.models.backbone import wrap_backbone

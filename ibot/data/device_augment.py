@@ -12,6 +12,9 @@
   U(0.1, 2.0) x ``blur_scale``, as PIL's three box blurs), solarization (global crops 2..G, p=0.2,
   threshold 128) and normalisation.
 
+Both halves take the :class:`~ibot.data.transforms.AugmentSpec` of the other pipelines (the values
+above are its official defaults).
+
 The outputs follow the same distribution as the PIL recipe
 (:class:`ibot.data.transforms.MultiCropTransform`), not the same pixels: the device half computes in
 float without rounding to uint8 between steps (``tests/data/test_device_augment.py`` compares the
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from ibot.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ibot.data.transforms import AugmentSpec
 
 # Rec. 601 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
 LUMA = (0.299, 0.587, 0.114)
@@ -49,23 +51,16 @@ class CropFlip:
     bicubic, about twice as fast as stock Pillow and as fast as Pillow-SIMD). The randomness comes
     from torch's global generator, which :class:`~ibot.data.loader.MultiCropDataset` seeds per
     ``(seed, epoch, index)``; both inputs draw the same crop boxes and flips.
+
+    Reads the geometry and ``in_chans`` of the :class:`~ibot.data.transforms.AugmentSpec` (default:
+    ``AugmentSpec()``); :class:`DeviceAugment` reads the rest.
     """
 
-    def __init__(
-        self,
-        global_crops_number: int = 2,
-        global_size: int = 224,
-        global_scale: Sequence[float] = (0.14, 1.0),
-        local_crops_number: int = 0,
-        local_size: int = 96,
-        local_scale: Sequence[float] = (0.05, 0.4),
-        in_chans: int = 3,
-    ) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
-        self.in_chans, self.mode = in_chans, "L" if in_chans == 1 else "RGB"
-        self.specs = [(global_size, tuple(global_scale))] * global_crops_number
-        self.specs += [(local_size, tuple(local_scale))] * local_crops_number
+    def __init__(self, spec: AugmentSpec | None = None) -> None:
+        self.spec = spec = spec or AugmentSpec()
+        self.in_chans, self.mode = spec.in_chans, "L" if spec.in_chans == 1 else "RGB"
+        self.crops = [(spec.global_crop_size, spec.global_crops_scale)] * spec.global_crops_number
+        self.crops += [(spec.local_crop_size, spec.local_crops_scale)] * spec.local_crops_number
         self.ratio = (3 / 4, 4 / 3)
 
     def crop(self, img: Image.Image | torch.Tensor, size: int, scale) -> torch.Tensor:
@@ -84,7 +79,7 @@ class CropFlip:
             img = _channels(img, self.in_chans)
         elif img.mode != self.mode:
             img = img.convert(self.mode)
-        return [self.crop(img, size, scale) for size, scale in self.specs]
+        return [self.crop(img, size, scale) for size, scale in self.crops]
 
 
 def _channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -164,43 +159,20 @@ class AugmentParams:
 class DeviceAugment:
     """Device half: uint8 crops -> jittered, grayscaled, blurred, solarized, normalised float crops.
 
-    Args:
-        global_crops_number, local_crops_number: G and L (crops are crop-major in a batch).
-        in_chans: 3, or 1 (grayscale datasets: brightness and contrast only, no random grayscale).
-        mean, std: normalisation (default ImageNet for RGB, 0.5 for grayscale).
-        jitter_p: probability of colour jitter per crop (official 0.8).
-        brightness, contrast, saturation, hue: jitter strengths (official 0.4, 0.4, 0.2, 0.1).
-        gray_p: probability of grayscale per crop (official 0.2).
-        blur_p: blur probability of (global crop 1, global crops 2..G, local crops); official (1, 0.1, 0.5).
-        blur_sigma: sigma range (official (0.1, 2.0)), multiplied by ``blur_scale``.
-        solarize_p: probability of solarizing each of global crops 2..G (official 0.2).
+    Reads every knob of the :class:`~ibot.data.transforms.AugmentSpec` (default: ``AugmentSpec()``)
+    but the crop sizes and scales (the crops arrive cut): the crop counts G and L (crops are
+    crop-major in a batch), ``in_chans`` (1: brightness and contrast only, no random grayscale),
+    mean/std, the jitter probability and strengths, ``grayscale_p``, ``blur_p`` per crop kind,
+    ``blur_sigma`` x ``blur_scale`` and ``solarization_p`` (global crops 2..G).
     """
 
-    def __init__(
-        self,
-        global_crops_number: int = 2,
-        local_crops_number: int = 0,
-        in_chans: int = 3,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        jitter_p: float = 0.8,
-        brightness: float = 0.4,
-        contrast: float = 0.4,
-        saturation: float = 0.2,
-        hue: float = 0.1,
-        gray_p: float = 0.2,
-        blur_p: Sequence[float] = (1.0, 0.1, 0.5),
-        blur_sigma: Sequence[float] = (0.1, 2.0),
-        blur_scale: float = 1.0,
-        solarize_p: float = 0.2,
-    ) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
-        gray = in_chans == 1
-        self.g, self.l, self.in_chans = global_crops_number, local_crops_number, in_chans
-        self.mean = torch.tensor(mean or ((0.5,) if gray else IMAGENET_MEAN)).view(1, -1, 1, 1)
-        self.std = torch.tensor(std or ((0.5,) if gray else IMAGENET_STD)).view(1, -1, 1, 1)
-        self.jitter_p = jitter_p
+    def __init__(self, spec: AugmentSpec | None = None) -> None:
+        self.spec = spec = spec or AugmentSpec()
+        gray = spec.in_chans == 1
+        mean, std = spec.normalization()
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        brightness, contrast, saturation, hue = spec.brightness, spec.contrast, spec.saturation, spec.hue
         # (low, high) of each operation's factor; saturation and hue are off for one channel
         self.ranges = torch.tensor(
             [
@@ -210,25 +182,23 @@ class DeviceAugment:
                 [0.0, 0.0] if gray else [-hue, hue],
             ]
         )
-        self.gray_p = 0.0 if gray else gray_p
-        self.blur_p = tuple(blur_p)
-        self.sigma = (blur_sigma[0] * blur_scale, blur_sigma[1] * blur_scale)
-        self.solarize_p = solarize_p
+        self.gray_p = 0.0 if gray else spec.grayscale_p  # never for one channel
+        self.sigma = spec.sigma_range
 
     # ------------------------------------------------------------------ parameters (CPU)
     def sample(self, kinds: torch.Tensor, gen: torch.Generator) -> AugmentParams:
         """Random parameters for rows of crop kinds ``kinds`` (n,) (0: global 1, 1: global 2..G, 2: local)."""
         n = kinds.shape[0]
-        jitter = torch.rand(n, generator=gen) < self.jitter_p
+        jitter = torch.rand(n, generator=gen) < self.spec.color_jitter_p
         order = torch.rand(n, 4, generator=gen).argsort(dim=1)  # a uniform permutation per row
         lo, hi = self.ranges[:, 0], self.ranges[:, 1]
         factor = lo + (hi - lo) * torch.rand(n, 4, generator=gen)
         identity = torch.tensor([1.0, 1.0, 1.0, 0.0])
         factor = torch.where(jitter[:, None], factor, identity)
         gray = torch.rand(n, generator=gen) < self.gray_p
-        blur = torch.rand(n, generator=gen) < torch.tensor(self.blur_p)[kinds]
+        blur = torch.rand(n, generator=gen) < torch.tensor(self.spec.blur_p)[kinds]
         sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * torch.rand(n, generator=gen)
-        solarize = (torch.rand(n, generator=gen) < self.solarize_p) & (kinds == 1)
+        solarize = (torch.rand(n, generator=gen) < self.spec.solarization_p) & (kinds == 1)
         return AugmentParams(order, factor, gray, blur & (self.sigma[1] > 0), sigma, solarize)
 
     # ------------------------------------------------------------------ operations (device)

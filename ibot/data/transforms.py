@@ -1,5 +1,8 @@
 """Multi-crop augmentation.
 
+* :class:`AugmentSpec`: the one description of the multi-crop recipe (geometry, colour jitter,
+  grayscale, blur, solarization, normalisation) that every pipeline takes, with the official
+  defaults. ``ibot.builders.data.augment_spec_from_config`` makes it from a config.
 * :class:`MultiCropTransform`: the official ``DataAugmentationiBOT`` recipe with torchvision on PIL
   images (global crop 1 always blurred; global crop 2 blur 0.1 + solarize 0.2; local crops blur 0.5;
   flip, colour jitter, grayscale, normalise). Counts, sizes and scales are configurable and
@@ -8,13 +11,15 @@
   with tensor ops (random resized crop + flip as one ``grid_sample``, brightness/contrast jitter,
   blur, solarize). For small in-memory datasets (MNIST, Fashion-MNIST, CIFAR) on CPU it costs a
   few milliseconds per batch where PIL costs hundreds.
+
+The device pipeline (``data.pipeline=gpu``, :mod:`ibot.data.device_augment`) takes the same spec.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,95 @@ from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def norm_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation mean and std: 0.5 for grayscale (1 channel), ImageNet's for RGB."""
+    return ((0.5,), (0.5,)) if in_chans == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """The multi-crop augmentation recipe, one name per knob, with the official defaults
+    (``DataAugmentationiBOT`` of bytedance/ibot). Every pipeline takes it:
+    :class:`MultiCropTransform` (``data.pipeline=pil``), :class:`BatchMultiCrop` (``tensor``) and
+    :class:`~ibot.data.device_augment.CropFlip` + :class:`~ibot.data.device_augment.DeviceAugment`
+    (``gpu``: the workers read the geometry, the device reads the rest).
+
+    Geometry (random resized crop, aspect (3/4, 4/3), then a horizontal flip with p=0.5):
+        global_crops_number, global_crop_size, global_crops_scale: G global crops (the first is
+            "global crop 1", the others "global crops 2..G"), their size in pixels and area range.
+        local_crops_number, local_crop_size, local_crops_scale: L local crops (official argparse
+            default 0; the ImageNet recipes use 10).
+    Channels and normalisation:
+        in_chans: 3 (RGB) or 1 (grayscale: no saturation/hue jitter, no random grayscale).
+        mean, std: normalisation; None: :func:`norm_stats` of ``in_chans`` (ImageNet for RGB, 0.5 for
+            grayscale), see :meth:`normalization`.
+    Colour:
+        color_jitter_p: probability of colour jitter per crop (0.8).
+        brightness, contrast, saturation, hue: jitter strengths (0.4, 0.4, 0.2, 0.1).
+        grayscale_p: probability of grayscale per crop (0.2; never for one channel).
+    Blur and solarization:
+        blur_p: blur probability of (global crop 1, global crops 2..G, local crops): (1.0, 0.1, 0.5).
+        blur_sigma: the blur sigma (PIL radius) range (0.1, 2.0), multiplied by ``blur_scale``.
+        blur_scale: 1.0 (smaller for tiny images).
+        solarization_p: probability of solarizing each of global crops 2..G (0.2).
+
+    What each pipeline does not implement (the knob is ignored there, not emulated):
+
+    * :class:`BatchMultiCrop` (tensor path) jitters brightness and contrast only, in that fixed order
+      (``saturation``, ``hue`` and ``grayscale_p`` are ignored); it crops with bilinear
+      ``grid_sample`` (the others: bicubic), blurs with a sampled Gaussian cut at 3 sigma (the others:
+      PIL's three box blurs), solarizes at 0.5 on floats, and takes its channels from the images
+      (``in_chans`` only picks the default mean/std).
+    * :class:`~ibot.data.device_augment.CropFlip` reads only the geometry and ``in_chans``.
+    * :class:`~ibot.data.device_augment.DeviceAugment` reads everything but the geometry (the crops
+      arrive cut) except the crop counts, which tell the global crops 2..G from global crop 1.
+    """
+
+    global_crops_number: int = 2
+    global_crop_size: int = 224
+    global_crops_scale: tuple[float, float] = (0.14, 1.0)
+    local_crops_number: int = 0
+    local_crop_size: int = 96
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    in_chans: int = 3
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    color_jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_scale: float = 1.0
+    solarization_p: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {self.in_chans}")
+        # sequences as tuples of floats: hashable, and equal whether they came from a list or a tuple
+        lengths = {"global_crops_scale": 2, "local_crops_scale": 2, "blur_p": 3, "blur_sigma": 2}
+        for name in (*lengths, "mean", "std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = tuple(float(v) for v in value)
+            if name in lengths and len(value) != lengths[name]:
+                raise ValueError(f"{name} needs {lengths[name]} values, got {value}")
+            object.__setattr__(self, name, value)
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std): the given ones, else :func:`norm_stats` of ``in_chans``."""
+        mean, std = norm_stats(self.in_chans)
+        return self.mean or mean, self.std or std
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        """The blur sigma range, ``blur_sigma`` x ``blur_scale``."""
+        return self.blur_sigma[0] * self.blur_scale, self.blur_sigma[1] * self.blur_scale
 
 
 class GaussianBlur:
@@ -48,58 +142,40 @@ class Solarization:
 
 
 class MultiCropTransform:
-    """PIL image -> list of G global then L local normalised crops (official recipe).
+    """PIL image -> list of G global then L local normalised crops (official recipe, torchvision).
 
-    Args:
-        global_crops_number, global_size, global_scale: global crops.
-        local_crops_number, local_size, local_scale: local crops.
-        in_chans: 3 (RGB) or 1 (grayscale: no saturation/hue jitter, no random grayscale).
-        mean, std: normalisation (default ImageNet for RGB, 0.5 for grayscale).
-        blur_scale: multiplies the blur radius range (0.1, 2.0), useful for tiny images.
-        jitter_p: probability of colour jitter per crop (official 0.8).
-        solarize_p: probability of solarizing global crop 2 (official 0.2).
+    Reads every knob of the :class:`AugmentSpec` (default: ``AugmentSpec()``, the official recipe).
     """
 
-    def __init__(
-        self,
-        global_crops_number: int = 2,
-        global_size: int = 224,
-        global_scale: Sequence[float] = (0.14, 1.0),
-        local_crops_number: int = 0,
-        local_size: int = 96,
-        local_scale: Sequence[float] = (0.05, 0.4),
-        in_chans: int = 3,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        blur_scale: float = 1.0,
-        jitter_p: float = 0.8,
-        solarize_p: float = 0.2,
-    ) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
-        gray = in_chans == 1
-        mean = mean or ((0.5,) if gray else IMAGENET_MEAN)
-        std = std or ((0.5,) if gray else IMAGENET_STD)
+    def __init__(self, spec: AugmentSpec | None = None) -> None:
+        self.spec = spec = spec or AugmentSpec()
+        gray = spec.in_chans == 1
+        mean, std = spec.normalization()
         mode = "L" if gray else "RGB"
-        jitter = T.ColorJitter(0.4, 0.4) if gray else T.ColorJitter(0.4, 0.4, 0.2, 0.1)
-        flip_jitter = [T.RandomHorizontalFlip(p=0.5), T.RandomApply([jitter], p=jitter_p)]
+        if gray:
+            jitter = T.ColorJitter(spec.brightness, spec.contrast)
+        else:
+            jitter = T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)
+        flip_jitter = [T.RandomHorizontalFlip(p=0.5), T.RandomApply([jitter], p=spec.color_jitter_p)]
         if not gray:
-            flip_jitter.append(T.RandomGrayscale(p=0.2))
+            flip_jitter.append(T.RandomGrayscale(p=spec.grayscale_p))
         normalize = [T.ToTensor(), T.Normalize(mean, std)]
         bicubic = T.InterpolationMode.BICUBIC
-        r = (0.1 * blur_scale, 2.0 * blur_scale)
+        r = spec.sigma_range
+        p1, p2, p_local = spec.blur_p
 
         def crop(size, scale):
             return T.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic)
 
+        gsize, gscale = spec.global_crop_size, spec.global_crops_scale
+        lsize, lscale = spec.local_crop_size, spec.local_crops_scale
+        solarize = Solarization(spec.solarization_p)
         self.convert = lambda img: img if img.mode == mode else img.convert(mode)
-        self.global1 = T.Compose([crop(global_size, global_scale), *flip_jitter, GaussianBlur(1.0, *r), *normalize])
-        self.global2 = T.Compose(
-            [crop(global_size, global_scale), *flip_jitter, GaussianBlur(0.1, *r), Solarization(solarize_p), *normalize]
-        )
-        self.local = T.Compose([crop(local_size, local_scale), *flip_jitter, GaussianBlur(0.5, *r), *normalize])
-        self.global_crops_number = global_crops_number
-        self.local_crops_number = local_crops_number
+        self.global1 = T.Compose([crop(gsize, gscale), *flip_jitter, GaussianBlur(p1, *r), *normalize])
+        self.global2 = T.Compose([crop(gsize, gscale), *flip_jitter, GaussianBlur(p2, *r), solarize, *normalize])
+        self.local = T.Compose([crop(lsize, lscale), *flip_jitter, GaussianBlur(p_local, *r), *normalize])
+        self.global_crops_number = spec.global_crops_number
+        self.local_crops_number = spec.local_crops_number
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
         img = self.convert(img)
@@ -132,35 +208,19 @@ class BatchMultiCrop:
     """Vectorised multi-crop augmentation of a uint8 batch (B, C, H, W) -> G + L float crop batches.
 
     Per image and crop: random resized crop (scale range, aspect (3/4, 4/3)) and horizontal flip as
-    one bilinear ``grid_sample``; brightness/contrast jitter with probability ``jitter_p``;
-    Gaussian blur (global 1: always, global 2: 0.1, local: 0.5, as the official recipe) with sigma
-    U(0.1, 2.0) * ``blur_scale``; solarization on global crop 2 with probability 0.2; normalisation.
+    one bilinear ``grid_sample``; brightness/contrast jitter with probability ``color_jitter_p``;
+    Gaussian blur with probabilities ``blur_p`` (global 1, global 2..G, local) and sigma
+    U(``blur_sigma``) x ``blur_scale``; solarization of global crops 2..G with probability
+    ``solarization_p``; normalisation. The knobs come from the :class:`AugmentSpec` (default:
+    ``AugmentSpec()``), whose docstring lists those this path ignores (saturation, hue, grayscale).
     All randomness comes from the given ``torch.Generator``.
     """
 
-    def __init__(
-        self,
-        global_crops_number: int = 2,
-        global_size: int = 28,
-        global_scale: Sequence[float] = (0.4, 1.0),
-        local_crops_number: int = 0,
-        local_size: int = 12,
-        local_scale: Sequence[float] = (0.05, 0.4),
-        mean: Sequence[float] = (0.5,),
-        std: Sequence[float] = (0.5,),
-        jitter_p: float = 0.8,
-        jitter: float = 0.4,
-        blur_scale: float = 0.25,
-        blur_p: Sequence[float] = (1.0, 0.1, 0.5),
-        solarize_p: float = 0.2,
-    ) -> None:
-        self.g, self.l = global_crops_number, local_crops_number
-        self.gsize, self.lsize = global_size, local_size
-        self.gscale, self.lscale = tuple(global_scale), tuple(local_scale)
+    def __init__(self, spec: AugmentSpec | None = None) -> None:
+        self.spec = spec = spec or AugmentSpec()
+        mean, std = spec.normalization()
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
-        self.jitter_p, self.jitter = jitter_p, jitter
-        self.blur_scale, self.blur_p, self.solarize_p = blur_scale, tuple(blur_p), solarize_p
 
     def _crop(self, x: torch.Tensor, size: int, scale, gen: torch.Generator) -> torch.Tensor:
         b = x.shape[0]
@@ -182,18 +242,20 @@ class BatchMultiCrop:
 
     def _jitter(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         b = x.shape[0]
-        on = (torch.rand(b, 1, 1, 1, generator=gen) < self.jitter_p).float()
-        bright = 1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * self.jitter * on
-        contrast = 1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * self.jitter * on
+        spec = self.spec
+        on = (torch.rand(b, 1, 1, 1, generator=gen) < spec.color_jitter_p).float()
+        bright = 1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * spec.brightness * on
+        contrast = 1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * spec.contrast * on
         x = (x * bright).clamp(0, 1)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         return ((x - mean) * contrast + mean).clamp(0, 1)
 
     def _blur(self, x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
-        if p <= 0 or self.blur_scale <= 0:
+        lo, hi, scale = *self.spec.blur_sigma, self.spec.blur_scale
+        if p <= 0 or scale <= 0:
             return x
         b, c, hh, ww = x.shape
-        sigma = torch.empty(b).uniform_(0.1, 2.0, generator=gen) * self.blur_scale
+        sigma = torch.empty(b).uniform_(lo, hi, generator=gen) * scale
         on = torch.rand(b, generator=gen) < p
         if not bool(on.any()):
             return x
@@ -217,17 +279,19 @@ class BatchMultiCrop:
 
     def __call__(self, images: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, C, H, W) uint8 -> global crops (G*B, C, S, S) and local crops (L*B, C, s, s) or None."""
+        spec = self.spec
         x = images.float() / 255.0
         crops = []
-        for i in range(self.g):
-            c = self._jitter(self._crop(x, self.gsize, self.gscale, gen), gen)
-            c = self._blur(c, self.blur_p[0] if i == 0 else self.blur_p[1], gen)
+        for i in range(spec.global_crops_number):
+            c = self._jitter(self._crop(x, spec.global_crop_size, spec.global_crops_scale, gen), gen)
+            c = self._blur(c, spec.blur_p[0] if i == 0 else spec.blur_p[1], gen)
             if i > 0:
-                c = self._solarize(c, self.solarize_p, gen)
+                c = self._solarize(c, spec.solarization_p, gen)
             crops.append(c)
         g = (torch.cat(crops) - self.mean) / self.std
-        if not self.l:
+        if not spec.local_crops_number:
             return g, None
-        xl = x.repeat(self.l, 1, 1, 1)
-        c = self._blur(self._jitter(self._crop(xl, self.lsize, self.lscale, gen), gen), self.blur_p[2], gen)
+        xl = x.repeat(spec.local_crops_number, 1, 1, 1)
+        c = self._jitter(self._crop(xl, spec.local_crop_size, spec.local_crops_scale, gen), gen)
+        c = self._blur(c, spec.blur_p[2], gen)
         return g, (c - self.mean) / self.std

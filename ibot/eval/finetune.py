@@ -13,9 +13,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ibot.data.transforms import BatchMultiCrop
+from ibot.data.transforms import AugmentSpec, BatchMultiCrop
 from ibot.device import inference_autocast
-from ibot.eval.knn import _tensor_batches, norm_stats
+from ibot.eval.knn import _tensor_batches
 
 # official evaluation/README.md per-model settings (epochs, drop_path, layer_decay); lr 4e-3, wd 0.05,
 # mixup 0.8, cutmix 1.0, label smoothing 0.1, warm-up 20 epochs (5 for ViT-L)
@@ -109,20 +109,18 @@ def finetune(
     )
     criterion = SoftTargetCrossEntropy()
     in_chans = backbone.in_chans
-    mean, std = norm_stats(in_chans)
-    aug = BatchMultiCrop(
-        1,
-        image_size,
-        (0.25, 1.0),
-        0,
-        image_size,
-        (0.1, 0.5),
-        mean,
-        std,
-        jitter_p=0.0,
+    # one random resized crop + flip per image: no jitter, blur or solarization
+    spec = AugmentSpec(
+        global_crops_number=1,
+        global_crop_size=image_size,
+        global_crops_scale=(0.25, 1.0),
+        local_crops_number=0,
+        in_chans=in_chans,
+        color_jitter_p=0.0,
         blur_p=(0.0, 0.0, 0.0),
-        solarize_p=0.0,
+        solarization_p=0.0,
     )
+    aug = BatchMultiCrop(spec)
     b = hp["batch_size"]
     n = len(train_set)
     steps_per_epoch = max(1, n // b)

@@ -13,12 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ibot.data.datasets import DatasetError
-from ibot.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from ibot.data.transforms import eval_transform, norm_stats
 from ibot.device import inference_autocast
-
-
-def norm_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    return ((0.5,), (0.5,)) if in_chans == 1 else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _tensor_batches(images: torch.Tensor, size: int, batch_size: int):

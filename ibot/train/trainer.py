@@ -18,11 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ibot import distributed as D
-from ibot.builders.model import build_model
-from ibot.builders.sources import CHECKPOINT, resolve_source
-from ibot.config import ConfigError, flatten, from_dict, to_dict
-from ibot.data.datasets import DatasetError, slice_dataset, spread_subset, validation_split
-from ibot.data.factory import (
+from ibot.builders.data import (
     batch_augment_from_config,
     collate_from_config,
     crop_flip_dataset_from_config,
@@ -31,6 +27,10 @@ from ibot.data.factory import (
     pil_transform_from_config,
     resolve_pipeline,
 )
+from ibot.builders.model import build_model
+from ibot.builders.sources import CHECKPOINT, resolve_source
+from ibot.config import ConfigError, flatten, from_dict, to_dict
+from ibot.data.datasets import DatasetError, slice_dataset, spread_subset, validation_split
 from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches, mix_seed
 from ibot.data.prefetch import DeviceBatches, batch_bytes, prefetch_factor
 from ibot.eval.knn import extract_features, knn_classify

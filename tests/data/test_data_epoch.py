@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from ibot.builders.data import make_dataloader, set_data_epoch
 from ibot.config import build_config
-from ibot.data.factory import make_dataloader, set_data_epoch
 
 
 def test_set_data_epoch_changes_crops_and_starts_masks():

@@ -16,7 +16,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from ibot.data.device_augment import AugmentParams, CropFlip, DeviceAugment, adjust_hue, gaussian_blur
-from ibot.data.transforms import IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, Solarization
+from ibot.data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentSpec, GaussianBlur, Solarization
 
 KINDS = {"global1": 0, "global2": 1, "local": 2}
 BLUR_P = (1.0, 0.1, 0.5)
@@ -43,7 +43,7 @@ def natural_images(n=24, size=64, seed=0):
 def same_crops(n_repeat=60, size=24, seed=0):
     """(N, 3, size, size) uint8 crops from the worker half."""
     torch.manual_seed(seed)
-    cf = CropFlip(1, size, (0.3, 1.0), 0, in_chans=3)
+    cf = CropFlip(AugmentSpec(1, size, (0.3, 1.0), 0, in_chans=3))
     return torch.stack([cf(img)[0] for img in natural_images() for _ in range(n_repeat // 10)] * 10)
 
 
@@ -67,9 +67,9 @@ def run_pil(crops, kind, seed=0, **kw):
 
 
 def run_device(crops, kind, seed=0, jitter_p=0.8, gray_p=0.2, blur=True, solarize_p=0.2, **kw):
-    aug = DeviceAugment(
-        jitter_p=jitter_p, gray_p=gray_p, blur_p=BLUR_P if blur else (0, 0, 0), solarize_p=solarize_p, **kw
-    )
+    blur_p = BLUR_P if blur else (0, 0, 0)
+    spec = AugmentSpec(color_jitter_p=jitter_p, grayscale_p=gray_p, blur_p=blur_p, solarization_p=solarize_p, **kw)
+    aug = DeviceAugment(spec)
     kinds = torch.full((crops.shape[0],), KINDS[kind], dtype=torch.long)
     return aug.apply(crops, aug.sample(kinds, torch.Generator().manual_seed(seed)))
 
@@ -112,7 +112,7 @@ def test_hue_matches_torchvision():
 
 def test_jitter_ops_and_order_match_torchvision():
     """Each row's four adjustments, in that row's order, as torchvision's functional ops on tensors."""
-    aug = DeviceAugment(gray_p=0.0, blur_p=(0, 0, 0), solarize_p=0.0)
+    aug = DeviceAugment(AugmentSpec(grayscale_p=0.0, blur_p=(0, 0, 0), solarization_p=0.0))
     x8 = torch.randint(0, 256, (3, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]])
     factor = torch.tensor([[1.3, 0.7, 1.15, 0.08], [0.65, 1.35, 0.85, -0.09], [1.1, 1.2, 0.9, 0.05]])
@@ -150,7 +150,7 @@ def test_same_generator_same_output_and_every_order_drawn():
     a = run_device(crops, "global2", seed=3)
     assert torch.equal(a, run_device(crops, "global2", seed=3))
     assert not torch.equal(a, run_device(crops, "global2", seed=4))
-    aug = DeviceAugment()
+    aug = DeviceAugment(AugmentSpec())
     order = aug.sample(torch.zeros(24000, dtype=torch.long), torch.Generator().manual_seed(0)).order
     perms, counts = torch.unique(order, dim=0, return_counts=True)
     assert perms.shape[0] == 24 and counts.min() > 850 and counts.max() < 1150  # 1000 each expected
@@ -158,23 +158,23 @@ def test_same_generator_same_output_and_every_order_drawn():
 
 def test_crop_flip_returns_uint8_crops_of_the_configured_sizes():
     torch.manual_seed(0)
-    crops = CropFlip(2, 32, (0.3, 1.0), 3, 16, (0.05, 0.3))(natural_images(1)[0])
+    crops = CropFlip(AugmentSpec(2, 32, (0.3, 1.0), 3, 16, (0.05, 0.3)))(natural_images(1)[0])
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
     assert all(c.dtype == torch.uint8 for c in crops)
-    gray = CropFlip(1, 8, (0.5, 1.0), in_chans=1)(natural_images(1)[0])
+    gray = CropFlip(AugmentSpec(1, 8, (0.5, 1.0), in_chans=1))(natural_images(1)[0])
     assert gray[0].shape == (1, 8, 8)
 
 
 def test_crop_flip_flips_half_the_crops():
     img = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1)), "L")  # left dark, right bright
-    cf = CropFlip(1, 16, (0.99, 1.0), in_chans=1)
+    cf = CropFlip(AugmentSpec(1, 16, (0.99, 1.0), in_chans=1))
     torch.manual_seed(0)
     flipped = [bool(c[0][0, 0, 0] > c[0][0, 0, -1]) for c in (cf(img) for _ in range(400))]
     assert 0.43 < sum(flipped) / 400 < 0.57
 
 
 def test_one_channel_has_no_hue_saturation_or_grayscale():
-    aug = DeviceAugment(in_chans=1)
+    aug = DeviceAugment(AugmentSpec(in_chans=1))
     p = aug.sample(torch.zeros(500, dtype=torch.long), torch.Generator().manual_seed(0))
     assert not p.gray.any() and (p.factor[:, 2] == 1).all() and (p.factor[:, 3] == 0).all()
     x = torch.randint(0, 256, (500, 1, 12, 12), dtype=torch.uint8)
@@ -187,7 +187,7 @@ def test_rejects_float_batches():
 
     b = Batch(torch.zeros(4, 3, 8, 8), None, None, torch.zeros(2), 2, 0)
     with pytest.raises(TypeError, match="uint8"):
-        DeviceAugment()(b, torch.Generator())
+        DeviceAugment(AugmentSpec())(b, torch.Generator())
 
 
 # ---------------------------------------------------------------------------- same distribution
@@ -279,7 +279,7 @@ def test_brightness_contrast_saturation_hue_shifts_match_pil(crops):
 def test_crop_flip_on_tensors_draws_the_pil_boxes_and_close_pixels():
     img = natural_images(1, size=120)[0]
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-    cf = CropFlip(2, 32, (0.3, 1.0), 4, 16, (0.05, 0.3))
+    cf = CropFlip(AugmentSpec(2, 32, (0.3, 1.0), 4, 16, (0.05, 0.3)))
     torch.manual_seed(7)
     from_pil = cf(img)
     torch.manual_seed(7)
@@ -288,7 +288,7 @@ def test_crop_flip_on_tensors_draws_the_pil_boxes_and_close_pixels():
         assert a.shape == b.shape and b.dtype == torch.uint8
         # torch's antialiased uint8 bicubic against PIL's on the same box: within a grey level on average
         assert (a.float() - b.float()).abs().mean() < 1.5
-    gray = CropFlip(1, 16, (0.5, 1.0), in_chans=1)(x)[0]
+    gray = CropFlip(AugmentSpec(1, 16, (0.5, 1.0), in_chans=1))(x)[0]
     assert gray.shape == (1, 16, 16)
 
 

@@ -5,7 +5,7 @@ import torch
 from ibot.data.datasets import synthetic_dataset
 from ibot.data.loader import EpochSampler, MultiCropCollate, MultiCropDataset, TensorBatches
 from ibot.data.masking import MaskGenerator
-from ibot.data.transforms import BatchMultiCrop, MultiCropTransform
+from ibot.data.transforms import AugmentSpec, BatchMultiCrop, MultiCropTransform
 
 
 def _collate(seed=0, epoch=0):
@@ -17,7 +17,13 @@ def _collate(seed=0, epoch=0):
 def _tensor_batches(rank, world, start=0, seed=0, epoch=0):
     ds = synthetic_dataset(64, 32)
     sampler = EpochSampler(len(ds), 8, seed, epoch, rank, world, start)
-    return TensorBatches(ds.images, ds.labels, sampler, BatchMultiCrop(2, 32, (0.4, 1.0), 0), _collate(seed, epoch))
+    return TensorBatches(
+        ds.images,
+        ds.labels,
+        sampler,
+        BatchMultiCrop(AugmentSpec(2, 32, (0.4, 1.0), 0, mean=(0.5,), std=(0.5,), blur_scale=0.25)),
+        _collate(seed, epoch),
+    )
 
 
 def test_tensor_path_seeds_by_seed_epoch_rank_step():
@@ -34,7 +40,7 @@ def test_tensor_path_seeds_by_seed_epoch_rank_step():
 
 def test_pil_path_seeds_crops_by_image_and_masks_by_first_image():
     ds = synthetic_dataset(8, 32)
-    mc = MultiCropDataset(ds, MultiCropTransform(2, 32, (0.4, 1.0), 0), seed=0)
+    mc = MultiCropDataset(ds, MultiCropTransform(AugmentSpec(2, 32, (0.4, 1.0), 0)), seed=0)
     item = mc[3]
     assert all(torch.equal(a, b) for a, b in zip(mc[3][0], item[0], strict=True))  # same (seed, epoch, index)
     mc.epoch = 1

@@ -3,12 +3,13 @@
 import pytest
 import torch
 
+from ibot.builders.data import resolve_pipeline
 from ibot.config import build_config
 from ibot.data.device_augment import DeviceAugment
-from ibot.data.factory import resolve_pipeline
 from ibot.data.loader import Batch, EpochSampler, MultiCropCollate, MultiCropDataset
 from ibot.data.masking import MaskBatch, MaskGenerator
 from ibot.data.prefetch import DeviceBatches, batch_bytes, prefetch_factor
+from ibot.data.transforms import AugmentSpec
 from ibot.train.trainer import Trainer
 
 
@@ -54,7 +55,7 @@ def test_prefetch_factor_keeps_batches_in_flight_under_the_budget():
 
 
 def test_device_batches_on_cpu_augment_with_the_step_seed():
-    aug = DeviceAugment(2, 3)
+    aug = DeviceAugment(AugmentSpec(local_crops_number=3))
     batches = [_batch(), _batch()]
     out = list(DeviceBatches(batches, torch.device("cpu"), aug, seed_of=lambda s: 100 + s, start=5))
     assert len(out) == 2 and out[0].global_crops.dtype == torch.float32
@@ -153,7 +154,7 @@ def test_gpu_pipeline_resume_gives_the_same_losses(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_batches_cuda_side_stream_equals_the_cpu_path():
-    aug = DeviceAugment(2, 3)
+    aug = DeviceAugment(AugmentSpec(local_crops_number=3))
     batches = [_batch(8) for _ in range(3)]
     pinned = [b.pin_memory() for b in batches]
     gpu = [b for b in DeviceBatches(pinned, torch.device("cuda"), aug, seed_of=lambda s: s)]

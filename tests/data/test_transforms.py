@@ -4,9 +4,15 @@ import pytest
 import torch
 from PIL import Image
 
+from ibot.builders.data import batch_augment_from_config, pil_transform_from_config
 from ibot.config import build_config
-from ibot.data.factory import batch_augment_from_config, pil_transform_from_config
-from ibot.data.transforms import BatchMultiCrop, MultiCropTransform
+from ibot.data.transforms import AugmentSpec, BatchMultiCrop, MultiCropTransform
+
+
+def tensor_spec(g, gsize, gscale, n_local=0, lsize=12, lscale=(0.05, 0.4), **kw):
+    """An AugmentSpec with the values these tests were written for: grayscale normalisation (0.5) and
+    blur_scale 0.25 (the tensor path's own defaults before it took the shared spec)."""
+    return AugmentSpec(g, gsize, gscale, n_local, lsize, lscale, **{"in_chans": 1, "blur_scale": 0.25, **kw})
 
 
 def _images(b=6, value=None, seed=0):
@@ -16,7 +22,7 @@ def _images(b=6, value=None, seed=0):
 
 
 def test_batch_multicrop_shapes_and_determinism():
-    aug = BatchMultiCrop(2, 28, (0.35, 1.0), 3, 14, (0.1, 0.35))
+    aug = BatchMultiCrop(tensor_spec(2, 28, (0.35, 1.0), 3, 14, (0.1, 0.35)))
     x = _images()
     g1, l1 = aug(x, torch.Generator().manual_seed(3))
     g2, l2 = aug(x, torch.Generator().manual_seed(3))
@@ -25,22 +31,22 @@ def test_batch_multicrop_shapes_and_determinism():
     assert g1.dtype == torch.float32
     assert torch.equal(g1, g2) and torch.equal(l1, l2)
     assert not torch.equal(g1, g3)
-    g, loc = BatchMultiCrop(2, 28, (0.35, 1.0), 0)(x, torch.Generator().manual_seed(0))
+    g, loc = BatchMultiCrop(tensor_spec(2, 28, (0.35, 1.0), 0))(x, torch.Generator().manual_seed(0))
     assert loc is None and g.shape == (12, 1, 28, 28)
 
 
 def test_batch_multicrop_jitter_and_solarize_probabilities():
     x = _images(value=200)  # a constant image stays constant under crop, flip and blur
     plain = (200 / 255 - 0.5) / 0.5
-    off = BatchMultiCrop(2, 28, (0.35, 1.0), 2, 14, (0.1, 0.35), jitter_p=0.0, solarize_p=0.0)
+    off = BatchMultiCrop(tensor_spec(2, 28, (0.35, 1.0), 2, 14, (0.1, 0.35), color_jitter_p=0.0, solarization_p=0.0))
     g, loc = off(x, torch.Generator().manual_seed(0))
     torch.testing.assert_close(g, torch.full_like(g, plain))
     torch.testing.assert_close(loc, torch.full_like(loc, plain))
-    sol = BatchMultiCrop(2, 28, (0.35, 1.0), 0, jitter_p=0.0, solarize_p=1.0)
+    sol = BatchMultiCrop(tensor_spec(2, 28, (0.35, 1.0), 0, color_jitter_p=0.0, solarization_p=1.0))
     g, _ = sol(x, torch.Generator().manual_seed(0))
     torch.testing.assert_close(g[:6], torch.full_like(g[:6], plain))  # only global crop 2 is solarized
     torch.testing.assert_close(g[6:], torch.full_like(g[6:], ((1 - 200 / 255) - 0.5) / 0.5))
-    jit = BatchMultiCrop(2, 28, (0.35, 1.0), 0, jitter_p=1.0, solarize_p=0.0)
+    jit = BatchMultiCrop(tensor_spec(2, 28, (0.35, 1.0), 0, color_jitter_p=1.0, solarization_p=0.0))
     g, _ = jit(x, torch.Generator().manual_seed(0))
     assert (g - plain).abs().amax() > 0.05  # jitter changed the constant images
 
@@ -50,7 +56,8 @@ def test_pil_multicrop_jitter_and_solarize_probabilities():
     plain = (200 / 255 - 0.5) / 0.5
     random.seed(0)
     torch.manual_seed(0)
-    crops = MultiCropTransform(2, 28, (0.35, 1.0), 2, 14, (0.1, 0.35), in_chans=1, jitter_p=0.0, solarize_p=1.0)(img)
+    spec = AugmentSpec(2, 28, (0.35, 1.0), 2, 14, (0.1, 0.35), in_chans=1, color_jitter_p=0.0, solarization_p=1.0)
+    crops = MultiCropTransform(spec)(img)
     assert [tuple(c.shape) for c in crops] == [(1, 28, 28)] * 2 + [(1, 14, 14)] * 2
     for c in (crops[0], *crops[2:]):
         torch.testing.assert_close(c, torch.full_like(c, plain), atol=1 / 255, rtol=0)
@@ -63,7 +70,7 @@ def test_config_controls_jitter_and_solarization(pipeline):
     cfg = build_config("fmnist_tiny", ["data.color_jitter_p=0.3", "data.solarization_p=0.0"])
     if pipeline == "tensor":
         aug = batch_augment_from_config(cfg)
-        assert (aug.jitter_p, aug.solarize_p) == (0.3, 0.0)
+        assert (aug.spec.color_jitter_p, aug.spec.solarization_p) == (0.3, 0.0)
     else:
         aug = pil_transform_from_config(cfg)
         probs = [t.p for t in aug.global2.transforms if hasattr(t, "p")]
@@ -96,7 +103,8 @@ def test_batch_multicrop_crop_geometry():
     n, image, size = 400, 64, 16
     yy, xx = torch.meshgrid(torch.arange(image), torch.arange(image), indexing="ij")
     ramps = torch.stack([4 * xx, 4 * yy]).to(torch.uint8).expand(n, -1, -1, -1)
-    aug = BatchMultiCrop(1, size, (0.2, 0.6), 0, mean=(0.0, 0.0), std=(1.0, 1.0), jitter_p=0.0, blur_p=(0, 0, 0))
+    spec = tensor_spec(1, size, (0.2, 0.6), 0, mean=(0.0, 0.0), std=(1.0, 1.0), color_jitter_p=0.0, blur_p=(0, 0, 0))
+    aug = BatchMultiCrop(spec)
     out, _ = aug(ramps, torch.Generator().manual_seed(0))
     w, h, cx, cy, flip_x, flip_y = _crop_boxes(out, size, image).unbind(1)
     area, ratio = w * h, w / h
@@ -113,7 +121,7 @@ def test_batch_multicrop_blur_is_a_separable_gaussian():
     n = 400
     impulse = torch.zeros(n, 1, 21, 21)
     impulse[:, :, 10, 10] = 1.0
-    aug = BatchMultiCrop(blur_scale=1.0)
+    aug = BatchMultiCrop(tensor_spec(2, 28, (0.4, 1.0), blur_scale=1.0))
     out = aug._blur(impulse, 1.0, torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.sum((-1, -2)), torch.ones(n, 1))  # normalised kernel
     torch.testing.assert_close(out, out.flip(-1))
@@ -124,7 +132,9 @@ def test_batch_multicrop_blur_is_a_separable_gaussian():
     sigma = (profile * t**2).sum(-1).sqrt()
     assert sigma.max() <= 2.0 and sigma.max() > 1.8  # sigma ~ U(0.1, 2.0) * blur_scale (3-sigma tails cut)
     assert sigma.min() < 0.3
-    half = BatchMultiCrop(blur_scale=0.5)._blur(impulse, 1.0, torch.Generator().manual_seed(0))
+    half = BatchMultiCrop(tensor_spec(2, 28, (0.4, 1.0), blur_scale=0.5))._blur(
+        impulse, 1.0, torch.Generator().manual_seed(0)
+    )
     assert (half.sum(-2)[:, 0] * t**2).sum(-1).sqrt().max() <= 1.0
     # probability: each image is blurred (its neighbours of the impulse light up) with probability p
     some = aug._blur(impulse, 0.5, torch.Generator().manual_seed(1))
@@ -134,7 +144,7 @@ def test_batch_multicrop_blur_is_a_separable_gaussian():
 
 
 def test_batch_multicrop_blur_probability_per_crop(monkeypatch):
-    aug = BatchMultiCrop(2, 28, (0.35, 1.0), 3, 14, (0.1, 0.35))
+    aug = BatchMultiCrop(tensor_spec(2, 28, (0.35, 1.0), 3, 14, (0.1, 0.35)))
     calls = []
     real = aug._blur
     monkeypatch.setattr(aug, "_blur", lambda x, p, gen: calls.append((x.shape[0], x.shape[-1], p)) or real(x, p, gen))

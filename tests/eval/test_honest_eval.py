@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from ibot.builders.data import dataset_from_config
 from ibot.cli import main
 from ibot.config import build_config
 from ibot.data.datasets import DatasetError, build_dataset, stratified_holdout
-from ibot.data.factory import dataset_from_config
 from ibot.eval.protocols import run_knn, run_linear
 from ibot.train.trainer import Trainer
 

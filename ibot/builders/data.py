@@ -7,8 +7,7 @@ from ibot.data.datasets import build_dataset
 from ibot.data.device_augment import CropFlip, DecodedImages, DeviceAugment
 from ibot.data.loader import MultiCropCollate, MultiCropDataset
 from ibot.data.masking import MaskGenerator
-from ibot.data.transforms import BatchMultiCrop, MultiCropTransform
-from ibot.eval.knn import norm_stats
+from ibot.data.transforms import AugmentSpec, BatchMultiCrop, MultiCropTransform
 
 
 def resolve_pipeline(pipeline: str, in_memory: bool, device_type: str) -> str:
@@ -54,45 +53,37 @@ def collate_from_config(cfg) -> MultiCropCollate:
     )
 
 
-def crop_geometry(cfg) -> tuple:
-    """The multi-crop geometry every augmentation pipeline takes first: (global number, global size,
-    global scale, local number, local size, local scale)."""
-    d = cfg.data
-    return (
-        d.global_crops_number,
-        cfg.model.img_size,
-        d.global_crops_scale,
-        d.local_crops_number,
-        d.local_crop_size,
-        d.local_crops_scale,
+def augment_spec_from_config(cfg) -> AugmentSpec:
+    """The multi-crop recipe a config describes, for every pipeline (pil, tensor, gpu).
+
+    ``model.img_size`` is the global crop size, ``model.in_chans`` the channels; the crop counts,
+    scales, local size, ``blur_scale``, ``color_jitter_p`` and ``solarization_p`` come from ``data``;
+    the knobs the config does not expose (jitter strengths, grayscale, blur probabilities and sigma
+    range, normalisation) keep the official defaults of :class:`AugmentSpec`.
+    """
+    d, m = cfg.data, cfg.model
+    return AugmentSpec(
+        global_crops_number=d.global_crops_number,
+        global_crop_size=m.img_size,
+        global_crops_scale=tuple(d.global_crops_scale),
+        local_crops_number=d.local_crops_number,
+        local_crop_size=d.local_crop_size,
+        local_crops_scale=tuple(d.local_crops_scale),
+        in_chans=m.in_chans,
+        color_jitter_p=d.color_jitter_p,
+        blur_scale=d.blur_scale,
+        solarization_p=d.solarization_p,
     )
 
 
 def pil_transform_from_config(cfg) -> MultiCropTransform:
-    d, m = cfg.data, cfg.model
-    mean, std = norm_stats(m.in_chans)
-    return MultiCropTransform(
-        *crop_geometry(cfg),
-        m.in_chans,
-        mean,
-        std,
-        d.blur_scale,
-        d.color_jitter_p,
-        d.solarization_p,
-    )
+    """``data.pipeline=pil``: the torchvision recipe on PIL images, in the workers."""
+    return MultiCropTransform(augment_spec_from_config(cfg))
 
 
 def batch_augment_from_config(cfg) -> BatchMultiCrop:
-    d, m = cfg.data, cfg.model
-    mean, std = norm_stats(m.in_chans)
-    return BatchMultiCrop(
-        *crop_geometry(cfg),
-        mean,
-        std,
-        blur_scale=d.blur_scale,
-        jitter_p=d.color_jitter_p,
-        solarize_p=d.solarization_p,
-    )
+    """``data.pipeline=tensor``: the vectorised recipe on uint8 in-memory batches."""
+    return BatchMultiCrop(augment_spec_from_config(cfg))
 
 
 def make_dataloader(cfg, num_workers: int | None = None, shuffle: bool = True):
@@ -134,7 +125,7 @@ def set_data_epoch(loader, epoch: int) -> None:
 
 def crop_flip_from_config(cfg) -> CropFlip:
     """Worker half of ``data.pipeline=gpu``: uint8 random resized crops and flips."""
-    return CropFlip(*crop_geometry(cfg), cfg.model.in_chans)
+    return CropFlip(augment_spec_from_config(cfg))
 
 
 def crop_flip_dataset_from_config(cfg, dataset) -> MultiCropDataset:
@@ -147,15 +138,4 @@ def crop_flip_dataset_from_config(cfg, dataset) -> MultiCropDataset:
 
 def device_augment_from_config(cfg) -> DeviceAugment:
     """Device half of ``data.pipeline=gpu``: jitter, grayscale, blur, solarize, normalise."""
-    d, m = cfg.data, cfg.model
-    mean, std = norm_stats(m.in_chans)
-    return DeviceAugment(
-        d.global_crops_number,
-        d.local_crops_number,
-        m.in_chans,
-        mean,
-        std,
-        jitter_p=d.color_jitter_p,
-        blur_scale=d.blur_scale,
-        solarize_p=d.solarization_p,
-    )
+    return DeviceAugment(augment_spec_from_config(cfg))

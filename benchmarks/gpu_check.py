@@ -49,6 +49,7 @@ import time
 import traceback
 import types
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -120,11 +121,18 @@ def _step(model, cfg, device, precision="fp32"):
         device_type=device.type,
         clip_grad=o.clip_grad,
         clip_mode=o.clip_mode,
-        freeze_last_layer=0,
         betas=tuple(o.betas),
     )
-    step.set_hyperparameters(o.lr * 64 / 256, o.weight_decay)
     return step
+
+
+def _values(cfg):
+    """Step values of the checks: epoch 1's temperatures, a fixed lr / weight decay / momentum, prototypes free."""
+    from ibot.train.schedules import Schedules
+
+    o = cfg.optim
+    v = Schedules.from_config(cfg, 1)[1]
+    return replace(v, lr=o.lr * 64 / 256, weight_decay=o.weight_decay, momentum=0.996, freeze_last_layer=False)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -142,7 +150,7 @@ def check_parity(device, quick: bool) -> dict:
             cfg, model = _build(sz, ["model.drop_path=0.0"])  # same init on both devices
             model = model.to(dev).train()
             b = _batch(cfg, model, sz, batch)
-            out = _step(model, cfg, dev)(b.to(dev), epoch=1, momentum=0.996)
+            out = _step(model, cfg, dev)(b.to(dev), _values(cfg))
             res[dev.type if dev.type not in res else "device"] = (
                 out.loss.detach().float().cpu(),
                 {n: p.detach().float().cpu() for n, p in model.student.named_parameters()},
@@ -170,7 +178,7 @@ def check_bf16(device, quick: bool) -> dict:
         model = model.to(device).train()
         b = _batch(cfg, model, sz, batch).to(device)
         with _no_tf32():
-            out = _step(model, cfg, device, prec)(b, epoch=1, momentum=0.996)
+            out = _step(model, cfg, device, prec)(b, _values(cfg))
         losses[prec] = float(out.loss.detach().float())
     rel = abs(losses["bf16"] - losses["fp32"]) / abs(losses["fp32"])
     return {**{f"loss_{k}": v for k, v in losses.items()}, "rel": rel, "tolerance": BF16_TOL, "ok": rel <= BF16_TOL}
@@ -212,7 +220,7 @@ def _ibot_runner(device, quick: bool, compile_mode: str | None):
         from ibot.train.compiled import pad_mask_batch
 
         b.masks = pad_mask_batch(b.masks, model.mask_generator.max_ratio)
-    return lambda: step(b, epoch=1, momentum=0.996), sz["batch"]
+    return lambda: step(b, _values(cfg)), sz["batch"]
 
 
 def _official_runner(device, quick: bool, src: str):
@@ -400,7 +408,7 @@ def fsdp_worker(device_name: str) -> None:
     b = _batch(cfg, model, sz, 4).to(device)
     model = shard_model(model.to(device).train())
     step = _step(model, cfg, device, "bf16" if device.type == "cuda" else "fp32")
-    losses = [float(step(b, epoch=1, momentum=0.996).loss.detach().float()) for _ in range(2)]
+    losses = [float(step(b, _values(cfg)).loss.detach().float()) for _ in range(2)]
     state = full_model_state(model)
     out = {
         "backend": dist.get_backend(),

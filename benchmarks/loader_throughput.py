@@ -319,12 +319,11 @@ def loader_figures(
 
     tr.model.train()
     skip = max(1, num_workers)
-    _, _, _, batch = timed(tr.batches(0), lambda b, k: tr.train_step(b, 0, k), skip)  # warm-up
+    _, _, _, batch = timed(tr.batches(0), lambda b, k: tr.train_step(b, k), skip)  # warm-up
     loader_ips, loader_after, n_loader, _ = timed(tr.batches(1), lambda b, k: None, skip)
-    step_ips, _, _, _ = timed([batch] * step_repeats, lambda b, k: tr.train_step(b, 0, k), 1)
-    last = len(tr.lr_schedule) - 1  # the schedule position only sets lr/wd values, not the cost
-    e = min(2, tr.cfg.optim.epochs - 1)
-    e2e_ips, e2e_after, n_e2e, _ = timed(tr.batches(2), lambda b, k: tr.train_step(b, e, min(last, k)), skip)
+    step_ips, _, _, _ = timed([batch] * step_repeats, lambda b, k: tr.train_step(b, k), 1)
+    # the schedule position only sets lr / weight decay / temperature values, not the cost
+    e2e_ips, e2e_after, n_e2e, _ = timed(tr.batches(2), lambda b, k: tr.train_step(b, k), skip)
     aug_ms = 1000 * time_device_half(tr.device_augment, tr.cfg, batch_size, device, 5)
     res = {
         "device": str(device),

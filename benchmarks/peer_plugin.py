@@ -30,6 +30,7 @@ def _build(cfg, inp, args, patch_center="all", checkpointing=False):
     from ibot import iBOT
     from ibot.data.loader import Batch
     from ibot.data.masking import MaskBatch
+    from ibot.train.schedules import StepValues
     from ibot.train.step import TrainStep
 
     torch.manual_seed(0)
@@ -54,10 +55,9 @@ def _build(cfg, inp, args, patch_center="all", checkpointing=False):
     )
     if checkpointing:
         model.student["backbone"].vit.set_grad_checkpointing(True)
-    step = TrainStep(
-        model, precision="fp32", device_type="cpu", clip_grad=cfg.clip, clip_mode="param", freeze_last_layer=1
-    )
-    step.set_hyperparameters(5e-4 * cfg.batch / 256.0, 0.04)
+    step = TrainStep(model, precision="fp32", device_type="cpu", clip_grad=cfg.clip, clip_mode="param")
+    # epoch 1: the prototypes train (official freeze_last_layer=1 froze them in epoch 0 only)
+    values = StepValues(1, 1, 5e-4 * cfg.batch / 256.0, 0.04, cfg.ema_momentum, *model.teacher_temperatures(1), False)
     masks = MaskBatch.from_masks(list(inp.masks))  # the collate's job in the real pipeline (not timed)
     batch = Batch(
         torch.cat(inp.globals_),
@@ -70,7 +70,7 @@ def _build(cfg, inp, args, patch_center="all", checkpointing=False):
     model.train()
 
     def run() -> float:
-        out = step(batch, epoch=1, momentum=cfg.ema_momentum)
+        out = step(batch, values)
         return float(out.loss.detach())
 
     notes = {

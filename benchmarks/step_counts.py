@@ -24,6 +24,7 @@ def count_step(arch="vit_small_in1k", batch=2, local_crops=10, img=224, local_im
     from ibot.data.loader import Batch
     from ibot.data.masking import MaskBatch
     from ibot.train.counters import OpCounter
+    from ibot.train.schedules import StepValues
     from ibot.train.step import TrainStep
 
     torch.manual_seed(0)
@@ -34,12 +35,12 @@ def count_step(arch="vit_small_in1k", batch=2, local_crops=10, img=224, local_im
     g = torch.randn(2 * batch, 3, img, img)
     loc = torch.randn(local_crops * batch, 3, local_img, local_img) if local_crops else None
     b = Batch(g, loc, mb, torch.zeros(batch, dtype=torch.long), 2, local_crops)
-    step = TrainStep(model, clip_grad=cfg.optim.clip_grad, freeze_last_layer=0)
-    step.set_hyperparameters(1e-4, 0.04)
+    step = TrainStep(model, clip_grad=cfg.optim.clip_grad)
+    values = StepValues(1, 1, 1e-4, 0.04, 0.996, *model.teacher_temperatures(1), False)
     for _ in range(steps_before):  # the optimizer state exists from the first step on
-        step(b, 1, 0.996)
+        step(b, values)
     with OpCounter() as c:
-        step(b, 1, 0.996)
+        step(b, values)
     return {"launches": c.launches, "syncs": c.syncs, "sync_ops": dict(c.sync_ops), "top_ops": c.by_op.most_common(20)}
 
 

@@ -5,8 +5,9 @@ python examples/pytorch_ibot.py --epochs 5
 
 The blocks: a multi-crop transform (per-sample seeded by epoch), a collate that makes the block
 masks, the ``iBOT`` module (student, EMA teacher, heads, centers, loss), the official per-step
-schedules, parameter groups, per-parameter clipping and last-layer freezing. The loop owns four
-calls per epoch/step: the data's epoch, the model's epoch, the optimizer step and the EMA update.
+schedules (lr, weight decay, teacher momentum and temperatures, last-layer freeze, one object indexed
+by the global step), parameter groups and per-parameter clipping. The loop owns the data's epoch, the
+optimizer step and the EMA update; the model holds no epoch.
 """
 
 import argparse
@@ -18,8 +19,8 @@ from ibot.data.datasets import build_dataset
 from ibot.data.loader import MultiCropCollate, MultiCropDataset
 from ibot.data.masking import MaskGenerator
 from ibot.data.transforms import AugmentSpec, MultiCropTransform
-from ibot.train.optim import cancel_last_layer_grads, clip_gradients, param_groups
-from ibot.train.schedules import cosine_scheduler
+from ibot.train.optim import clip_gradients, drop_last_layer_grads, param_groups
+from ibot.train.schedules import Schedules
 
 
 def main(argv=None):
@@ -55,32 +56,34 @@ def main(argv=None):
         shared_head=True,
     )
 
-    # official per-step schedules (lr scaled by batch / 256, warm-up of one epoch)
+    # official per-step schedules: lr scaled by batch / 256 with a warm-up of one epoch, weight decay
+    # 0.04 -> 0.4, teacher momentum 0.996 -> 1, teacher temperatures warmed up over one epoch, the
+    # prototypes frozen during epoch 0
     steps_per_epoch = len(loader)
-    total = args.epochs * steps_per_epoch
-    lr = cosine_scheduler(args.lr * args.batch_size / 256, 1e-6, args.epochs, steps_per_epoch, warmup_epochs=1)
-    wd = cosine_scheduler(0.04, 0.4, args.epochs, steps_per_epoch)
+    schedules = Schedules(
+        args.epochs, steps_per_epoch, lr=args.lr * args.batch_size / 256, warmup_epochs=1, warmup_teacher_temp_epochs=1
+    )
     optimizer = torch.optim.AdamW(param_groups(model.student))
     params = model.trainable_parameters()
 
     for epoch in range(args.epochs):
         dataset.epoch = collate.epoch = epoch  # new crops and masks every epoch
         mask_generator.set_epoch(epoch)  # masks start at mask start_epoch
-        model.set_epoch(epoch)  # teacher temperatures
         model.train()
         for i, batch in enumerate(loader):
-            step = epoch * steps_per_epoch + i
+            v = schedules[epoch * steps_per_epoch + i]
             for g, group in enumerate(optimizer.param_groups):
-                group["lr"] = lr[step]
+                group["lr"] = v.lr
                 if g == 0:  # the group with weight decay
-                    group["weight_decay"] = wd[step]
-            out = model(batch=batch, epoch=epoch)  # CLS + masked-patch self-distillation
+                    group["weight_decay"] = v.weight_decay
+            out = model(batch=batch, temps=v.teacher_temps)  # CLS + masked-patch self-distillation
             optimizer.zero_grad()
             out["loss"].backward()
             clip_gradients(params, 3.0)  # per-parameter, as the official code
-            cancel_last_layer_grads(model.student, epoch, 1)  # prototypes frozen in epoch 0
+            if v.freeze_last_layer:
+                drop_last_layer_grads(model.student)
             optimizer.step()
-            model.update_teacher(model.ema_momentum(step, total))  # EMA teacher, cosine 0.996 -> 1
+            model.update_teacher(v.momentum)  # EMA teacher
         print(f"epoch {epoch}: loss {out.loss.item():.4f} (cls {out.loss_cls:.4f}, patch {out.loss_patch:.4f})")
     return model, loader
 

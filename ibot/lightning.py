@@ -8,10 +8,10 @@
     trainer.fit(iBOTLightningModule(cfg), make_dataloader(cfg))
 
 The module runs ``ibot.iBOT`` / ``ibot.DINO`` for the loss, ``ibot.train.optim`` for parameter
-groups, per-parameter clipping and last-layer freezing, and the official per-iteration lr, weight
-decay and momentum schedules, sized from the Lightning trainer (``estimated_stepping_batches``,
-so devices, ``limit_train_batches`` and gradient accumulation are accounted for). Each epoch it
-moves the model (teacher temperatures, mask start) and the data (crops, masks) to the new epoch.
+groups and per-parameter clipping, and the run's :class:`ibot.train.schedules.Schedules` (lr, weight
+decay, momentum, teacher temperatures, last-layer freeze) indexed by the global step and sized from
+the Lightning trainer (``estimated_stepping_batches``, so devices, ``limit_train_batches`` and
+gradient accumulation are accounted for). Each epoch it moves the data (crops, masks) to the new epoch.
 It logs the loss terms, the schedules and the collapse monitors. Requires ``pip install lightning``.
 """
 
@@ -25,8 +25,8 @@ import torch
 from ibot.builders.data import dataset_from_config, make_dataloader, set_data_epoch
 from ibot.builders.model import build_model
 from ibot.train.metrics import collapse_monitors
-from ibot.train.optim import cancel_last_layer_grads, clip_gradients, param_groups
-from ibot.train.schedules import optim_schedules
+from ibot.train.optim import clip_gradients, drop_last_layer_grads, param_groups
+from ibot.train.schedules import Schedules
 
 __all__ = ["KNNCallback", "iBOTLightningModule", "make_dataloader"]
 
@@ -62,9 +62,7 @@ class iBOTLightningModule(L.LightningModule):  # noqa: N801
     def _schedules(self) -> None:
         if self.niter is None:
             self.niter = self._steps_per_epoch()
-        self.lr_schedule, self.wd_schedule, self.momentum_schedule = optim_schedules(
-            self.cfg.optim, self.niter, self.trainer.world_size
-        )
+        self.schedules = Schedules.from_config(self.cfg, self.niter, self.trainer.world_size)
 
     def on_fit_start(self) -> None:
         self._schedules()
@@ -76,51 +74,52 @@ class iBOTLightningModule(L.LightningModule):  # noqa: N801
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch.to(device)
 
-    def _it(self) -> int:
-        return min(self.global_step, len(self.lr_schedule) - 1)
+    def _values(self):
+        """This step's schedule values (the step of a new epoch counts from the epoch Lightning is in)."""
+        return self.schedules[min(self.global_step, len(self.schedules) - 1)]
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        it = self._it()
+        v = self._values()
         for i, group in enumerate(self.optimizers().optimizer.param_groups):
-            group["lr"] = float(self.lr_schedule[it])
+            group["lr"] = v.lr
             if i == 0:
-                group["weight_decay"] = float(self.wd_schedule[it])
+                group["weight_decay"] = v.weight_decay
 
     def training_step(self, batch, batch_idx):
-        out = self.model(batch=batch, epoch=self.current_epoch)
+        v = self._values()
+        out = self.model(batch=batch, temps=v.teacher_temps)
         self.log("loss", out.loss.detach(), prog_bar=True)
         self.log("loss/cls", out.loss_cls)
         if out.loss_patch is not None:
             self.log("loss/patch", out.loss_patch)
         if out.loss_koleo is not None:
             self.log("loss/koleo", out.loss_koleo)
-        it = self._it()
-        cls_t, patch_t = self.model.teacher_temperatures(self.current_epoch)
         self.log_dict(
             {
-                "schedule/lr": float(self.lr_schedule[it]),
-                "schedule/weight_decay": float(self.wd_schedule[it]),
-                "schedule/momentum": float(self.momentum_schedule[it]),
-                "schedule/teacher_temp": cls_t,
-                "schedule/teacher_patch_temp": patch_t,
+                "schedule/lr": v.lr,
+                "schedule/weight_decay": v.weight_decay,
+                "schedule/momentum": v.momentum,
+                "schedule/teacher_temp": v.teacher_temp,
+                "schedule/teacher_patch_temp": v.teacher_patch_temp,
             }
         )
         log_every = max(1, self.cfg.run.log_every)
         if self.global_step % log_every == 0 or batch_idx + 1 == self.trainer.num_training_batches:
-            mon = collapse_monitors(self.model, out, self.current_epoch)
+            mon = collapse_monitors(self.model, out, v.teacher_temp)
             self.log_dict({f"monitor/{k}": float(v) for k, v in mon.items() if k not in CONSTANT_MONITORS})
         return out.loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         o = self.cfg.optim
         clip_gradients(self.model.trainable_parameters(), o.clip_grad, o.clip_mode)
-        cancel_last_layer_grads(self.model.student, self.current_epoch, o.freeze_last_layer)
+        if self._values().freeze_last_layer:
+            drop_last_layer_grads(self.model.student)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.model.update_teacher(float(self.momentum_schedule[self._it() - 1 if self.global_step else 0]))
+        # after the optimizer step Lightning's global_step already counts this step
+        self.model.update_teacher(self.schedules[max(self.global_step - 1, 0)].momentum)
 
     def _set_epoch(self, epoch: int) -> None:
-        self.model.set_epoch(epoch)
         loader = self.trainer.train_dataloader
         if loader is not None and hasattr(getattr(loader, "dataset", None), "epoch"):
             set_data_epoch(loader, epoch)

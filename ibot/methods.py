@@ -16,7 +16,6 @@ same inputs; ``tests/test_methods.py`` checks it against an independent referenc
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -127,7 +126,8 @@ class iBOT(nn.Module):  # noqa: N801
         temperature_student: student temperature.
         temperature_teacher_warmup, temperature_teacher: CLS teacher temperature schedule.
         warmup_epochs_temperature_teacher: its (and the patch schedule's) warm-up epochs.
-        ema_decay_start, ema_decay_end: cosine teacher momentum schedule (:meth:`ema_momentum`).
+        ema_decay_start, ema_decay_end: cosine teacher momentum schedule (kept for the API; the
+            momentum is passed to :meth:`update_teacher` by the loop, from :class:`ibot.train.schedules.Schedules`).
         image_size: global crop size the position embeddings are made for.
         pretrained: load timm's pretrained weights (needs the network).
         encoder_kwargs: extra ``timm.create_model`` arguments (``patch_size``, ``in_chans`` ...).
@@ -268,24 +268,6 @@ class iBOT(nn.Module):  # noqa: N801
         cls_t = teacher_temperature(e, *self.cls_temps)
         patch_t = teacher_temperature(e, *self.patch_temps, start_epoch=self.mask_generator.start_epoch)
         return cls_t, patch_t
-
-    def ema_momentum(self, step: int, total_steps: int) -> float:
-        """Cosine teacher momentum from ``ema_decay_start`` (step 0) to ``ema_decay_end``."""
-        base, final = self.ema_decay
-        return final + 0.5 * (base - final) * (1 + math.cos(math.pi * step / max(total_steps, 1)))
-
-    def after_step(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
-        """The per-step calls a training loop owns, after ``optimizer.step()`` of step ``step`` (0-based).
-
-        Updates the EMA teacher with the cosine momentum of ``step`` (:meth:`ema_momentum`) and
-        sets the epoch of the next step (:meth:`set_epoch`, which moves the teacher temperatures
-        and the mask start). Returns the momentum used. The data's epoch (augmentations, masks
-        made in the collate) is the loader's business.
-        """
-        momentum = self.ema_momentum(step, total_steps)
-        self.update_teacher(momentum)
-        self.set_epoch((step + 1) // steps_per_epoch)
-        return momentum
 
     def _pair_parameters(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         teacher = dict(self.teacher.named_parameters())

@@ -22,3 +22,12 @@ def tiny_ibot(cls=None, **kw):
         args.update(n_prototypes=40)
     args.update(kw)
     return cls(**args)
+
+
+def step_values(model, epoch=1, momentum=0.99, lr=1e-3, weight_decay=0.04, freeze_last_layer=False):
+    """:class:`ibot.train.schedules.StepValues` for a :class:`TrainStep` call in tests: the model's own
+    teacher temperatures at ``epoch``, fixed lr / weight decay / momentum, prototypes not frozen."""
+    from ibot.train.schedules import StepValues
+
+    cls_t, patch_t = model.teacher_temperatures(epoch)
+    return StepValues(0, epoch, lr, weight_decay, momentum, cls_t, patch_t, freeze_last_layer)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_ibot
+from conftest import step_values, tiny_ibot
 
 from ibot.data.loader import Batch
 from ibot.data.masking import MaskBatch
@@ -138,11 +138,11 @@ def _fsdp_worker(rank, world, port, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = shard_model(_model("center"))
-    step = TrainStep(model, clip_grad=0.5, freeze_last_layer=0)
+    step = TrainStep(model, clip_grad=0.5)
     step.set_hyperparameters(lr=1e-3, weight_decay=0.04)
     glob, loc, masks = _inputs()
     rows = list(range(rank * B, (rank + 1) * B))
-    out = step(_batch(glob, loc, masks, rows), epoch=0, momentum=0.9)
+    out = step(_batch(glob, loc, masks, rows), step_values(model, 0, 0.9))
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
     state, optim = full_model_state(model), full_optimizer_state(step.optimizer)
@@ -167,10 +167,10 @@ def test_fsdp2_two_processes_equal_one_process_with_double_batch(tmp_path):
     mp.spawn(_fsdp_worker, args=(2, _free_port(), str(out_path)), nprocs=2, join=True)
     got = torch.load(out_path)
     model = _model("center")
-    step = TrainStep(model, clip_grad=0.5, freeze_last_layer=0)
+    step = TrainStep(model, clip_grad=0.5)
     step.set_hyperparameters(lr=1e-3, weight_decay=0.04)
     glob, loc, masks = _inputs()
-    out = step(_batch(glob, loc, masks, list(range(2 * B))), epoch=0, momentum=0.9)
+    out = step(_batch(glob, loc, masks, list(range(2 * B))), step_values(model, 0, 0.9))
     assert got["roundtrip"]
     torch.testing.assert_close(got["loss"], out.loss.detach(), rtol=1e-5, atol=1e-5)
     want = model.state_dict()

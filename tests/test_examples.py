@@ -24,7 +24,7 @@ def test_plain_pytorch_example_needs_no_lightning_and_advances_epochs(capsys):
     model, loader = _load("pytorch_ibot").main(["--epochs", "2"])
     assert "epoch 1: loss" in capsys.readouterr().out
     assert loader.dataset.epoch == 1 and loader.collate_fn.epoch == 1
-    assert loader.collate_fn.mask_generator.epoch == 1 and model.epoch == 1
+    assert loader.collate_fn.mask_generator.epoch == 1  # the model holds no epoch: Schedules gives temperatures
 
 
 def test_lightning_example_schedules_from_trainer_monitors_and_knn(tmp_path, monkeypatch):
@@ -32,10 +32,9 @@ def test_lightning_example_schedules_from_trainer_monitors_and_knn(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     trainer, module = _load("lightning_ibot").main(["optim.epochs=2", "run.knn_at_end=false"])
     assert module.niter == 4  # 64 synthetic images / batch 16, read from the trainer
-    assert len(module.lr_schedule) == 8 and module.lr_schedule[3] == pytest.approx(1e-3 * 16 / 256)
+    assert len(module.schedules) == 8 and module.schedules[3].lr == pytest.approx(1e-3 * 16 / 256)
     loader = trainer.train_dataloader
     assert loader.dataset.epoch == 1 and loader.collate_fn.mask_generator.epoch == 1  # bug: stayed at 0
-    assert module.model.epoch == 1
     metrics = trainer.callback_metrics
     for key in ("monitor/teacher_entropy", "monitor/feature_rank", "schedule/lr", "loss/patch", "knn/top1"):
         assert key in metrics, key

@@ -69,24 +69,6 @@ def test_ibot_on_a_cnn_is_a_one_line_error():
         iBOT("resnet18", **SMALL, n_cls_prototypes=16, n_patch_prototypes=16)
 
 
-def test_after_step_does_the_ema_and_the_epoch():
-    torch.manual_seed(0)
-    model = _tiny_ibot()
-    with torch.no_grad():
-        for p in model.student.parameters():
-            p.add_(1.0)
-    t_name, t_param = next(iter(model.teacher.named_parameters()))
-    s_param = dict(model.student.named_parameters())[t_name]
-    expected_m = model.ema_momentum(3, 10)
-    expected = expected_m * t_param.detach().clone() + (1 - expected_m) * s_param.detach()
-    m = model.after_step(step=3, total_steps=10, steps_per_epoch=4)
-    assert m == pytest.approx(expected_m) and 0.996 < m < 1.0
-    torch.testing.assert_close(t_param, expected)
-    assert model.epoch == 1 and model.mask_generator.epoch == 1  # step 3 was the last of epoch 0
-    model.after_step(step=4, total_steps=10, steps_per_epoch=4)
-    assert model.epoch == 1
-
-
 def test_trainer_runs_dino_on_a_resnet_and_explains_vit_only_keys(tmp_path):
     from ibot.config import ConfigError, build_config
     from ibot.train.trainer import Trainer

@@ -3,8 +3,8 @@
 The number of masked tokens changes every batch, which would make every shape downstream of the
 masked-token gather dynamic. :func:`pad_mask_batch` pads the gather index and the per-token loss
 weights to a fixed bound (the most tokens the mask generator can mask) with weight 0, DINOv2's
-trick: padded rows point at token 0 and add exactly 0 to the loss and the gradients. The epoch's
-teacher temperatures enter as a tensor, so a new epoch does not recompile either.
+trick: padded rows point at token 0 and add exactly 0 to the loss and the gradients. The step's
+teacher temperatures enter as a tensor, so a new temperature does not recompile either.
 
 Used for ``run.compile=full``; ``run.compile=blocks`` (or ``true``) compiles each transformer
 block instead and keeps the exact unpadded numerics.
@@ -45,7 +45,7 @@ def pad_mask_batch(mb: MaskBatch, max_ratio: float) -> MaskBatch:
 
 
 class CompiledForward:
-    """``module(batch=..., epoch=...)`` through one ``torch.compile(fullgraph=True)`` graph.
+    """``module(batch=..., temps=...)`` through one ``torch.compile(fullgraph=True)`` graph.
 
     Needs the official centering (``centering="center"``, ``patch_center="all"``): with padded
     rows, Sinkhorn-Knopp and the masked-token center would count the padding. The batch's masks
@@ -59,21 +59,20 @@ class CompiledForward:
                 "tokens would enter Sinkhorn-Knopp or the masked-token center); use run.compile=blocks"
             )
         self.model = model
-        self._temps: dict[tuple[int, str], torch.Tensor] = {}
+        self._temps: dict[tuple, torch.Tensor] = {}
         # a DDP wrapper must run its own forward (gradient hooks); its graph splits at the buckets
         target, full = (model.forward, True) if module is None else (module, False)
         self._fn = torch.compile(target, fullgraph=full, dynamic=False, backend=backend or BACKEND, mode=mode)
 
-    def temperatures(self, epoch: int, device: torch.device) -> torch.Tensor:
-        """(2,) device tensor of the epoch's (CLS, patch) teacher temperatures, made once per epoch."""
-        key = (int(epoch), str(device))
+    def temperatures(self, temps: tuple[float, float], device: torch.device) -> torch.Tensor:
+        """(2,) device tensor of the (CLS, patch) teacher temperatures, made once per new value."""
+        key = (float(temps[0]), float(temps[1]), str(device))
         if key not in self._temps:
-            self._temps = {key: torch.tensor(self.model.teacher_temperatures(epoch), device=device)}
+            self._temps = {key: torch.tensor(key[:2], device=device)}
         return self._temps[key]
 
-    def __call__(self, *, batch, epoch: int):
-        temps = self.temperatures(epoch, batch.global_crops.device)
-        return self._fn(batch=batch, temps=temps)
+    def __call__(self, *, batch, temps: tuple[float, float]):
+        return self._fn(batch=batch, temps=self.temperatures(temps, batch.global_crops.device))
 
 
 def compile_forward(model, module=None, backend=None, mode: str | None = None) -> CompiledForward:

@@ -20,7 +20,7 @@ def rankme(features: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def collapse_monitors(model, out, epoch: int) -> dict:
+def collapse_monitors(model, out, teacher_temp: float) -> dict:
     """Collapse monitors of one training step, from the teacher's CLS logits ``out.teacher_logits``.
 
     ``teacher_entropy`` (near ``teacher_entropy_max`` = collapse to uniform), ``prototypes_used``
@@ -28,9 +28,8 @@ def collapse_monitors(model, out, epoch: int) -> dict:
     norm, and the RankMe ``feature_rank`` of the teacher CLS features (of ``feature_dim``).
     """
     t = out.teacher_logits.float()  # (G, B, K)
-    temp = model.teacher_temperatures(epoch)[0]
     # the targets the loss used (the center before this step's update), not a re-centering
-    probs = out.teacher_probs if model.centering == "center" else torch.softmax(t / temp, -1)
+    probs = out.teacher_probs if model.centering == "center" else torch.softmax(t / teacher_temp, -1)
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
     arg = t.argmax(-1)
     agree = (arg[0] == arg[1]).float().mean() if t.shape[0] > 1 else torch.tensor(float("nan"))

@@ -48,10 +48,12 @@ def clip_gradients(params: list[torch.Tensor], clip: float, mode: str = "param")
         torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
 
 
-def cancel_last_layer_grads(module: nn.Module, epoch: int, freeze_epochs: int) -> None:
-    """Drop the gradients of every parameter named ``*last_layer*`` during the first epochs."""
-    if epoch >= freeze_epochs:
-        return
+def drop_last_layer_grads(module: nn.Module) -> None:
+    """Drop the gradients of every parameter named ``*last_layer*`` (the prototypes).
+
+    The official ``cancel_gradients_last_layer`` during the first ``optim.freeze_last_layer`` epochs:
+    :attr:`ibot.train.schedules.StepValues.freeze_last_layer` says when.
+    """
     for name, p in module.named_parameters():
         if "last_layer" in name:
             p.grad = None

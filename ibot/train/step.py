@@ -1,6 +1,8 @@
 """One optimisation step of iBOT / DINO: the code ``ibot pretrain`` and the benchmarks run.
 
-forward (autocast) -> finite flag -> backward -> clipping -> last-layer freeze -> AdamW -> centers -> EMA.
+forward (autocast) -> finite flag -> backward -> clipping -> last-layer freeze -> AdamW -> centers -> EMA,
+with the step's values of :class:`ibot.train.schedules.Schedules` (lr, weight decay, temperatures,
+freeze, momentum).
 
 The step never waits for the device: whether the loss is finite is a device-side flag (all-reduced
 over ranks) that the fused AdamW kernel, the center updates and the EMA read on the device, so a
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ibot import distributed as D
-from ibot.train.optim import cancel_last_layer_grads, clip_gradients, param_groups
+from ibot.train.optim import clip_gradients, drop_last_layer_grads, param_groups
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,7 +54,6 @@ class TrainStep:
         precision: "fp32", "bf16" or "fp16" (fp16 uses a gradient scaler).
         device_type: "cpu" or "cuda" (autocast).
         clip_grad, clip_mode: gradient clipping ("param": official per-parameter; "global").
-        freeze_last_layer: epochs during which ``*last_layer*`` gradients are dropped.
         betas: AdamW betas.
     """
 
@@ -65,12 +66,11 @@ class TrainStep:
         device_type: str = "cpu",
         clip_grad: float = 3.0,
         clip_mode: str = "param",
-        freeze_last_layer: int = 1,
         betas=(0.9, 0.999),
     ) -> None:
         self.model, self.module = model, module or model
         self.precision, self.device_type = precision, device_type
-        self.clip_grad, self.clip_mode, self.freeze_last_layer = clip_grad, clip_mode, freeze_last_layer
+        self.clip_grad, self.clip_mode = clip_grad, clip_mode
         self.params = model.trainable_parameters()
         # fused AdamW (CPU and CUDA) skips its update on the device when ``found_inf`` is set
         self.optimizer = torch.optim.AdamW(param_groups(model.student), lr=0.0, betas=tuple(betas), fused=True)
@@ -88,8 +88,11 @@ class TrainStep:
             if i == 0:  # only the decayed group follows the weight-decay schedule
                 group["weight_decay"] = weight_decay
 
-    def __call__(self, batch, epoch: int, momentum: float, stop_vote: bool = False) -> StepResult:
+    def __call__(self, batch, values, stop_vote: bool = False) -> StepResult:
         """Forward, backward, update, centers, EMA, with no host synchronisation.
+
+        ``values``: this step's :class:`ibot.train.schedules.StepValues` (lr, weight decay, teacher
+        temperatures, last-layer freeze, EMA momentum).
 
         A non-finite loss (on any rank) skips every update on the device; read
         ``result.bad`` afterwards. ``stop_vote`` rides along the same all-reduce (e.g. a rank over
@@ -97,8 +100,9 @@ class TrainStep:
         """
         model = self.model
         model.defer_center_update = True
+        self.set_hyperparameters(values.lr, values.weight_decay)
         with self.autocast():
-            out = self.module(batch=batch, epoch=epoch)
+            out = self.module(batch=batch, temps=values.teacher_temps)
         loss = out.loss
         bad_here = (~torch.isfinite(loss.detach())).float()
         flags = torch.stack([bad_here, bad_here.new_full((), 1.0 if stop_vote else 0.0)])
@@ -112,7 +116,8 @@ class TrainStep:
         else:
             loss.backward()
         clip_gradients(self.params, self.clip_grad, self.clip_mode)
-        cancel_last_layer_grads(model.student, epoch, self.freeze_last_layer)
+        if values.freeze_last_layer:
+            drop_last_layer_grads(model.student)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -124,5 +129,5 @@ class TrainStep:
                 del self.optimizer.found_inf
         good = bad == 0
         model.apply_center_update(good)
-        model.update_teacher(momentum, good)
+        model.update_teacher(values.momentum, good)
         return StepResult(out, bad, flags)

@@ -38,7 +38,7 @@ from ibot.io import CheckpointError, load_safe, previous_path, remove_stale_temp
 from ibot.train import runlock
 from ibot.train.loggers import build_loggers
 from ibot.train.metrics import MetricsWriter, collapse_monitors, plot_curves
-from ibot.train.schedules import optim_schedules
+from ibot.train.schedules import Schedules
 from ibot.train.signals import SignalStopError, StopSignals, ignore_stop_signals
 from ibot.train.step import TrainStep
 
@@ -173,7 +173,6 @@ class Trainer:
             device_type=self.device.type,
             clip_grad=o.clip_grad,
             clip_mode=o.clip_mode,
-            freeze_last_layer=o.freeze_last_layer,
             betas=tuple(o.betas),
         )
         if cfg.run.compile and cfg.run.compile_mode == "full":
@@ -184,7 +183,7 @@ class Trainer:
             self.step_fn.module = compile_forward(self.model, module=self.ddp)
             self.pad_ratio = self.model.mask_generator.max_ratio if self.model.use_patch_loss else None
         self.optimizer, self.scaler = self.step_fn.optimizer, self.step_fn.scaler
-        self._build_schedules()
+        self.schedules = Schedules.from_config(cfg, self.niter, D.world_size())
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.bad_steps, self.skipped_images, self.seen_images, self.attempted_images = 0, 0, 0, 0
         self._lock = None
@@ -254,11 +253,6 @@ class Trainer:
         else:
             self.mc_dataset = MultiCropDataset(self.train_set, pil_transform_from_config(cfg), seed=cfg.run.seed)
 
-    def _build_schedules(self) -> None:
-        self.lr_schedule, self.wd_schedule, self.momentum_schedule = optim_schedules(
-            self.cfg.optim, self.niter, D.world_size()
-        )
-
     def batches(self, epoch: int, start_step: int = 0):
         """This rank's batches of ``epoch`` from ``start_step`` on (deterministic), on the training device."""
         self.collate.set_epoch(epoch)
@@ -304,18 +298,17 @@ class Trainer:
     def _autocast(self):
         return self.step_fn.autocast()
 
-    def train_step(self, batch: Batch, epoch: int, it: int, stop_vote: bool = False):
-        """One optimisation step at iteration ``it``. Returns the model output, or None when skipped.
+    def train_step(self, batch: Batch, it: int, stop_vote: bool = False):
+        """One optimisation step at global step ``it``. Returns the model output, or None when skipped.
 
         The step itself never waits for the device; its flags (non-finite loss, a rank's stop vote)
         are read once here, after the whole step is queued.
         """
-        self.step_fn.set_hyperparameters(float(self.lr_schedule[it]), float(self.wd_schedule[it]))
         if self.pad_ratio is not None and batch.masks is not None:
             from ibot.train.compiled import pad_mask_batch
 
             batch.masks = pad_mask_batch(batch.masks, self.pad_ratio)  # host-side, before the copy
-        res = self.step_fn(batch.to(self.device), epoch, float(self.momentum_schedule[it]), stop_vote=stop_vote)
+        res = self.step_fn(batch.to(self.device), self.schedules[it], stop_vote=stop_vote)
         bad, stop = res.flags.tolist()
         self.stop_voted = stop > 0
         if bad:
@@ -327,9 +320,9 @@ class Trainer:
         self.bad_steps = 0
         return res.out
 
-    def _monitors(self, out, epoch: int) -> dict:
+    def _monitors(self, out, teacher_temp: float) -> dict:
         """Collapse monitors from the teacher's CLS logits of this step."""
-        return collapse_monitors(self.model, out, epoch)
+        return collapse_monitors(self.model, out, teacher_temp)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
@@ -398,7 +391,6 @@ class Trainer:
         self._last_save = time.time()
         while self.epoch < cfg.optim.epochs and not stopped:
             epoch = self.epoch
-            self.model.set_epoch(epoch)
             self.model.train()
             batches = self.batches(epoch, self.step_in_epoch)
             bar = self._progress(epoch)
@@ -412,7 +404,7 @@ class Trainer:
                 limit = cfg.run.time_limit_min
                 over = bool(limit) and self.train_seconds + time.time() - t_epoch > 60 * limit
                 if batch.batch_size:
-                    res = self.train_step(batch, epoch, it, stop_vote=over and D.is_dist())
+                    res = self.train_step(batch, it, stop_vote=over and D.is_dist())
                 else:  # every image of the batch was unreadable: counted above, no step
                     res = None
                 self.step_in_epoch += 1
@@ -544,18 +536,18 @@ class Trainer:
             rec["loss_patch"] = float(out.loss_patch)
         if out.loss_koleo is not None:
             rec["loss_koleo"] = float(out.loss_koleo)
-        cls_t, patch_t = self.model.teacher_temperatures(epoch)
+        v = self.schedules[it]
         rec.update(
-            lr=float(self.lr_schedule[it]),
-            wd=float(self.wd_schedule[it]),
-            momentum=float(self.momentum_schedule[it]),
-            teacher_temp=cls_t,
-            teacher_patch_temp=patch_t,
+            lr=v.lr,
+            wd=v.weight_decay,
+            momentum=v.momentum,
+            teacher_temp=v.teacher_temp,
+            teacher_patch_temp=v.teacher_patch_temp,
             images_per_s=ips,
             skipped_images=self.skipped_images,
             time=time.time(),
         )
-        rec.update(self._monitors(out, epoch))
+        rec.update(self._monitors(out, v.teacher_temp))
         return rec
 
     def _collapse_warning(self, rec: dict) -> str | None:
@@ -711,12 +703,11 @@ class Trainer:
         if not changed:
             return
         step = ckpt["global_step"]
-        old_optim = from_dict(ckpt["config"]).optim
-        old_lr, _, old_m = optim_schedules(old_optim, self.niter, ckpt.get("world_size", 1))
-        at = lambda a, i: float(a[min(i, len(a) - 1)])  # noqa: E731
+        was = Schedules.from_config(from_dict(ckpt["config"]), self.niter, ckpt.get("world_size", 1))[step]
+        now = self.schedules[step]
         jump = (
-            f"at step {step} the lr would go {at(old_lr, step):.3g} -> {at(self.lr_schedule, step):.3g} and the "
-            f"teacher momentum {at(old_m, step):.6g} -> {at(self.momentum_schedule, step):.6g}"
+            f"at step {step} the lr would go {was.lr:.3g} -> {now.lr:.3g} and the "
+            f"teacher momentum {was.momentum:.6g} -> {now.momentum:.6g}"
         )
         what = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)
         if not self.cfg.run.allow_schedule_change:

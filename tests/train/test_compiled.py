@@ -3,6 +3,7 @@ into one graph (fullgraph=True) that neither a new mask count nor a new epoch re
 
 import pytest
 import torch
+from conftest import step_values
 from test_step import _batch, _model
 
 from ibot.train.compiled import compile_forward, mask_bound, pad_mask_batch
@@ -48,17 +49,17 @@ def test_whole_forward_is_one_graph_across_mask_counts_and_epochs():
     ref = _model(drop_path_rate=0.0)
     ref.load_state_dict(model.state_dict())
     fwd = compile_forward(model, backend=counting_backend)
-    step = TrainStep(model, fwd, clip_grad=3.0, freeze_last_layer=0)
-    ref_step = TrainStep(ref, clip_grad=3.0, freeze_last_layer=0)
+    step = TrainStep(model, fwd, clip_grad=3.0)
+    ref_step = TrainStep(ref, clip_grad=3.0)
     for s in (step, ref_step):
         s.set_hyperparameters(1e-3, 0.04)
     counts = set()
     for i, epoch in enumerate([0, 0, 1, 2]):  # the warm-up changes the temperatures every epoch
         batch = _batch(i)
         counts.add(batch.masks.index.numel())
-        want = ref_step(batch, epoch=epoch, momentum=0.99)
+        want = ref_step(batch, step_values(ref, epoch))
         batch.masks = pad_mask_batch(batch.masks, 0.5)
-        got = step(batch, epoch=epoch, momentum=0.99)
+        got = step(batch, step_values(model, epoch))
         torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     assert len(counts) > 1  # the mask counts differed
     assert len(graphs) == 1  # one graph, no recompiles, no breaks (fullgraph=True would raise)

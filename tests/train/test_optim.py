@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import tiny_ibot
+from conftest import step_values, tiny_ibot
 from reference import (
     ref_cancel_gradients_last_layer,
     ref_clip_gradients,
@@ -23,8 +23,8 @@ from reference import (
 
 from ibot.data.loader import Batch
 from ibot.data.masking import MaskBatch, MaskGenerator
-from ibot.train.optim import cancel_last_layer_grads, clip_gradients, param_groups
-from ibot.train.schedules import cosine_scheduler
+from ibot.train.optim import clip_gradients, drop_last_layer_grads, param_groups
+from ibot.train.schedules import Schedules, cosine_scheduler
 from ibot.train.step import TrainStep
 
 
@@ -75,9 +75,9 @@ def test_trainer_builds_the_official_schedules(tmp_path):
     tr = Trainer(cfg, log=lambda *a: None)
     n = tr.niter  # 64 images / batch 16
     assert n == 4
-    np.testing.assert_allclose(tr.lr_schedule, ref_cosine_scheduler(2e-3 * 16 / 256, 1e-5, 3, n, 1), rtol=1e-12)
-    np.testing.assert_allclose(tr.wd_schedule, ref_cosine_scheduler(0.05, 0.3, 3, n), rtol=1e-12)
-    np.testing.assert_allclose(tr.momentum_schedule, ref_cosine_scheduler(0.99, 1.0, 3, n), rtol=1e-12)
+    np.testing.assert_allclose(tr.schedules.lr, ref_cosine_scheduler(2e-3 * 16 / 256, 1e-5, 3, n, 1), rtol=1e-12)
+    np.testing.assert_allclose(tr.schedules.weight_decay, ref_cosine_scheduler(0.05, 0.3, 3, n), rtol=1e-12)
+    np.testing.assert_allclose(tr.schedules.momentum, ref_cosine_scheduler(0.99, 1.0, 3, n), rtol=1e-12)
 
 
 def _names(groups, module):
@@ -162,14 +162,17 @@ def test_clip_gradients_global_mode_uses_the_total_norm():
 
 
 @pytest.mark.parametrize("epoch", [0, 1, 2])
-def test_cancel_last_layer_grads_matches_official(epoch):
+def test_last_layer_freeze_matches_official(epoch):
     model = tiny_ibot(norm_last_layer=False).student  # unshared head: last_layer and last_layer2
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     ref = copy.deepcopy(model)
     for q in ref.parameters():
         q.grad = torch.ones_like(q)
-    cancel_last_layer_grads(model, epoch, 2)
+    if Schedules(3, 5, lr=1e-3, warmup_epochs=0, freeze_last_layer=2)[
+        epoch * 5 + 4
+    ].freeze_last_layer:  # last step of the epoch
+        drop_last_layer_grads(model)
     ref_cancel_gradients_last_layer(epoch, ref, 2)
     dropped = {n for n, p in model.named_parameters() if p.grad is None}
     assert dropped == {n for n, p in ref.named_parameters() if p.grad is None}
@@ -195,9 +198,9 @@ def test_train_step_equals_official_optimizer_side(epoch):
     batch = _batch()
     lr, wd, m, clip = 1e-2, 0.2, 0.9, 0.3
 
-    step = TrainStep(model, clip_grad=clip, freeze_last_layer=1)
+    step = TrainStep(model, clip_grad=clip)
     step.set_hyperparameters(lr, wd)
-    out = step(batch, epoch, m)
+    out = step(batch, step_values(model, epoch, m, lr, wd, freeze_last_layer=epoch < 1))
 
     ref_out = ref(batch=batch, epoch=epoch)
     torch.testing.assert_close(out.loss, ref_out.loss)
@@ -230,7 +233,7 @@ def _step_pair(precision, epoch=1, clip=0.3):
     batch = _batch()
     steps = []
     for m, prec in ((model, precision), (ref, "fp32")):
-        s = TrainStep(m, precision=prec, device_type="cpu", clip_grad=clip, freeze_last_layer=0)
+        s = TrainStep(m, precision=prec, device_type="cpu", clip_grad=clip)
         s.set_hyperparameters(1e-3, 0.04)
         steps.append(s)
     return model, ref, batch, steps
@@ -239,7 +242,7 @@ def _step_pair(precision, epoch=1, clip=0.3):
 def test_bf16_autocast_step_is_close_to_fp32():
     model, ref, batch, (step, ref_step) = _step_pair("bf16")
     before = {n: p.detach().clone() for n, p in model.student.named_parameters() if p.requires_grad}
-    out, ref_out = step(batch, 1, 0.99), ref_step(batch, 1, 0.99)
+    out, ref_out = step(batch, step_values(model)), ref_step(batch, step_values(ref))
     assert step.scaler is None
     assert out.loss.item() != ref_out.loss.item()  # autocast ran the matmuls in bf16
     assert out.loss.item() == pytest.approx(ref_out.loss.item(), rel=2e-2)
@@ -253,8 +256,8 @@ def test_fp16_grad_scaler_unscales_before_clipping():
     # the default 2**16 overflows this tiny head's fp16 gradients (the scaler skips such steps and
     # backs off, as in the official code); start at a scale that fits so that this step is applied
     step.scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
-    step(batch, 1, 0.99)
-    ref_step(batch, 1, 0.99)
+    step(batch, step_values(model))
+    ref_step(batch, step_values(ref))
     assert step.scaler.get_scale() == 16.0  # no overflow: scale kept
     ref_grads = dict(ref.student.named_parameters())
     unclipped = 0
@@ -275,7 +278,7 @@ def test_fp16_overflow_skips_the_update_and_halves_the_scale():
     qkv = model.student["backbone"].vit.blocks[0].attn.qkv.weight
     handle = qkv.register_hook(lambda g: g * float("inf"))
     step.scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
-    step(batch, 1, 0.99)
+    step(batch, step_values(model))
     handle.remove()
     assert step.scaler.get_scale() == 8.0
     for n, p in model.student.named_parameters():

@@ -131,4 +131,4 @@ def test_extending_epochs_needs_an_explicit_schedule_change(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 17))
     new = Trainer(cfg_for(tmp_path / "ref", "optim.epochs=4"), log=lambda *a: None)
-    assert rows[8]["lr"] == pytest.approx(float(new.lr_schedule[8]))  # step 9 follows the 4-epoch schedule
+    assert rows[8]["lr"] == pytest.approx(new.schedules[8].lr)  # step 9 follows the 4-epoch schedule

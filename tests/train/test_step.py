@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_ibot
+from conftest import step_values, tiny_ibot
 
 from ibot.data.loader import Batch
 from ibot.data.masking import MaskBatch, MaskGenerator
@@ -82,12 +82,12 @@ def test_clipping_launches_do_not_grow_with_the_parameter_count():
 
 def test_a_step_never_synchronises_with_the_host():
     model = _model()
-    step = TrainStep(model, clip_grad=0.3, freeze_last_layer=0)
+    step = TrainStep(model, clip_grad=0.3)
     step.set_hyperparameters(1e-3, 0.04)
     batch = _batch()
-    step(batch, epoch=1, momentum=0.99)  # the optimizer state exists from here on
+    step(batch, step_values(model))  # the optimizer state exists from here on
     with OpCounter() as c:
-        res = step(batch, epoch=1, momentum=0.99)
+        res = step(batch, step_values(model))
     assert c.syncs == 0, dict(c.sync_ops)
     assert c.launches > 100  # the counter saw the step
     assert res.flags.tolist() == [0.0, 0.0]
@@ -96,9 +96,9 @@ def test_a_step_never_synchronises_with_the_host():
 def test_non_finite_step_leaves_parameters_optimizer_centers_and_teacher_unchanged():
     """Issue 15 bug 1: the centers moved inside forward, before the finite check."""
     model = _model()
-    step = TrainStep(model, clip_grad=3.0, freeze_last_layer=0)
+    step = TrainStep(model, clip_grad=3.0)
     step.set_hyperparameters(1e-3, 0.04)
-    step(_batch(0), epoch=1, momentum=0.99)
+    step(_batch(0), step_values(model))
     sd0, opt0 = _state(model, step)
     real = model.step
 
@@ -108,7 +108,7 @@ def test_non_finite_step_leaves_parameters_optimizer_centers_and_teacher_unchang
         return out
 
     model.step = poisoned
-    res = step(_batch(1), epoch=1, momentum=0.99)
+    res = step(_batch(1), step_values(model))
     assert res.bad.item() == 1.0
     sd1, opt1 = _state(model, step)
     for k, v in sd0.items():
@@ -116,7 +116,7 @@ def test_non_finite_step_leaves_parameters_optimizer_centers_and_teacher_unchang
     for k, v in opt0.items():
         assert torch.equal(v, opt1[k]), k  # exp_avg, exp_avg_sq and the step count
     model.step = real
-    res = step(_batch(1), epoch=1, momentum=0.99)  # a good step after it moves everything again
+    res = step(_batch(1), step_values(model))  # a good step after it moves everything again
     assert res.bad.item() == 0.0
     sd2, _ = _state(model, step)
     for k in ("cls_center.center", "patch_center_ema.center", "teacher.backbone.vit.cls_token"):
@@ -151,10 +151,10 @@ def test_patch_center_from_bottleneck_means_equals_the_mean_of_all_logits():
 
 def test_bf16_step_updates_and_skips():
     model = _model()
-    step = TrainStep(model, precision="bf16", clip_grad=3.0, freeze_last_layer=0)
+    step = TrainStep(model, precision="bf16", clip_grad=3.0)
     step.set_hyperparameters(1e-3, 0.04)
     p0 = [p.detach().clone() for p in model.trainable_parameters()]
-    res = step(_batch(0), epoch=1, momentum=0.99)
+    res = step(_batch(0), step_values(model))
     assert res.bad.item() == 0.0 and torch.isfinite(res.loss)
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.trainable_parameters())
     assert any(not torch.equal(a, p) for a, p in zip(p0, model.trainable_parameters(), strict=True))
@@ -167,7 +167,7 @@ def test_bf16_step_updates_and_skips():
         return out
 
     model.step = poisoned
-    assert step(_batch(1), epoch=1, momentum=0.99).bad.item() == 1.0
+    assert step(_batch(1), step_values(model)).bad.item() == 1.0
     sd1, opt1 = _state(model, step)
     for k, v in sd0.items():
         assert torch.equal(v, sd1[k]), k
@@ -178,11 +178,11 @@ def test_bf16_step_updates_and_skips():
 def test_fp16_overflow_is_skipped_by_the_fused_optimizer_and_the_scale_backs_off():
     """fp16: the gradient scaler's own inf check reaches fused AdamW on the device (no host sync)."""
     model = _model()
-    step = TrainStep(model, precision="fp16", clip_grad=3.0, freeze_last_layer=0)
+    step = TrainStep(model, precision="fp16", clip_grad=3.0)
     step.set_hyperparameters(1e-3, 0.04)
     sd0, _ = _state(model, step)
     scale = step.scaler.get_scale()
-    step(_batch(0), epoch=1, momentum=0.99)  # 2**16 overflows fp16 gradients here
+    step(_batch(0), step_values(model))  # 2**16 overflows fp16 gradients here
     assert not all(torch.isfinite(p.grad).all() for p in model.trainable_parameters() if p.grad is not None)
     assert step.scaler.get_scale() == scale / 2
     sd1, opt1 = _state(model, step)

@@ -52,8 +52,6 @@ FORBIDDEN_SIBLINGS = {"data", "models", "losses"}  # the same layer, but indepen
 # Violations being removed in other branches of issue 20; test_imports_only_go_down fails on any other.
 # Empty this set as they land (test_no_pending_violations_remain then passes).
 PENDING = {
-    "ibot.builders.sources -> ibot.eval.knn (layer 3 -> layer 4)",  # norm_stats moves to ibot.data.transforms
-    "ibot.data.factory -> ibot.eval.knn (layer 1 -> layer 4)",  # data/factory.py moves to builders/data.py
     "ibot.data.masking -> ibot.losses.distillation (layer 1 -> layer 1)",  # patch_loss_weights leaves data
 }
 

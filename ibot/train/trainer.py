@@ -38,6 +38,7 @@ from ibot.io import CheckpointError, load_safe, previous_path, remove_stale_temp
 from ibot.train import runlock
 from ibot.train.loggers import build_loggers
 from ibot.train.metrics import MetricsWriter, collapse_monitors, plot_curves
+from ibot.train.parallelize import parallelize
 from ibot.train.schedules import Schedules
 from ibot.train.signals import SignalStopError, StopSignals, ignore_stop_signals
 from ibot.train.step import TrainStep
@@ -137,51 +138,18 @@ class Trainer:
 
             self.log(init_model_from(self.model, cfg.run.init_from))
         self.model = self.model.to(self.device)
-        student_bb = self.model.student["backbone"]
-        student_bb.efficient_drop_path = cfg.model.efficient_drop_path
-        if cfg.run.grad_checkpointing:
-            student_bb.timm_model.set_grad_checkpointing(True)
-        self.pad_ratio = None  # run.compile_mode=full: masked-token batches padded to a fixed bound
-        if cfg.run.compile and cfg.run.compile_mode == "blocks":
-            for bb in (student_bb, self.model.teacher["backbone"]):
-                for blk in bb.blocks:
-                    blk.compile()
-        self.ddp = None
-        self.fsdp = cfg.run.fsdp and D.is_dist()
-        if cfg.run.fsdp and not D.is_dist():
-            self.log("run.fsdp=true needs torchrun with several processes; training unsharded")
-        if self.fsdp:
-            from ibot.fsdp import shard_model
-
-            shard_model(self.model)
-        elif D.is_dist():
-            # BatchNorm (a bn head, a CNN backbone) -> SyncBatchNorm in student and teacher, as the official code;
-            # torch's SyncBatchNorm runs on GPUs only: CPU processes each normalise with their own batch
-            has_bn = any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in self.model.modules())
-            if has_bn and self.device.type == "cpu":
-                self.log("BatchNorm on CPU processes: statistics per process (SyncBatchNorm needs GPUs)")
-            elif has_bn:
-                self.model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.student)
-                self.model.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.teacher)
-            # SyncBatchNorm keeps the BN running statistics identical on every rank, as the centers
-            self.ddp = D.wrap_ddp(self.model, self.device)
+        par = parallelize(self.model, cfg, self.device, self.log)
+        self.ddp, self.fsdp, self.pad_ratio = par.ddp, par.fsdp, par.pad_ratio
         o = cfg.optim
         self.step_fn = TrainStep(
             self.model,
-            self.ddp,
+            par.forward_module,
             precision=self.precision,
             device_type=self.device.type,
             clip_grad=o.clip_grad,
             clip_mode=o.clip_mode,
             betas=tuple(o.betas),
         )
-        if cfg.run.compile and cfg.run.compile_mode == "full":
-            from ibot.train.compiled import compile_forward
-
-            # one graph for the whole forward; under DDP the wrapper is compiled (its graph splits
-            # at the gradient buckets, so fullgraph is off there)
-            self.step_fn.module = compile_forward(self.model, module=self.ddp)
-            self.pad_ratio = self.model.mask_generator.max_ratio if self.model.use_patch_loss else None
         self.optimizer, self.scaler = self.step_fn.optimizer, self.step_fn.scaler
         self.schedules = Schedules.from_config(cfg, self.niter, D.world_size())
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -593,7 +561,7 @@ class Trainer:
         """
         rng = rng or [_rng_state()]
         if self.fsdp:
-            from ibot.fsdp import full_model_state, full_optimizer_state
+            from ibot.train.fsdp import full_model_state, full_optimizer_state
 
             model_sd, optim_sd = full_model_state(self.model), full_optimizer_state(self.optimizer)
         else:
@@ -666,7 +634,7 @@ class Trainer:
         self._check_schedules(path, ckpt)
         try:
             if self.fsdp:
-                from ibot.fsdp import load_sharded_state
+                from ibot.train.fsdp import load_sharded_state
 
                 load_sharded_state(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
             else:

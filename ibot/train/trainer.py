@@ -37,7 +37,8 @@ from ibot.eval.knn import extract_features, knn_classify
 from ibot.io import CheckpointError, load_safe, previous_path, remove_stale_temporaries, save_atomic
 from ibot.train import runlock
 from ibot.train.loggers import build_loggers
-from ibot.train.metrics import MetricsWriter, collapse_monitors, plot_curves
+from ibot.train.metrics import MetricsWriter, plot_curves
+from ibot.train.monitors import CollapseWarnings, collapse_monitors
 from ibot.train.parallelize import parallelize
 from ibot.train.schedules import Schedules
 from ibot.train.signals import SignalStopError, StopSignals, ignore_stop_signals
@@ -288,10 +289,6 @@ class Trainer:
         self.bad_steps = 0
         return res.out
 
-    def _monitors(self, out, teacher_temp: float) -> dict:
-        """Collapse monitors from the teacher's CLS logits of this step."""
-        return collapse_monitors(self.model, out, teacher_temp)
-
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
         cfg = self.cfg
@@ -355,7 +352,7 @@ class Trainer:
         self.last_record, self._last_print = None, 0.0
         self._step0, self._images0 = self.global_step, self.seen_images
         self.train_seconds = 0.0  # excludes evaluation
-        self._warned_epoch = -1
+        self._collapse_warnings = CollapseWarnings()
         self._last_save = time.time()
         while self.epoch < cfg.optim.epochs and not stopped:
             epoch = self.epoch
@@ -394,10 +391,9 @@ class Trainer:
                         bar.set_postfix(
                             loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", ips=f"{rec['images_per_s']:.0f}"
                         )
-                    warn = self._collapse_warning(rec)
-                    if warn and self._warned_epoch != epoch:  # at most once per epoch
-                        self._warned_epoch = epoch
-                        self.log(f"epoch {epoch}, step {self.global_step}: {warn}")
+                    warn = self._collapse_warnings.check(rec)  # at most once per epoch
+                    if warn:
+                        self.log(warn)
                 signalled, save_by_time = self._stop_flags(signals)
                 save_due = cfg.run.save_every_steps and self.global_step % cfg.run.save_every_steps == 0
                 if (save_due or save_by_time) and self.bad_steps == 0:  # never inside a streak of NaN losses
@@ -515,28 +511,8 @@ class Trainer:
             skipped_images=self.skipped_images,
             time=time.time(),
         )
-        rec.update(self._monitors(out, v.teacher_temp))
+        rec.update(collapse_monitors(self.model, out, v.teacher_temp))
         return rec
-
-    def _collapse_warning(self, rec: dict) -> str | None:
-        if rec["epoch"] < 1:
-            return None
-        if rec["teacher_entropy"] > 0.97 * rec["teacher_entropy_max"]:
-            return (
-                "warning: teacher outputs are nearly uniform (collapse to uniform): try a lower "
-                "loss.teacher_temp or less centering (loss.center_momentum closer to 1)"
-            )
-        if rec["feature_rank"] < 0.1 * rec["feature_dim"]:
-            return (
-                f"warning: the teacher's CLS features span few directions (RankMe {rec['feature_rank']:.1f} of "
-                f"{rec['feature_dim']}; dimensional collapse, k-NN suffers): try loss.koleo_weight=0.1"
-            )
-        if rec["prototypes_used"] <= 1:
-            return (
-                "warning: teacher outputs are one-hot on few prototypes (collapse to one prototype): try a higher "
-                "loss.teacher_temp, loss.centering=sinkhorn, or a longer optim.warmup_epochs"
-            )
-        return None
 
     def _check_skips(self) -> None:
         """Stop when this rank skipped more than ``data.max_skip_fraction`` of the images it tried to load."""

@@ -28,14 +28,15 @@ from ibot.builders.data import (
     resolve_pipeline,
 )
 from ibot.builders.model import build_model
-from ibot.builders.sources import CHECKPOINT, resolve_source
-from ibot.config import ConfigError, flatten, from_dict, to_dict
+from ibot.builders.sources import CHECKPOINT
+from ibot.config import ConfigError, to_dict
 from ibot.data.datasets import DatasetError, slice_dataset, spread_subset, validation_split
 from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches, mix_seed
 from ibot.data.prefetch import DeviceBatches, batch_bytes, prefetch_factor
 from ibot.eval.knn import extract_features, knn_classify
-from ibot.io import CheckpointError, load_safe, previous_path, remove_stale_temporaries, save_atomic
+from ibot.io import remove_stale_temporaries
 from ibot.train import runlock
+from ibot.train.checkpoint import COUNTERS, Checkpointer
 from ibot.train.loggers import build_loggers
 from ibot.train.metrics import MetricsWriter, plot_curves
 from ibot.train.monitors import CollapseWarnings, collapse_monitors
@@ -44,50 +45,12 @@ from ibot.train.schedules import Schedules
 from ibot.train.signals import SignalStopError, StopSignals, ignore_stop_signals
 from ibot.train.step import TrainStep
 
-# keys whose change makes a checkpoint incompatible (shapes / the method itself)
-STRUCTURAL_KEYS = (
-    "method",
-    "model.arch",
-    "model.patch_size",
-    "model.img_size",
-    "model.in_chans",
-    "model.embed_dim",
-    "model.depth",
-    "model.num_heads",
-    "model.window_size",
-    "model.depths",
-    "model.stage_heads",
-    "model.out_dim",
-    "model.patch_out_dim",
-    "model.shared_head",
-    "model.hidden_dim",
-    "model.bottleneck_dim",
-    "model.head_layers",
-    "model.head_norm",
-    "mask.enabled",  # the student's mask token
-    "model.norm_last_layer",  # decides which head weights the optimizer holds
-)
-# keys a checkpoint must hold for ``pretrain --resume``
-REQUIRED_KEYS = ("model", "optimizer", "epoch", "step_in_epoch", "global_step", "config", "rng")
 SYNC_EVERY = 10  # under torchrun, ranks agree on stop / save decisions every this many steps
 
 NAN_ADVICE = (
     "the loss was not finite for {n} consecutive steps; the last good checkpoint is kept. Try: a lower optim.lr, "
     "a longer optim.warmup_epochs, run.precision=fp32, a lower AdamW beta2 (optim.betas=[0.9,0.99]), "
     "or a higher optim.momentum_teacher."
-)
-
-
-# keys of the per-step lr / weight decay / momentum schedules: changing one on resume moves them
-SCHEDULE_KEYS = (
-    "optim.epochs",
-    "optim.batch_size",
-    "optim.lr",
-    "optim.min_lr",
-    "optim.warmup_epochs",
-    "optim.weight_decay",
-    "optim.weight_decay_end",
-    "optim.momentum_teacher",
 )
 
 
@@ -153,6 +116,9 @@ class Trainer:
         )
         self.optimizer, self.scaler = self.step_fn.optimizer, self.step_fn.scaler
         self.schedules = Schedules.from_config(cfg, self.niter, D.world_size())
+        self.checkpointer = Checkpointer(
+            cfg, self.model, self.optimizer, self.scaler, self.schedules, self.niter, fsdp=self.fsdp, log=self.log
+        )
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.bad_steps, self.skipped_images, self.seen_images, self.attempted_images = 0, 0, 0, 0
         self._lock = None
@@ -166,12 +132,9 @@ class Trainer:
                     f"run folder {self.run_dir} is not writable ({err.strerror or err}); choose another run.output_dir"
                 ) from err
             remove_stale_temporaries(self.run_dir)
-        if resume != "never":
-            ckpt = self.run_dir / CHECKPOINT if resume == "auto" else resolve_source(resume, checkpoint_only=True)
-            if ckpt.is_file() or previous_path(ckpt).is_file():
-                self.load_checkpoint_or_previous(ckpt)
-            elif resume != "auto":
-                raise CheckpointError(f"no checkpoint at {ckpt}; start a new run without --resume")
+        counters = self.checkpointer.resume(resume)
+        if counters:
+            self._set_counters(counters)
         if D.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -530,136 +493,17 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self, rng: list[dict] | None = None) -> dict:
-        """The checkpoint (with FSDP: gathered to plain tensors; every rank must call it).
+    def _counters(self) -> dict:
+        return {k: getattr(self, k) for k in COUNTERS}
 
-        ``rng``: every rank's RNG states (:func:`_gather_rng_states`); default this process's only.
-        """
-        rng = rng or [_rng_state()]
-        if self.fsdp:
-            from ibot.train.fsdp import full_model_state, full_optimizer_state
-
-            model_sd, optim_sd = full_model_state(self.model), full_optimizer_state(self.optimizer)
-        else:
-            model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
-        return {
-            "model": model_sd,
-            "optimizer": optim_sd,
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step,
-            "seen_images": self.seen_images,
-            "skipped_images": self.skipped_images,
-            "attempted_images": self.attempted_images,
-            "config": to_dict(self.cfg),
-            "world_size": D.world_size(),
-            "rng": rng[0],
-            "rng_per_rank": rng,
-            "format": "ibot-1",
-        }
+    def _set_counters(self, counters: dict) -> None:
+        for k in COUNTERS:
+            setattr(self, k, counters[k])
 
     def save_checkpoint(self) -> None:
         """Save (every rank calls it); a second call at the same position writes nothing new."""
-        position = (self.epoch, self.step_in_epoch, self.global_step)
-        if getattr(self, "_saved_at", None) == position:
-            return
-        rng = _gather_rng_states()  # every rank's streams (a collective: every rank calls it)
-        state = self.state_dict(rng) if self.fsdp or D.is_main() else None
-        if D.is_main():
-            save_atomic(state, self.run_dir / CHECKPOINT, keep_previous=True)
-        if D.is_dist():
-            dist.barrier()
-        self._last_save = time.time()
-        self._saved_at = position
-
-    def load_checkpoint_or_previous(self, path: Path) -> None:
-        """Resume from ``path``; when it is missing or corrupt, from the one saved before it (with a message)."""
-        prev = previous_path(path)
-        try:  # only an unreadable file falls back; a checkpoint that does not fit this run is an error
-            if not path.is_file():
-                raise CheckpointError(f"checkpoint {path} is missing (a save was interrupted)")
-            ckpt = load_safe(path)
-        except CheckpointError as err:
-            if not prev.is_file():
-                raise
-            self.log(f"warning: {err}; resuming from the previous checkpoint {prev} instead")
-            path, ckpt = prev, load_safe(prev)
-        self.load_checkpoint(path, ckpt)
-
-    def load_checkpoint(self, path: str | Path, ckpt: dict | None = None) -> None:
-        """Resume from ``path`` (``ckpt``: its content, when already read)."""
-        ckpt = load_safe(path) if ckpt is None else ckpt
-        if not isinstance(ckpt, dict) or ckpt.get("format") != "ibot-1":
-            raise CheckpointError(
-                f"{path} is not an ibot training checkpoint; to start from its weights use run.init_from={path}"
-            )
-        missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-        if missing:
-            raise CheckpointError(
-                f"{path} lacks {', '.join(missing)} (not a complete `ibot pretrain` checkpoint); "
-                f"resume from another checkpoint or start from its weights with run.init_from={path}"
-            )
-        old, new = flatten(ckpt["config"]), flatten(to_dict(self.cfg))
-        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in STRUCTURAL_KEYS if old.get(k) != new.get(k)]
-        if diff:
-            raise CheckpointError(
-                f"checkpoint {path} was made with an incompatible config ({'; '.join(diff)}); "
-                "use the same settings or a new run.output_dir"
-            )
-        self._check_schedules(path, ckpt)
-        try:
-            if self.fsdp:
-                from ibot.train.fsdp import load_sharded_state
-
-                load_sharded_state(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
-            else:
-                self.model.load_state_dict(ckpt["model"])
-                self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise CheckpointError(
-                f"{path} does not fit this model ({first}); use the settings it was made with"
-            ) from err
-        if self.scaler and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
-        self.global_step, self.seen_images = ckpt["global_step"], ckpt.get("seen_images", 0)
-        self.skipped_images = ckpt.get("skipped_images", 0)
-        self.attempted_images = ckpt.get("attempted_images", self.skipped_images + self.seen_images // D.world_size())
-        old_world = ckpt.get("world_size", 1)
-        old_total = old.get("optim.batch_size", self.cfg.optim.batch_size) * old_world
-        new_total = self.cfg.optim.batch_size * D.world_size()
-        if old_total != new_total:
-            # the epoch order is (seed, epoch)-determined: keep the images already trained on this epoch, in
-            # steps of the new total batch (a larger batch or more processes: fewer steps per epoch)
-            self.step_in_epoch = min(self.step_in_epoch * old_total // new_total, self.niter)
-        if D.world_size() == old_world:
-            # each rank continues its own streams (drop-path differs per rank); older checkpoints
-            # hold rank 0's only
-            per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]] * D.world_size()
-            _set_rng_state(per_rank[D.rank()])
-
-    def _check_schedules(self, path, ckpt: dict) -> None:
-        """Refuse resuming with other lr / weight-decay / momentum schedules unless run.allow_schedule_change."""
-        old, new = flatten(ckpt["config"]), flatten(to_dict(self.cfg))
-        changed = [k for k in SCHEDULE_KEYS if k in old and old[k] != new[k]]
-        if not changed:
-            return
-        step = ckpt["global_step"]
-        was = Schedules.from_config(from_dict(ckpt["config"]), self.niter, ckpt.get("world_size", 1))[step]
-        now = self.schedules[step]
-        jump = (
-            f"at step {step} the lr would go {was.lr:.3g} -> {now.lr:.3g} and the "
-            f"teacher momentum {was.momentum:.6g} -> {now.momentum:.6g}"
-        )
-        what = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)
-        if not self.cfg.run.allow_schedule_change:
-            raise CheckpointError(
-                f"{path} was trained with other schedules ({what}); {jump}. Resume with the old values, "
-                "or add run.allow_schedule_change=true to recompute the schedules over the new length"
-            )
-        self.log(f"schedules changed ({what}): {jump}")
+        if self.checkpointer.save(self._counters()):
+            self._last_save = time.time()
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_knn(self) -> dict | None:
@@ -728,32 +572,6 @@ class Trainer:
         return res
 
 
-def _rng_state() -> dict:
-    """This process's CPU torch, CUDA (current device, when initialised) and Python RNG states."""
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _gather_rng_states() -> list[dict]:
-    """Every rank's :func:`_rng_state`, in rank order (one process: a list of one)."""
-    mine = _rng_state()
-    if not D.is_dist():
-        return [mine]
-    parts = [None] * D.world_size()
-    dist.all_gather_object(parts, mine)
-    return parts
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    py = random.getstate()
-    random.setstate((py[0], tuple(state["python"]), None))
-
-
 def _gathered_features(encode, dataset, kw):
     """Features of a dataset, each rank extracting one contiguous shard, gathered on every rank.
 
@@ -783,29 +601,3 @@ def _check_writable(folder: Path) -> None:
     probe = folder / f".ibot-write-test-{os.getpid()}"
     probe.write_bytes(b"")
     probe.unlink()
-
-
-def resume_config(path: Path) -> dict:
-    """The saved config (nested dict) of the checkpoint to resume; of the previous one when it is corrupt."""
-    if not path.exists() and not previous_path(path).is_file():
-        raise CheckpointError(f"no checkpoint at {path}; start a new run without --resume")
-    try:
-        ckpt = load_safe(path) if path.is_file() or not previous_path(path).is_file() else None
-    except CheckpointError:
-        if not previous_path(path).is_file():
-            raise
-        ckpt = None
-    if ckpt is None:
-        ckpt = load_safe(previous_path(path))
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "ibot-1" or not isinstance(ckpt.get("config"), dict):
-        raise CheckpointError(
-            f"{path} is not an ibot training checkpoint; to start from its weights use run.init_from={path}"
-        )
-    return ckpt["config"]
-
-
-def config_from_checkpoint(path: str | Path):
-    ckpt = load_safe(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
-        raise CheckpointError(f"{path} is not an ibot training checkpoint (it has no config)")
-    return from_dict(ckpt["config"])

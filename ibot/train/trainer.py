@@ -30,10 +30,10 @@ from ibot.builders.data import (
 from ibot.builders.model import build_model
 from ibot.builders.sources import CHECKPOINT
 from ibot.config import ConfigError, to_dict
-from ibot.data.datasets import DatasetError, slice_dataset, spread_subset, validation_split
+from ibot.data.datasets import DatasetError, slice_dataset
 from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches, mix_seed
 from ibot.data.prefetch import DeviceBatches, batch_bytes, prefetch_factor
-from ibot.eval.knn import extract_features, knn_classify
+from ibot.eval.protocols import pretrain_knn
 from ibot.io import remove_stale_temporaries
 from ibot.train import runlock
 from ibot.train.checkpoint import COUNTERS, Checkpointer
@@ -507,93 +507,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_knn(self) -> dict | None:
-        """k-NN of the teacher's CLS (train set as memory bank, test set as queries)."""
+        """k-NN of the teacher's CLS (:func:`ibot.eval.protocols.pretrain_knn`), logged and written to
+        ``knn.jsonl`` and the metrics."""
         cfg = self.cfg
-        d, m = cfg.data, cfg.model
-        bank = self.bank_set
-        try:
-            if d.dataset == "folder":
-                self.log("k-NN skipped: data.dataset=folder has no labels")
-                return None
-            if cfg.run.knn_split == "val":
-                bank, test_set = validation_split(self.bank_set)
-                split = test_set.split
-            else:
-                test_set = dataset_from_config(cfg, train=False)
-                split = getattr(test_set, "split", f"the {d.dataset} test split")
-        except DatasetError as err:
-            self.log(f"k-NN skipped: no labelled held-out images ({err})")
-            return None
-        if cfg.run.knn_train_limit:  # spread over the bank: a class-sorted folder keeps every class
-            bank = spread_subset(bank, cfg.run.knn_train_limit)
+        extra = {"epoch": self.epoch, "step": self.global_step}
+        extra["train_minutes"] = getattr(self, "train_seconds", 0.0) / 60
         backbone = self.model.teacher["backbone"]
-        backbone.eval()
-        t0 = time.time()
-        kw = dict(image_size=m.img_size, in_chans=m.in_chans, device=self.device, num_workers=d.num_workers)
-        kw["progress"] = cfg.run.progress and D.is_main()
-        with self._autocast():
-            tr_f, tr_y = _gathered_features(backbone.forward_cls, bank, {**kw, "desc": "k-NN bank features"})
-            te_f, te_y = _gathered_features(backbone.forward_cls, test_set, {**kw, "desc": "k-NN query features"})
-        if not D.is_main():
-            return None
-        ks = sorted({10, 20, 100, 200, cfg.run.knn_k})
-        acc = knn_classify(
-            tr_f,
-            tr_y,
-            te_f,
-            te_y,
-            ks=ks,
-            temperature=cfg.run.knn_temperature,
-            num_classes=len(getattr(bank, "classes", [])) or None,
+        res = pretrain_knn(
+            backbone, cfg, self.bank_set, device=self.device, autocast=self._autocast(), log=self.log, extra=extra
         )
-        k = min(cfg.run.knn_k, tr_f.shape[0])
-        top1, top5 = acc[k]
-        res = {
-            "k": k,
-            "top1": top1,
-            "top5": top5,
-            "n_train": tr_f.shape[0],
-            "n_test": te_f.shape[0],
-            "epoch": self.epoch,
-            "step": self.global_step,
-            "train_minutes": getattr(self, "train_seconds", 0.0) / 60,
-            "all": {str(kk): v for kk, v in acc.items()},
-            "seconds": time.time() - t0,
-            "split": split,
-        }
+        if res is None:
+            return None
         self.log(
-            f"k-NN (teacher CLS, k={k}, T={cfg.run.knn_temperature}) on {d.dataset}: top-1 {top1:.2f}%  "
-            f"top-5 {top5:.2f}%  ({tr_f.shape[0]} bank / {te_f.shape[0]} queries: {split}; epoch {self.epoch})"
+            f"k-NN (teacher CLS, k={res['k']}, T={cfg.run.knn_temperature}) on {cfg.data.dataset}: top-1 "
+            f"{res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['n_train']} bank / {res['n_test']} queries: "
+            f"{res['split']}; epoch {self.epoch})"
         )
         if self.metrics:
-            self.metrics.write({"step": self.global_step, "knn_top1": top1, "knn_top5": top5, "epoch": self.epoch})
+            rec = {"step": self.global_step, "knn_top1": res["top1"], "knn_top5": res["top5"], "epoch": self.epoch}
+            self.metrics.write(rec)
             with open(self.run_dir / "knn.jsonl", "a") as f:
                 f.write(json.dumps(res) + "\n")
         return res
-
-
-def _gathered_features(encode, dataset, kw):
-    """Features of a dataset, each rank extracting one contiguous shard, gathered on every rank.
-
-    Every rank encodes the same number of images (the last shard overlaps the one before it), so
-    ranks run the same number of forward passes, which FSDP2's collective all-gathers need.
-    """
-    if not D.is_dist():
-        return extract_features(encode, dataset, **kw)
-    n, w, r = len(dataset), D.world_size(), D.rank()
-    per = -(-n // w)
-    start = min(r * per, max(n - per, 0))
-    local = extract_features(encode, slice_dataset(dataset, start, start + per), **kw)
-    parts = [None] * w
-    dist.all_gather_object(parts, local)
-    feats, labels, covered = [], [], 0
-    for i, (f, y) in enumerate(parts):  # keep each image once, in dataset order
-        s = min(i * per, max(n - per, 0))
-        skip = max(covered - s, 0)
-        feats.append(f[skip:])
-        labels.append(y[skip:])
-        covered = max(covered, s + len(f))
-    return torch.cat(feats), torch.cat(labels)
 
 
 def _check_writable(folder: Path) -> None:

@@ -15,7 +15,6 @@ import weakref
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ibot import distributed as D
 from ibot.builders.data import (
@@ -33,6 +32,7 @@ from ibot.config import ConfigError, to_dict
 from ibot.data.datasets import DatasetError, slice_dataset
 from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches, mix_seed
 from ibot.data.prefetch import DeviceBatches, batch_bytes, prefetch_factor
+from ibot.device import resolve_precision, training_device
 from ibot.eval.protocols import pretrain_knn
 from ibot.io import remove_stale_temporaries
 from ibot.train import runlock
@@ -58,14 +58,6 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to try."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError("run.device=cuda but no CUDA device is available; use run.device=cpu")
-    return torch.device(name)
-
-
 class Trainer:
     """Pretrains the model a :class:`ibot.config.Config` describes.
 
@@ -77,17 +69,12 @@ class Trainer:
 
     def __init__(self, cfg, log=print, resume: str = "auto") -> None:
         self.cfg = cfg
-        self._init_distributed()
+        D.init_from_env(cfg.run.device)
         self.log = log if D.is_main() else (lambda *a, **k: None)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        self.device = resolve_device(cfg.run.device)
-        if self.device.type == "cuda" and D.is_dist():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(self.device)
-        self.precision = cfg.run.precision
-        if self.precision == "auto":
-            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.device = training_device(cfg.run.device, distributed=D.is_dist())
+        self.precision = resolve_precision(cfg.run.precision, self.device)
         self.run_dir = Path(cfg.run.output_dir)
         torch.manual_seed(cfg.run.seed + D.rank())
         random.seed(cfg.run.seed + D.rank())
@@ -144,17 +131,6 @@ class Trainer:
             self.metrics = MetricsWriter(self.run_dir, loggers, start_step=self.global_step)
 
     # ------------------------------------------------------------------ setup
-    def _init_distributed(self) -> None:
-        if D.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not D.is_dist():
-            if torch.cuda.is_available() and self.cfg.run.device != "cpu":
-                # binding the process group to this rank's GPU lets NCCL connect eagerly and
-                # never guess the device
-                local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-                torch.cuda.set_device(local)
-                dist.init_process_group("nccl", device_id=local)
-            else:
-                dist.init_process_group("gloo")
-
     def _build_data(self) -> None:
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
         self.train_set = dataset_from_config(cfg, train=True)

@@ -80,15 +80,7 @@ class Trainer:
         random.seed(cfg.run.seed + D.rank())
 
         self._build_data()
-        try:
-            self.model = build_model(cfg)
-        except ValueError as err:  # the model settings do not fit the backbone: a config problem
-            raise ConfigError(f"{err}; check the model.* and method keys") from err
-        if cfg.run.init_from:
-            from ibot.builders.sources import init_model_from
-
-            self.log(init_model_from(self.model, cfg.run.init_from))
-        self.model = self.model.to(self.device)
+        self.model = self._build_model().to(self.device)
         par = parallelize(self.model, cfg, self.device, self.log)
         self.ddp, self.fsdp, self.pad_ratio = par.ddp, par.fsdp, par.pad_ratio
         o = cfg.optim
@@ -108,29 +100,50 @@ class Trainer:
         )
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.bad_steps, self.skipped_images, self.seen_images, self.attempted_images = 0, 0, 0, 0
-        self._lock = None
-        if D.is_main():
-            try:
-                self._lock = runlock.acquire(self.run_dir, log=self.log)
-                weakref.finalize(self, self._lock.release)
-                _check_writable(self.run_dir)
-            except OSError as err:
-                raise TrainingError(
-                    f"run folder {self.run_dir} is not writable ({err.strerror or err}); choose another run.output_dir"
-                ) from err
-            remove_stale_temporaries(self.run_dir)
+        self._lock = self._lock_run_folder()
         counters = self.checkpointer.resume(resume)
         if counters:
             self._set_counters(counters)
-        if D.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        self.metrics = None
-        if D.is_main():  # lines after the step training starts from are dropped (resume, --fresh)
-            loggers = build_loggers(cfg.run.loggers, self.run_dir, to_dict(cfg), self.global_step)
-            self.metrics = MetricsWriter(self.run_dir, loggers, start_step=self.global_step)
+        self.metrics = self._open_run_folder()
 
     # ------------------------------------------------------------------ setup
+    def _build_model(self):
+        """The config's model, with the ``run.init_from`` weights when given."""
+        try:
+            model = build_model(self.cfg)
+        except ValueError as err:  # the model settings do not fit the backbone: a config problem
+            raise ConfigError(f"{err}; check the model.* and method keys") from err
+        if self.cfg.run.init_from:
+            from ibot.builders.sources import init_model_from
+
+            self.log(init_model_from(model, self.cfg.run.init_from))
+        return model
+
+    def _lock_run_folder(self):
+        """The run folder's lock (main rank; None on the others), once it proved writable; stale temporaries removed."""
+        if not D.is_main():
+            return None
+        try:
+            lock = runlock.acquire(self.run_dir, log=self.log)
+            weakref.finalize(self, lock.release)
+            _check_writable(self.run_dir)
+        except OSError as err:
+            raise TrainingError(
+                f"run folder {self.run_dir} is not writable ({err.strerror or err}); choose another run.output_dir"
+            ) from err
+        remove_stale_temporaries(self.run_dir)
+        return lock
+
+    def _open_run_folder(self) -> MetricsWriter | None:
+        """``config.json`` and the metrics writer (main rank; None on the others). Metrics lines after
+        the step training starts from are dropped (resume, --fresh)."""
+        if not D.is_main():
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+        loggers = build_loggers(self.cfg.run.loggers, self.run_dir, to_dict(self.cfg), self.global_step)
+        return MetricsWriter(self.run_dir, loggers, start_step=self.global_step)
+
     def _build_data(self) -> None:
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
         self.train_set = dataset_from_config(cfg, train=True)
@@ -230,29 +243,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
-        cfg = self.cfg
-        total = cfg.optim.epochs * self.niter
-        max_steps = cfg.run.max_steps or total
-        self.log(
-            f"ibot: {cfg.method} on {cfg.data.dataset} ({len(self.train_set)} images), {cfg.model.arch} "
-            f"-> {self.run_dir} | {self.niter} steps/epoch x {cfg.optim.epochs} epochs, batch "
-            f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}, data.pipeline={self.pipeline}"
-        )
-        if cfg.data.dataset in ("imagefolder", "folder") and getattr(self.train_set, "split", None):
-            self.log(f"data: training on {self.train_set.split}")
-        if self.global_step:
-            self.log(f"resumed at epoch {self.epoch}, step {self.global_step}")
+        """Train from the current position to ``optim.epochs`` (or ``run.max_steps``, ``run.time_limit_min``,
+        SIGTERM / SIGINT: a checkpoint is saved first), then the final k-NN and the summary, which it returns."""
+        self._log_start()
         try:
             with StopSignals() as signals:
-                result = self._train(signals, max_steps)
+                self._start_loop()
+                for it, batch in self._steps():
+                    self._count_images(batch)
+                    vote = self._over_time_limit() and D.is_dist()  # rides on the step's all-reduced flags
+                    # a batch whose every image was unreadable is counted above, with no step
+                    res = self.train_step(batch, it, stop_vote=vote) if batch.batch_size else None
+                    self._advance(batch)
+                    self._log_step(res, batch, it)
+                    signalled, save_by_time = self._stop_flags(signals)
+                    self._save_if_due(save_by_time)
+                    self._stopped = self._should_stop(signals, signalled)
+                result = {**self._result, "train_minutes": self.train_seconds / 60}
+                result["wall_minutes"] = (time.time() - self._t_start) / 60
             if signals.signum:
-                where = self.run_dir / CHECKPOINT
-                raise SignalStopError(
-                    f"stopped by {signals.name} at step {self.global_step} (epoch {self.epoch}); checkpoint "
-                    f"saved to {where}; continue with `ibot pretrain --resume {self.run_dir}`",
-                    signals.signum,
-                )
-            if cfg.run.knn_at_end:
+                raise self._signal_stop(signals)
+            if self.cfg.run.knn_at_end:
                 result["knn"] = self.evaluate_knn()
             result.update(self._summary(self._step0, self._images0))
             if D.is_main():
@@ -265,6 +276,85 @@ class Trainer:
             if self._lock:
                 self._lock.release()
         return result
+
+    def _log_start(self) -> None:
+        cfg = self.cfg
+        self.log(
+            f"ibot: {cfg.method} on {cfg.data.dataset} ({len(self.train_set)} images), {cfg.model.arch} "
+            f"-> {self.run_dir} | {self.niter} steps/epoch x {cfg.optim.epochs} epochs, batch "
+            f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}, data.pipeline={self.pipeline}"
+        )
+        if cfg.data.dataset in ("imagefolder", "folder") and getattr(self.train_set, "split", None):
+            self.log(f"data: training on {self.train_set.split}")
+        if self.global_step:
+            self.log(f"resumed at epoch {self.epoch}, step {self.global_step}")
+
+    def _start_loop(self) -> None:
+        """The loop's state: where this invocation started, its clocks, and what it has to report."""
+        self._max_steps = self.cfg.run.max_steps or self.cfg.optim.epochs * self.niter
+        self._result, self._stopped = {}, False  # _result: the periodic k-NN
+        self._t_start = time.time()
+        self.last_record, self._last_print = None, 0.0
+        self._step0, self._images0 = self.global_step, self.seen_images
+        self.train_seconds = 0.0  # excludes evaluation
+        self._collapse_warnings = CollapseWarnings()
+        self._last_save = time.time()
+        self.stop_voted = False
+
+    def _steps(self):
+        """``(global step index, batch)`` of every step from the current position on, epoch by epoch.
+
+        Around each epoch's steps: the model in training mode, the progress bar, the epoch clock,
+        and :meth:`_end_epoch`. Ends after a step that set ``self._stopped``.
+        """
+        while self.epoch < self.cfg.optim.epochs and not self._stopped:
+            epoch = self.epoch
+            self.model.train()
+            batches = self.batches(epoch, self.step_in_epoch)
+            self._bar = self._progress(epoch)
+            self._t_last, self._n_last = time.time(), 0
+            self._t_epoch = time.time()
+            for batch in batches:
+                yield epoch * self.niter + self.step_in_epoch, batch
+                if self._stopped:
+                    break
+            self._end_epoch(epoch)
+
+    def _count_images(self, batch: Batch) -> None:
+        self.skipped_images += batch.n_skipped
+        self.attempted_images += batch.batch_size + batch.n_skipped
+        self._check_skips()
+
+    def _over_time_limit(self) -> bool:
+        limit = self.cfg.run.time_limit_min
+        return bool(limit) and self.train_seconds + time.time() - self._t_epoch > 60 * limit
+
+    def _advance(self, batch: Batch) -> None:
+        self.step_in_epoch += 1
+        self.global_step += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        self._n_last += batch.batch_size * batch.n_global
+        self.seen_images += batch.batch_size * D.world_size()
+
+    def _log_step(self, res, batch: Batch, it: int) -> None:
+        """Every ``run.log_every`` steps and at the end of an epoch / the run: the metrics line, the
+        progress (bar or text line) and a collapse warning (at most one per epoch)."""
+        last = self.step_in_epoch == self.niter or self.global_step >= self._max_steps
+        if res is None or not (self.global_step % self.cfg.run.log_every == 0 or last):
+            return
+        rec = self._record(res, self.epoch, it, self._n_last / max(time.time() - self._t_last, 1e-9) / batch.n_global)
+        self._t_last, self._n_last = time.time(), 0
+        self.last_record = rec
+        if self.metrics:
+            self.metrics.write(rec)
+        if self._bar is None:  # no progress bar: a text line now and then
+            self._text_progress(rec, self.cfg.optim.epochs * self.niter, last)
+        else:
+            self._bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", ips=f"{rec['images_per_s']:.0f}")
+        warn = self._collapse_warnings.check(rec)
+        if warn:
+            self.log(warn)
 
     def _stop_flags(self, signals: StopSignals) -> tuple[int, bool]:
         """(signal number or 0, time-based save due), the same on every rank.
@@ -282,93 +372,53 @@ class Trainer:
             flags = [int(v) for v in t.tolist()]
         return int(flags[0]), bool(flags[1])
 
-    def _train(self, signals: StopSignals, max_steps: int) -> dict:
+    def _save_if_due(self, save_by_time: bool) -> None:
+        every = self.cfg.run.save_every_steps
+        save_due = every and self.global_step % every == 0
+        if (save_due or save_by_time) and self.bad_steps == 0:  # never inside a streak of NaN losses
+            self.save_checkpoint()
+
+    def _should_stop(self, signals: StopSignals, signalled: int) -> bool:
+        """Whether training stops after this step: ``run.max_steps``, the time limit, a signal (logged)."""
+        stop = self.global_step >= self._max_steps
+        if self.cfg.run.time_limit_min:
+            # one process: the clock after this step; several: any rank's vote taken before
+            # the step, all-reduced with the step's own flags (rank clocks differ; no extra sync)
+            if self.stop_voted if D.is_dist() else self._over_time_limit():
+                self.log(f"time limit of {self.cfg.run.time_limit_min} min reached at step {self.global_step}")
+                stop = True
+        if signalled:
+            signals.signum = signalled  # under torchrun: the signal of any rank
+            self.log(f"{signals.name} received: saving a checkpoint at step {self.global_step} and stopping")
+            stop = True
+        return stop
+
+    def _end_epoch(self, epoch: int) -> None:
+        """After an epoch's steps: its training time; a finished epoch is saved (and copied every
+        ``run.saveckp_freq`` epochs) and evaluated every ``run.knn_every``; a stopped one is saved."""
         cfg = self.cfg
-        total = cfg.optim.epochs * self.niter
-        result = {}
-        stopped = False
-        t_start = time.time()
-        self.last_record, self._last_print = None, 0.0
-        self._step0, self._images0 = self.global_step, self.seen_images
-        self.train_seconds = 0.0  # excludes evaluation
-        self._collapse_warnings = CollapseWarnings()
-        self._last_save = time.time()
-        while self.epoch < cfg.optim.epochs and not stopped:
-            epoch = self.epoch
-            self.model.train()
-            batches = self.batches(epoch, self.step_in_epoch)
-            bar = self._progress(epoch)
-            t_last, n_last = time.time(), 0
-            t_epoch = time.time()
-            for batch in batches:
-                it = epoch * self.niter + self.step_in_epoch
-                self.skipped_images += batch.n_skipped
-                self.attempted_images += batch.batch_size + batch.n_skipped
-                self._check_skips()
-                limit = cfg.run.time_limit_min
-                over = bool(limit) and self.train_seconds + time.time() - t_epoch > 60 * limit
-                if batch.batch_size:
-                    res = self.train_step(batch, it, stop_vote=over and D.is_dist())
-                else:  # every image of the batch was unreadable: counted above, no step
-                    res = None
-                self.step_in_epoch += 1
-                self.global_step += 1
-                if bar is not None:
-                    bar.update(1)
-                n_last += batch.batch_size * batch.n_global
-                self.seen_images += batch.batch_size * D.world_size()
-                last = self.step_in_epoch == self.niter or self.global_step >= max_steps
-                if res is not None and (self.global_step % cfg.run.log_every == 0 or last):
-                    rec = self._record(res, epoch, it, n_last / max(time.time() - t_last, 1e-9) / batch.n_global)
-                    t_last, n_last = time.time(), 0
-                    self.last_record = rec
-                    if self.metrics:
-                        self.metrics.write(rec)
-                    if bar is None:  # no progress bar: a text line now and then
-                        self._text_progress(rec, total, last)
-                    else:
-                        bar.set_postfix(
-                            loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", ips=f"{rec['images_per_s']:.0f}"
-                        )
-                    warn = self._collapse_warnings.check(rec)  # at most once per epoch
-                    if warn:
-                        self.log(warn)
-                signalled, save_by_time = self._stop_flags(signals)
-                save_due = cfg.run.save_every_steps and self.global_step % cfg.run.save_every_steps == 0
-                if (save_due or save_by_time) and self.bad_steps == 0:  # never inside a streak of NaN losses
-                    self.save_checkpoint()
-                if self.global_step >= max_steps:
-                    stopped = True
-                if limit:
-                    # one process: the clock after this step; several: any rank's vote taken before
-                    # the step, all-reduced with the step's own flags (rank clocks differ; no extra sync)
-                    over = self.stop_voted if D.is_dist() else self.train_seconds + time.time() - t_epoch > 60 * limit
-                    if over:
-                        self.log(f"time limit of {cfg.run.time_limit_min} min reached at step {self.global_step}")
-                        stopped = True
-                if signalled:
-                    signals.signum = signalled  # under torchrun: the signal of any rank
-                    self.log(f"{signals.name} received: saving a checkpoint at step {self.global_step} and stopping")
-                    stopped = True
-                if stopped:
-                    break
-            if bar is not None:
-                bar.close()
-            self.train_seconds += time.time() - t_epoch
-            if self.step_in_epoch >= self.niter:
-                self.epoch += 1
-                self.step_in_epoch = 0
-                if self.bad_steps == 0:
-                    self.save_checkpoint()
-                if cfg.run.saveckp_freq and epoch % cfg.run.saveckp_freq == 0 and epoch > 0 and D.is_main():
-                    shutil.copyfile(self.run_dir / CHECKPOINT, self.run_dir / f"checkpoint{epoch:04d}.pth")
-                if cfg.run.knn_every and self.epoch % cfg.run.knn_every == 0 and self.epoch < cfg.optim.epochs:
-                    result["knn"] = self.evaluate_knn()
-            elif stopped:
+        if self._bar is not None:
+            self._bar.close()
+        self.train_seconds += time.time() - self._t_epoch
+        if self.step_in_epoch < self.niter:
+            if self._stopped:
                 self.save_checkpoint()
-        result["train_minutes"] = self.train_seconds / 60
-        result["wall_minutes"] = (time.time() - t_start) / 60
-        return result
+            return
+        self.epoch += 1
+        self.step_in_epoch = 0
+        if self.bad_steps == 0:
+            self.save_checkpoint()
+        if cfg.run.saveckp_freq and epoch % cfg.run.saveckp_freq == 0 and epoch > 0 and D.is_main():
+            shutil.copyfile(self.run_dir / CHECKPOINT, self.run_dir / f"checkpoint{epoch:04d}.pth")
+        if cfg.run.knn_every and self.epoch % cfg.run.knn_every == 0 and self.epoch < cfg.optim.epochs:
+            self._result["knn"] = self.evaluate_knn()
+
+    def _signal_stop(self, signals: StopSignals) -> SignalStopError:
+        return SignalStopError(
+            f"stopped by {signals.name} at step {self.global_step} (epoch {self.epoch}); checkpoint "
+            f"saved to {self.run_dir / CHECKPOINT}; continue with `ibot pretrain --resume {self.run_dir}`",
+            signals.signum,
+        )
 
     def _text_progress(self, rec: dict, total: int, last: bool) -> None:
         """One line every run.print_every_s seconds and at the end of each epoch (when the bar is off)."""

@@ -38,8 +38,8 @@ def _losses(run):
 def _signal_at(trainer, step, sig):
     real = trainer.train_step
 
-    def step_then_signal(batch, epoch, it, **kw):
-        out = real(batch, epoch, it, **kw)
+    def step_then_signal(batch, it, **kw):
+        out = real(batch, it, **kw)
         if trainer.global_step + 1 == step:
             os.kill(os.getpid(), sig)  # arrives mid-step: handled at the step boundary
         return out

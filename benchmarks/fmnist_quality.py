@@ -39,10 +39,10 @@ def calibrate(preset: str, overrides: list[str], steps: int = 6) -> float:
     )
     tr = Trainer(cfg, log=lambda *a: None, resume="never")
     it = iter(tr.batches(0))
-    tr.train_step(next(it), 0, 0)
+    tr.train_step(next(it), 0)
     t = time.time()
     for i in range(1, steps + 1):
-        tr.train_step(next(it), 0, i)
+        tr.train_step(next(it), i)
     return (time.time() - t) / steps
 
 

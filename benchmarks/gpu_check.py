@@ -393,7 +393,7 @@ def fsdp_worker(device_name: str) -> None:
     """Run under torchrun: NCCL (gloo on CPU) bound to the device, FSDP2 shards, two steps."""
     import torch.distributed as dist
 
-    from ibot.fsdp import full_model_state, shard_model
+    from ibot.train.fsdp import full_model_state, shard_model
 
     local = int(os.environ.get("LOCAL_RANK", 0))
     if device_name.startswith("cuda"):

@@ -113,7 +113,8 @@ def cmd_pretrain(args) -> int:
 
     from ibot.builders.sources import resolve_source
     from ibot.config import build_config, flatten, parse_override, to_dict
-    from ibot.train.trainer import Trainer, resume_config
+    from ibot.train.checkpoint import resume_config
+    from ibot.train.trainer import Trainer
 
     preset, overrides = _split_overrides(args.overrides)
     preset = preset or args.preset

@@ -41,6 +41,27 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def local_rank() -> int:
+    """This process's rank on its node (``LOCAL_RANK`` under torchrun, else 0)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_from_env(device: str = "auto") -> None:
+    """Join the process group ``torchrun`` describes (``RANK``, ``WORLD_SIZE`` > 1), when not joined yet.
+
+    NCCL bound to this rank's GPU (``LOCAL_RANK``, made current) when CUDA is there and ``device``
+    is not "cpu", so it connects eagerly and never guesses the device; else gloo. A single process
+    (no torchrun, or ``WORLD_SIZE=1``) stays without a group.
+    """
+    if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not is_dist():
+        if torch.cuda.is_available() and device != "cpu":
+            local = torch.device("cuda", local_rank())
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl", device_id=local)
+        else:
+            dist.init_process_group("gloo")
+
+
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
     """DDP for an :class:`ibot.iBOT` module.
 

@@ -24,7 +24,7 @@ import torch
 
 from ibot.builders.data import dataset_from_config, make_dataloader, set_data_epoch
 from ibot.builders.model import build_model
-from ibot.train.metrics import collapse_monitors
+from ibot.train.monitors import collapse_monitors
 from ibot.train.optim import clip_gradients, drop_last_layer_grads, param_groups
 from ibot.train.schedules import Schedules
 

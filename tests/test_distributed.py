@@ -131,7 +131,7 @@ def test_torchrun_two_processes_then_resume_in_one(tmp_path, fsdp):
 
 
 def _fsdp_worker(rank, world, port, out_path):
-    from ibot.fsdp import full_model_state, full_optimizer_state, load_sharded_state, shard_model
+    from ibot.train.fsdp import full_model_state, full_optimizer_state, load_sharded_state, shard_model
     from ibot.train.step import TrainStep
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ibot.data.datasets import DatasetError
+from ibot import distributed as D
+from ibot.data.datasets import DatasetError, slice_dataset
 from ibot.data.transforms import eval_transform, norm_stats
 from ibot.device import inference_autocast
 
@@ -99,6 +100,34 @@ def extract_features(
         if not feats:
             raise DatasetError(f"none of the {n} evaluation images could be read (see the warnings for their paths)")
     return torch.cat(feats), labels.long()
+
+
+def extract_features_distributed(encode, dataset, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_features` with each rank encoding one contiguous shard, gathered on every rank
+    (one process: :func:`extract_features` itself); ``kw`` as there.
+
+    Every rank encodes the same number of images (the last shard overlaps the one before it), so
+    ranks run the same number of forward passes, which FSDP2's collective all-gathers need. The
+    gathered features keep each image once, in dataset order.
+    """
+    if not D.is_dist():
+        return extract_features(encode, dataset, **kw)
+    import torch.distributed as dist
+
+    n, w, r = len(dataset), D.world_size(), D.rank()
+    per = -(-n // w)
+    start = min(r * per, max(n - per, 0))
+    local = extract_features(encode, slice_dataset(dataset, start, start + per), **kw)
+    parts = [None] * w
+    dist.all_gather_object(parts, local)
+    feats, labels, covered = [], [], 0
+    for i, (f, y) in enumerate(parts):  # keep each image once, in dataset order
+        s = min(i * per, max(n - per, 0))
+        skip = max(covered - s, 0)
+        feats.append(f[skip:])
+        labels.append(y[skip:])
+        covered = max(covered, s + len(f))
+    return torch.cat(feats), torch.cat(labels)
 
 
 @torch.no_grad()

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from ibot import distributed as D
+from ibot.builders.data import dataset_from_config
 from ibot.builders.sources import load_backbone
-from ibot.data.datasets import DatasetError, build_dataset, spread_subset
+from ibot.data.datasets import DatasetError, build_dataset, spread_subset, validation_split
 from ibot.device import resolve_device
-from ibot.eval.knn import extract_features, knn_classify
+from ibot.eval.knn import extract_features, extract_features_distributed, knn_classify
 from ibot.eval.linear import extract_linear_features, linear_accuracy, train_linear_sweep
 from ibot.models.swin import is_swin
 
@@ -165,6 +169,71 @@ def run_knn(
         "n_test": len(te_y),
         "split": test.split,
         "knn": {str(k): {"top1": a, "top5": b} for k, (a, b) in acc.items()},
+    }
+
+
+def pretrain_knn(
+    backbone, cfg, bank_set, *, device, autocast=None, log=print, extra: dict | None = None
+) -> dict | None:
+    """k-NN of a pretraining run's backbone CLS (what ``ibot pretrain`` reports every ``run.knn_every``
+    epochs and at the end), on every rank under torchrun (features are extracted in rank shards).
+
+    The memory bank is ``bank_set`` (the training split; ``run.knn_split=val``: its held-out
+    validation part is the queries and the rest the bank), else the queries are the dataset's test
+    split; ``run.knn_train_limit`` keeps that many bank images spread over it. ``autocast``: the
+    context the features are extracted under (the run's precision). Returns ``k``, ``top1``,
+    ``top5``, ``n_train``, ``n_test``, ``extra`` (e.g. epoch and step), ``all`` (every k),
+    ``seconds`` and ``split`` on the main rank; None on the others, and when there is nothing
+    labelled to evaluate on (logged).
+    """
+    d, m = cfg.data, cfg.model
+    bank = bank_set
+    try:
+        if d.dataset == "folder":
+            log("k-NN skipped: data.dataset=folder has no labels")
+            return None
+        if cfg.run.knn_split == "val":
+            bank, test_set = validation_split(bank_set)
+            split = test_set.split
+        else:
+            test_set = dataset_from_config(cfg, train=False)
+            split = getattr(test_set, "split", f"the {d.dataset} test split")
+    except DatasetError as err:
+        log(f"k-NN skipped: no labelled held-out images ({err})")
+        return None
+    if cfg.run.knn_train_limit:  # spread over the bank: a class-sorted folder keeps every class
+        bank = spread_subset(bank, cfg.run.knn_train_limit)
+    backbone.eval()
+    t0 = time.time()
+    kw = dict(image_size=m.img_size, in_chans=m.in_chans, device=device, num_workers=d.num_workers)
+    kw["progress"] = cfg.run.progress and D.is_main()
+    with autocast or nullcontext():
+        tr_f, tr_y = extract_features_distributed(backbone.forward_cls, bank, **kw, desc="k-NN bank features")
+        te_f, te_y = extract_features_distributed(backbone.forward_cls, test_set, **kw, desc="k-NN query features")
+    if not D.is_main():
+        return None
+    ks = sorted({10, 20, 100, 200, cfg.run.knn_k})
+    acc = knn_classify(
+        tr_f,
+        tr_y,
+        te_f,
+        te_y,
+        ks=ks,
+        temperature=cfg.run.knn_temperature,
+        num_classes=len(getattr(bank, "classes", [])) or None,
+    )
+    k = min(cfg.run.knn_k, tr_f.shape[0])
+    top1, top5 = acc[k]
+    return {
+        "k": k,
+        "top1": top1,
+        "top5": top5,
+        "n_train": tr_f.shape[0],
+        "n_test": te_f.shape[0],
+        **(extra or {}),
+        "all": {str(kk): v for kk, v in acc.items()},
+        "seconds": time.time() - t0,
+        "split": split,
     }
 
 

@@ -6,44 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
-
-def rankme(features: torch.Tensor) -> float:
-    """Effective rank of (N, D) features: ``exp(H(p))`` with ``p = sigma / sum(sigma)`` (RankMe,
-    Garrido et al. 2023), between 1 (every row the same direction) and ``min(N, D)``. A value far
-    below the width means dimensional collapse, which hurts k-NN even when the head looks healthy."""
-    import torch
-
-    s = torch.linalg.svdvals(features.float())
-    p = s / s.sum().clamp_min(1e-12) + 1e-7
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
-def collapse_monitors(model, out, teacher_temp: float) -> dict:
-    """Collapse monitors of one training step, from the teacher's CLS logits ``out.teacher_logits``.
-
-    ``teacher_entropy`` (near ``teacher_entropy_max`` = collapse to uniform), ``prototypes_used``
-    (near 1 = collapse to one prototype), ``view_agreement`` of the two global views, the center
-    norm, and the RankMe ``feature_rank`` of the teacher CLS features (of ``feature_dim``).
-    """
-    t = out.teacher_logits.float()  # (G, B, K)
-    # the targets the loss used (the center before this step's update), not a re-centering
-    probs = out.teacher_probs if model.centering == "center" else torch.softmax(t / teacher_temp, -1)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-    arg = t.argmax(-1)
-    agree = (arg[0] == arg[1]).float().mean() if t.shape[0] > 1 else torch.tensor(float("nan"))
-    return {
-        "teacher_entropy": float(entropy),
-        "teacher_entropy_max": math.log(t.shape[-1]),
-        "prototypes_used": int(arg.unique().numel()),
-        "prototypes_used_frac": arg.unique().numel() / t.shape[-1],
-        "center_norm": float(model.cls_center.center.norm()),
-        "view_agreement": float(agree),
-        "feature_rank": rankme(out.embedding.detach()),
-        "feature_dim": out.embedding.shape[-1],
-    }
-
 
 class MetricsWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl`` and passes it to the loggers.

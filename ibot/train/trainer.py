@@ -15,7 +15,6 @@ import weakref
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ibot import distributed as D
 from ibot.builders.data import (
@@ -28,45 +27,24 @@ from ibot.builders.data import (
     resolve_pipeline,
 )
 from ibot.builders.model import build_model
-from ibot.builders.sources import CHECKPOINT, resolve_source
-from ibot.config import ConfigError, flatten, from_dict, to_dict
-from ibot.data.datasets import DatasetError, slice_dataset, spread_subset, validation_split
+from ibot.builders.sources import CHECKPOINT
+from ibot.config import ConfigError, to_dict
+from ibot.data.datasets import DatasetError, slice_dataset
 from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches, mix_seed
 from ibot.data.prefetch import DeviceBatches, batch_bytes, prefetch_factor
-from ibot.eval.knn import extract_features, knn_classify
-from ibot.io import CheckpointError, load_safe, previous_path, remove_stale_temporaries, save_atomic
+from ibot.device import resolve_precision, training_device
+from ibot.eval.protocols import pretrain_knn
+from ibot.io import remove_stale_temporaries
 from ibot.train import runlock
+from ibot.train.checkpoint import COUNTERS, Checkpointer
 from ibot.train.loggers import build_loggers
-from ibot.train.metrics import MetricsWriter, collapse_monitors, plot_curves
+from ibot.train.metrics import MetricsWriter, plot_curves
+from ibot.train.monitors import CollapseWarnings, collapse_monitors
+from ibot.train.parallelize import parallelize
 from ibot.train.schedules import Schedules
 from ibot.train.signals import SignalStopError, StopSignals, ignore_stop_signals
 from ibot.train.step import TrainStep
 
-# keys whose change makes a checkpoint incompatible (shapes / the method itself)
-STRUCTURAL_KEYS = (
-    "method",
-    "model.arch",
-    "model.patch_size",
-    "model.img_size",
-    "model.in_chans",
-    "model.embed_dim",
-    "model.depth",
-    "model.num_heads",
-    "model.window_size",
-    "model.depths",
-    "model.stage_heads",
-    "model.out_dim",
-    "model.patch_out_dim",
-    "model.shared_head",
-    "model.hidden_dim",
-    "model.bottleneck_dim",
-    "model.head_layers",
-    "model.head_norm",
-    "mask.enabled",  # the student's mask token
-    "model.norm_last_layer",  # decides which head weights the optimizer holds
-)
-# keys a checkpoint must hold for ``pretrain --resume``
-REQUIRED_KEYS = ("model", "optimizer", "epoch", "step_in_epoch", "global_step", "config", "rng")
 SYNC_EVERY = 10  # under torchrun, ranks agree on stop / save decisions every this many steps
 
 NAN_ADVICE = (
@@ -76,29 +54,8 @@ NAN_ADVICE = (
 )
 
 
-# keys of the per-step lr / weight decay / momentum schedules: changing one on resume moves them
-SCHEDULE_KEYS = (
-    "optim.epochs",
-    "optim.batch_size",
-    "optim.lr",
-    "optim.min_lr",
-    "optim.warmup_epochs",
-    "optim.weight_decay",
-    "optim.weight_decay_end",
-    "optim.momentum_teacher",
-)
-
-
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to try."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError("run.device=cuda but no CUDA device is available; use run.device=cpu")
-    return torch.device(name)
 
 
 class Trainer:
@@ -112,116 +69,80 @@ class Trainer:
 
     def __init__(self, cfg, log=print, resume: str = "auto") -> None:
         self.cfg = cfg
-        self._init_distributed()
+        D.init_from_env(cfg.run.device)
         self.log = log if D.is_main() else (lambda *a, **k: None)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        self.device = resolve_device(cfg.run.device)
-        if self.device.type == "cuda" and D.is_dist():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(self.device)
-        self.precision = cfg.run.precision
-        if self.precision == "auto":
-            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.device = training_device(cfg.run.device, distributed=D.is_dist())
+        self.precision = resolve_precision(cfg.run.precision, self.device)
         self.run_dir = Path(cfg.run.output_dir)
         torch.manual_seed(cfg.run.seed + D.rank())
         random.seed(cfg.run.seed + D.rank())
 
         self._build_data()
-        try:
-            self.model = build_model(cfg)
-        except ValueError as err:  # the model settings do not fit the backbone: a config problem
-            raise ConfigError(f"{err}; check the model.* and method keys") from err
-        if cfg.run.init_from:
-            from ibot.builders.sources import init_model_from
-
-            self.log(init_model_from(self.model, cfg.run.init_from))
-        self.model = self.model.to(self.device)
-        student_bb = self.model.student["backbone"]
-        student_bb.efficient_drop_path = cfg.model.efficient_drop_path
-        if cfg.run.grad_checkpointing:
-            student_bb.timm_model.set_grad_checkpointing(True)
-        self.pad_ratio = None  # run.compile_mode=full: masked-token batches padded to a fixed bound
-        if cfg.run.compile and cfg.run.compile_mode == "blocks":
-            for bb in (student_bb, self.model.teacher["backbone"]):
-                for blk in bb.blocks:
-                    blk.compile()
-        self.ddp = None
-        self.fsdp = cfg.run.fsdp and D.is_dist()
-        if cfg.run.fsdp and not D.is_dist():
-            self.log("run.fsdp=true needs torchrun with several processes; training unsharded")
-        if self.fsdp:
-            from ibot.fsdp import shard_model
-
-            shard_model(self.model)
-        elif D.is_dist():
-            # BatchNorm (a bn head, a CNN backbone) -> SyncBatchNorm in student and teacher, as the official code;
-            # torch's SyncBatchNorm runs on GPUs only: CPU processes each normalise with their own batch
-            has_bn = any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in self.model.modules())
-            if has_bn and self.device.type == "cpu":
-                self.log("BatchNorm on CPU processes: statistics per process (SyncBatchNorm needs GPUs)")
-            elif has_bn:
-                self.model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.student)
-                self.model.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.teacher)
-            # SyncBatchNorm keeps the BN running statistics identical on every rank, as the centers
-            self.ddp = D.wrap_ddp(self.model, self.device)
+        self.model = self._build_model().to(self.device)
+        par = parallelize(self.model, cfg, self.device, self.log)
+        self.ddp, self.fsdp, self.pad_ratio = par.ddp, par.fsdp, par.pad_ratio
         o = cfg.optim
         self.step_fn = TrainStep(
             self.model,
-            self.ddp,
+            par.forward_module,
             precision=self.precision,
             device_type=self.device.type,
             clip_grad=o.clip_grad,
             clip_mode=o.clip_mode,
             betas=tuple(o.betas),
         )
-        if cfg.run.compile and cfg.run.compile_mode == "full":
-            from ibot.train.compiled import compile_forward
-
-            # one graph for the whole forward; under DDP the wrapper is compiled (its graph splits
-            # at the gradient buckets, so fullgraph is off there)
-            self.step_fn.module = compile_forward(self.model, module=self.ddp)
-            self.pad_ratio = self.model.mask_generator.max_ratio if self.model.use_patch_loss else None
         self.optimizer, self.scaler = self.step_fn.optimizer, self.step_fn.scaler
         self.schedules = Schedules.from_config(cfg, self.niter, D.world_size())
+        self.checkpointer = Checkpointer(
+            cfg, self.model, self.optimizer, self.scaler, self.schedules, self.niter, fsdp=self.fsdp, log=self.log
+        )
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.bad_steps, self.skipped_images, self.seen_images, self.attempted_images = 0, 0, 0, 0
-        self._lock = None
-        if D.is_main():
-            try:
-                self._lock = runlock.acquire(self.run_dir, log=self.log)
-                weakref.finalize(self, self._lock.release)
-                _check_writable(self.run_dir)
-            except OSError as err:
-                raise TrainingError(
-                    f"run folder {self.run_dir} is not writable ({err.strerror or err}); choose another run.output_dir"
-                ) from err
-            remove_stale_temporaries(self.run_dir)
-        if resume != "never":
-            ckpt = self.run_dir / CHECKPOINT if resume == "auto" else resolve_source(resume, checkpoint_only=True)
-            if ckpt.is_file() or previous_path(ckpt).is_file():
-                self.load_checkpoint_or_previous(ckpt)
-            elif resume != "auto":
-                raise CheckpointError(f"no checkpoint at {ckpt}; start a new run without --resume")
-        if D.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        self.metrics = None
-        if D.is_main():  # lines after the step training starts from are dropped (resume, --fresh)
-            loggers = build_loggers(cfg.run.loggers, self.run_dir, to_dict(cfg), self.global_step)
-            self.metrics = MetricsWriter(self.run_dir, loggers, start_step=self.global_step)
+        self._lock = self._lock_run_folder()
+        counters = self.checkpointer.resume(resume)
+        if counters:
+            self._set_counters(counters)
+        self.metrics = self._open_run_folder()
 
     # ------------------------------------------------------------------ setup
-    def _init_distributed(self) -> None:
-        if D.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not D.is_dist():
-            if torch.cuda.is_available() and self.cfg.run.device != "cpu":
-                # binding the process group to this rank's GPU lets NCCL connect eagerly and
-                # never guess the device
-                local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-                torch.cuda.set_device(local)
-                dist.init_process_group("nccl", device_id=local)
-            else:
-                dist.init_process_group("gloo")
+    def _build_model(self):
+        """The config's model, with the ``run.init_from`` weights when given."""
+        try:
+            model = build_model(self.cfg)
+        except ValueError as err:  # the model settings do not fit the backbone: a config problem
+            raise ConfigError(f"{err}; check the model.* and method keys") from err
+        if self.cfg.run.init_from:
+            from ibot.builders.sources import init_model_from
+
+            self.log(init_model_from(model, self.cfg.run.init_from))
+        return model
+
+    def _lock_run_folder(self):
+        """The run folder's lock (main rank; None on the others), once it proved writable; stale temporaries removed."""
+        if not D.is_main():
+            return None
+        try:
+            lock = runlock.acquire(self.run_dir, log=self.log)
+            weakref.finalize(self, lock.release)
+            _check_writable(self.run_dir)
+        except OSError as err:
+            raise TrainingError(
+                f"run folder {self.run_dir} is not writable ({err.strerror or err}); choose another run.output_dir"
+            ) from err
+        remove_stale_temporaries(self.run_dir)
+        return lock
+
+    def _open_run_folder(self) -> MetricsWriter | None:
+        """``config.json`` and the metrics writer (main rank; None on the others). Metrics lines after
+        the step training starts from are dropped (resume, --fresh)."""
+        if not D.is_main():
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+        loggers = build_loggers(self.cfg.run.loggers, self.run_dir, to_dict(self.cfg), self.global_step)
+        return MetricsWriter(self.run_dir, loggers, start_step=self.global_step)
 
     def _build_data(self) -> None:
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
@@ -320,35 +241,29 @@ class Trainer:
         self.bad_steps = 0
         return res.out
 
-    def _monitors(self, out, teacher_temp: float) -> dict:
-        """Collapse monitors from the teacher's CLS logits of this step."""
-        return collapse_monitors(self.model, out, teacher_temp)
-
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
-        cfg = self.cfg
-        total = cfg.optim.epochs * self.niter
-        max_steps = cfg.run.max_steps or total
-        self.log(
-            f"ibot: {cfg.method} on {cfg.data.dataset} ({len(self.train_set)} images), {cfg.model.arch} "
-            f"-> {self.run_dir} | {self.niter} steps/epoch x {cfg.optim.epochs} epochs, batch "
-            f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}, data.pipeline={self.pipeline}"
-        )
-        if cfg.data.dataset in ("imagefolder", "folder") and getattr(self.train_set, "split", None):
-            self.log(f"data: training on {self.train_set.split}")
-        if self.global_step:
-            self.log(f"resumed at epoch {self.epoch}, step {self.global_step}")
+        """Train from the current position to ``optim.epochs`` (or ``run.max_steps``, ``run.time_limit_min``,
+        SIGTERM / SIGINT: a checkpoint is saved first), then the final k-NN and the summary, which it returns."""
+        self._log_start()
         try:
             with StopSignals() as signals:
-                result = self._train(signals, max_steps)
+                self._start_loop()
+                for it, batch in self._steps():
+                    self._count_images(batch)
+                    vote = self._over_time_limit() and D.is_dist()  # rides on the step's all-reduced flags
+                    # a batch whose every image was unreadable is counted above, with no step
+                    res = self.train_step(batch, it, stop_vote=vote) if batch.batch_size else None
+                    self._advance(batch)
+                    self._log_step(res, batch, it)
+                    signalled, save_by_time = self._stop_flags(signals)
+                    self._save_if_due(save_by_time)
+                    self._stopped = self._should_stop(signals, signalled)
+                result = {**self._result, "train_minutes": self.train_seconds / 60}
+                result["wall_minutes"] = (time.time() - self._t_start) / 60
             if signals.signum:
-                where = self.run_dir / CHECKPOINT
-                raise SignalStopError(
-                    f"stopped by {signals.name} at step {self.global_step} (epoch {self.epoch}); checkpoint "
-                    f"saved to {where}; continue with `ibot pretrain --resume {self.run_dir}`",
-                    signals.signum,
-                )
-            if cfg.run.knn_at_end:
+                raise self._signal_stop(signals)
+            if self.cfg.run.knn_at_end:
                 result["knn"] = self.evaluate_knn()
             result.update(self._summary(self._step0, self._images0))
             if D.is_main():
@@ -361,6 +276,85 @@ class Trainer:
             if self._lock:
                 self._lock.release()
         return result
+
+    def _log_start(self) -> None:
+        cfg = self.cfg
+        self.log(
+            f"ibot: {cfg.method} on {cfg.data.dataset} ({len(self.train_set)} images), {cfg.model.arch} "
+            f"-> {self.run_dir} | {self.niter} steps/epoch x {cfg.optim.epochs} epochs, batch "
+            f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}, data.pipeline={self.pipeline}"
+        )
+        if cfg.data.dataset in ("imagefolder", "folder") and getattr(self.train_set, "split", None):
+            self.log(f"data: training on {self.train_set.split}")
+        if self.global_step:
+            self.log(f"resumed at epoch {self.epoch}, step {self.global_step}")
+
+    def _start_loop(self) -> None:
+        """The loop's state: where this invocation started, its clocks, and what it has to report."""
+        self._max_steps = self.cfg.run.max_steps or self.cfg.optim.epochs * self.niter
+        self._result, self._stopped = {}, False  # _result: the periodic k-NN
+        self._t_start = time.time()
+        self.last_record, self._last_print = None, 0.0
+        self._step0, self._images0 = self.global_step, self.seen_images
+        self.train_seconds = 0.0  # excludes evaluation
+        self._collapse_warnings = CollapseWarnings()
+        self._last_save = time.time()
+        self.stop_voted = False
+
+    def _steps(self):
+        """``(global step index, batch)`` of every step from the current position on, epoch by epoch.
+
+        Around each epoch's steps: the model in training mode, the progress bar, the epoch clock,
+        and :meth:`_end_epoch`. Ends after a step that set ``self._stopped``.
+        """
+        while self.epoch < self.cfg.optim.epochs and not self._stopped:
+            epoch = self.epoch
+            self.model.train()
+            batches = self.batches(epoch, self.step_in_epoch)
+            self._bar = self._progress(epoch)
+            self._t_last, self._n_last = time.time(), 0
+            self._t_epoch = time.time()
+            for batch in batches:
+                yield epoch * self.niter + self.step_in_epoch, batch
+                if self._stopped:
+                    break
+            self._end_epoch(epoch)
+
+    def _count_images(self, batch: Batch) -> None:
+        self.skipped_images += batch.n_skipped
+        self.attempted_images += batch.batch_size + batch.n_skipped
+        self._check_skips()
+
+    def _over_time_limit(self) -> bool:
+        limit = self.cfg.run.time_limit_min
+        return bool(limit) and self.train_seconds + time.time() - self._t_epoch > 60 * limit
+
+    def _advance(self, batch: Batch) -> None:
+        self.step_in_epoch += 1
+        self.global_step += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        self._n_last += batch.batch_size * batch.n_global
+        self.seen_images += batch.batch_size * D.world_size()
+
+    def _log_step(self, res, batch: Batch, it: int) -> None:
+        """Every ``run.log_every`` steps and at the end of an epoch / the run: the metrics line, the
+        progress (bar or text line) and a collapse warning (at most one per epoch)."""
+        last = self.step_in_epoch == self.niter or self.global_step >= self._max_steps
+        if res is None or not (self.global_step % self.cfg.run.log_every == 0 or last):
+            return
+        rec = self._record(res, self.epoch, it, self._n_last / max(time.time() - self._t_last, 1e-9) / batch.n_global)
+        self._t_last, self._n_last = time.time(), 0
+        self.last_record = rec
+        if self.metrics:
+            self.metrics.write(rec)
+        if self._bar is None:  # no progress bar: a text line now and then
+            self._text_progress(rec, self.cfg.optim.epochs * self.niter, last)
+        else:
+            self._bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", ips=f"{rec['images_per_s']:.0f}")
+        warn = self._collapse_warnings.check(rec)
+        if warn:
+            self.log(warn)
 
     def _stop_flags(self, signals: StopSignals) -> tuple[int, bool]:
         """(signal number or 0, time-based save due), the same on every rank.
@@ -378,94 +372,53 @@ class Trainer:
             flags = [int(v) for v in t.tolist()]
         return int(flags[0]), bool(flags[1])
 
-    def _train(self, signals: StopSignals, max_steps: int) -> dict:
+    def _save_if_due(self, save_by_time: bool) -> None:
+        every = self.cfg.run.save_every_steps
+        save_due = every and self.global_step % every == 0
+        if (save_due or save_by_time) and self.bad_steps == 0:  # never inside a streak of NaN losses
+            self.save_checkpoint()
+
+    def _should_stop(self, signals: StopSignals, signalled: int) -> bool:
+        """Whether training stops after this step: ``run.max_steps``, the time limit, a signal (logged)."""
+        stop = self.global_step >= self._max_steps
+        if self.cfg.run.time_limit_min:
+            # one process: the clock after this step; several: any rank's vote taken before
+            # the step, all-reduced with the step's own flags (rank clocks differ; no extra sync)
+            if self.stop_voted if D.is_dist() else self._over_time_limit():
+                self.log(f"time limit of {self.cfg.run.time_limit_min} min reached at step {self.global_step}")
+                stop = True
+        if signalled:
+            signals.signum = signalled  # under torchrun: the signal of any rank
+            self.log(f"{signals.name} received: saving a checkpoint at step {self.global_step} and stopping")
+            stop = True
+        return stop
+
+    def _end_epoch(self, epoch: int) -> None:
+        """After an epoch's steps: its training time; a finished epoch is saved (and copied every
+        ``run.saveckp_freq`` epochs) and evaluated every ``run.knn_every``; a stopped one is saved."""
         cfg = self.cfg
-        total = cfg.optim.epochs * self.niter
-        result = {}
-        stopped = False
-        t_start = time.time()
-        self.last_record, self._last_print = None, 0.0
-        self._step0, self._images0 = self.global_step, self.seen_images
-        self.train_seconds = 0.0  # excludes evaluation
-        self._warned_epoch = -1
-        self._last_save = time.time()
-        while self.epoch < cfg.optim.epochs and not stopped:
-            epoch = self.epoch
-            self.model.train()
-            batches = self.batches(epoch, self.step_in_epoch)
-            bar = self._progress(epoch)
-            t_last, n_last = time.time(), 0
-            t_epoch = time.time()
-            for batch in batches:
-                it = epoch * self.niter + self.step_in_epoch
-                self.skipped_images += batch.n_skipped
-                self.attempted_images += batch.batch_size + batch.n_skipped
-                self._check_skips()
-                limit = cfg.run.time_limit_min
-                over = bool(limit) and self.train_seconds + time.time() - t_epoch > 60 * limit
-                if batch.batch_size:
-                    res = self.train_step(batch, it, stop_vote=over and D.is_dist())
-                else:  # every image of the batch was unreadable: counted above, no step
-                    res = None
-                self.step_in_epoch += 1
-                self.global_step += 1
-                if bar is not None:
-                    bar.update(1)
-                n_last += batch.batch_size * batch.n_global
-                self.seen_images += batch.batch_size * D.world_size()
-                last = self.step_in_epoch == self.niter or self.global_step >= max_steps
-                if res is not None and (self.global_step % cfg.run.log_every == 0 or last):
-                    rec = self._record(res, epoch, it, n_last / max(time.time() - t_last, 1e-9) / batch.n_global)
-                    t_last, n_last = time.time(), 0
-                    self.last_record = rec
-                    if self.metrics:
-                        self.metrics.write(rec)
-                    if bar is None:  # no progress bar: a text line now and then
-                        self._text_progress(rec, total, last)
-                    else:
-                        bar.set_postfix(
-                            loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", ips=f"{rec['images_per_s']:.0f}"
-                        )
-                    warn = self._collapse_warning(rec)
-                    if warn and self._warned_epoch != epoch:  # at most once per epoch
-                        self._warned_epoch = epoch
-                        self.log(f"epoch {epoch}, step {self.global_step}: {warn}")
-                signalled, save_by_time = self._stop_flags(signals)
-                save_due = cfg.run.save_every_steps and self.global_step % cfg.run.save_every_steps == 0
-                if (save_due or save_by_time) and self.bad_steps == 0:  # never inside a streak of NaN losses
-                    self.save_checkpoint()
-                if self.global_step >= max_steps:
-                    stopped = True
-                if limit:
-                    # one process: the clock after this step; several: any rank's vote taken before
-                    # the step, all-reduced with the step's own flags (rank clocks differ; no extra sync)
-                    over = self.stop_voted if D.is_dist() else self.train_seconds + time.time() - t_epoch > 60 * limit
-                    if over:
-                        self.log(f"time limit of {cfg.run.time_limit_min} min reached at step {self.global_step}")
-                        stopped = True
-                if signalled:
-                    signals.signum = signalled  # under torchrun: the signal of any rank
-                    self.log(f"{signals.name} received: saving a checkpoint at step {self.global_step} and stopping")
-                    stopped = True
-                if stopped:
-                    break
-            if bar is not None:
-                bar.close()
-            self.train_seconds += time.time() - t_epoch
-            if self.step_in_epoch >= self.niter:
-                self.epoch += 1
-                self.step_in_epoch = 0
-                if self.bad_steps == 0:
-                    self.save_checkpoint()
-                if cfg.run.saveckp_freq and epoch % cfg.run.saveckp_freq == 0 and epoch > 0 and D.is_main():
-                    shutil.copyfile(self.run_dir / CHECKPOINT, self.run_dir / f"checkpoint{epoch:04d}.pth")
-                if cfg.run.knn_every and self.epoch % cfg.run.knn_every == 0 and self.epoch < cfg.optim.epochs:
-                    result["knn"] = self.evaluate_knn()
-            elif stopped:
+        if self._bar is not None:
+            self._bar.close()
+        self.train_seconds += time.time() - self._t_epoch
+        if self.step_in_epoch < self.niter:
+            if self._stopped:
                 self.save_checkpoint()
-        result["train_minutes"] = self.train_seconds / 60
-        result["wall_minutes"] = (time.time() - t_start) / 60
-        return result
+            return
+        self.epoch += 1
+        self.step_in_epoch = 0
+        if self.bad_steps == 0:
+            self.save_checkpoint()
+        if cfg.run.saveckp_freq and epoch % cfg.run.saveckp_freq == 0 and epoch > 0 and D.is_main():
+            shutil.copyfile(self.run_dir / CHECKPOINT, self.run_dir / f"checkpoint{epoch:04d}.pth")
+        if cfg.run.knn_every and self.epoch % cfg.run.knn_every == 0 and self.epoch < cfg.optim.epochs:
+            self._result["knn"] = self.evaluate_knn()
+
+    def _signal_stop(self, signals: StopSignals) -> SignalStopError:
+        return SignalStopError(
+            f"stopped by {signals.name} at step {self.global_step} (epoch {self.epoch}); checkpoint "
+            f"saved to {self.run_dir / CHECKPOINT}; continue with `ibot pretrain --resume {self.run_dir}`",
+            signals.signum,
+        )
 
     def _text_progress(self, rec: dict, total: int, last: bool) -> None:
         """One line every run.print_every_s seconds and at the end of each epoch (when the bar is off)."""
@@ -547,28 +500,8 @@ class Trainer:
             skipped_images=self.skipped_images,
             time=time.time(),
         )
-        rec.update(self._monitors(out, v.teacher_temp))
+        rec.update(collapse_monitors(self.model, out, v.teacher_temp))
         return rec
-
-    def _collapse_warning(self, rec: dict) -> str | None:
-        if rec["epoch"] < 1:
-            return None
-        if rec["teacher_entropy"] > 0.97 * rec["teacher_entropy_max"]:
-            return (
-                "warning: teacher outputs are nearly uniform (collapse to uniform): try a lower "
-                "loss.teacher_temp or less centering (loss.center_momentum closer to 1)"
-            )
-        if rec["feature_rank"] < 0.1 * rec["feature_dim"]:
-            return (
-                f"warning: the teacher's CLS features span few directions (RankMe {rec['feature_rank']:.1f} of "
-                f"{rec['feature_dim']}; dimensional collapse, k-NN suffers): try loss.koleo_weight=0.1"
-            )
-        if rec["prototypes_used"] <= 1:
-            return (
-                "warning: teacher outputs are one-hot on few prototypes (collapse to one prototype): try a higher "
-                "loss.teacher_temp, loss.centering=sinkhorn, or a longer optim.warmup_epochs"
-            )
-        return None
 
     def _check_skips(self) -> None:
         """Stop when this rank skipped more than ``data.max_skip_fraction`` of the images it tried to load."""
@@ -586,252 +519,42 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self, rng: list[dict] | None = None) -> dict:
-        """The checkpoint (with FSDP: gathered to plain tensors; every rank must call it).
+    def _counters(self) -> dict:
+        return {k: getattr(self, k) for k in COUNTERS}
 
-        ``rng``: every rank's RNG states (:func:`_gather_rng_states`); default this process's only.
-        """
-        rng = rng or [_rng_state()]
-        if self.fsdp:
-            from ibot.fsdp import full_model_state, full_optimizer_state
-
-            model_sd, optim_sd = full_model_state(self.model), full_optimizer_state(self.optimizer)
-        else:
-            model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
-        return {
-            "model": model_sd,
-            "optimizer": optim_sd,
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step,
-            "seen_images": self.seen_images,
-            "skipped_images": self.skipped_images,
-            "attempted_images": self.attempted_images,
-            "config": to_dict(self.cfg),
-            "world_size": D.world_size(),
-            "rng": rng[0],
-            "rng_per_rank": rng,
-            "format": "ibot-1",
-        }
+    def _set_counters(self, counters: dict) -> None:
+        for k in COUNTERS:
+            setattr(self, k, counters[k])
 
     def save_checkpoint(self) -> None:
         """Save (every rank calls it); a second call at the same position writes nothing new."""
-        position = (self.epoch, self.step_in_epoch, self.global_step)
-        if getattr(self, "_saved_at", None) == position:
-            return
-        rng = _gather_rng_states()  # every rank's streams (a collective: every rank calls it)
-        state = self.state_dict(rng) if self.fsdp or D.is_main() else None
-        if D.is_main():
-            save_atomic(state, self.run_dir / CHECKPOINT, keep_previous=True)
-        if D.is_dist():
-            dist.barrier()
-        self._last_save = time.time()
-        self._saved_at = position
-
-    def load_checkpoint_or_previous(self, path: Path) -> None:
-        """Resume from ``path``; when it is missing or corrupt, from the one saved before it (with a message)."""
-        prev = previous_path(path)
-        try:  # only an unreadable file falls back; a checkpoint that does not fit this run is an error
-            if not path.is_file():
-                raise CheckpointError(f"checkpoint {path} is missing (a save was interrupted)")
-            ckpt = load_safe(path)
-        except CheckpointError as err:
-            if not prev.is_file():
-                raise
-            self.log(f"warning: {err}; resuming from the previous checkpoint {prev} instead")
-            path, ckpt = prev, load_safe(prev)
-        self.load_checkpoint(path, ckpt)
-
-    def load_checkpoint(self, path: str | Path, ckpt: dict | None = None) -> None:
-        """Resume from ``path`` (``ckpt``: its content, when already read)."""
-        ckpt = load_safe(path) if ckpt is None else ckpt
-        if not isinstance(ckpt, dict) or ckpt.get("format") != "ibot-1":
-            raise CheckpointError(
-                f"{path} is not an ibot training checkpoint; to start from its weights use run.init_from={path}"
-            )
-        missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-        if missing:
-            raise CheckpointError(
-                f"{path} lacks {', '.join(missing)} (not a complete `ibot pretrain` checkpoint); "
-                f"resume from another checkpoint or start from its weights with run.init_from={path}"
-            )
-        old, new = flatten(ckpt["config"]), flatten(to_dict(self.cfg))
-        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in STRUCTURAL_KEYS if old.get(k) != new.get(k)]
-        if diff:
-            raise CheckpointError(
-                f"checkpoint {path} was made with an incompatible config ({'; '.join(diff)}); "
-                "use the same settings or a new run.output_dir"
-            )
-        self._check_schedules(path, ckpt)
-        try:
-            if self.fsdp:
-                from ibot.fsdp import load_sharded_state
-
-                load_sharded_state(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
-            else:
-                self.model.load_state_dict(ckpt["model"])
-                self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise CheckpointError(
-                f"{path} does not fit this model ({first}); use the settings it was made with"
-            ) from err
-        if self.scaler and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
-        self.global_step, self.seen_images = ckpt["global_step"], ckpt.get("seen_images", 0)
-        self.skipped_images = ckpt.get("skipped_images", 0)
-        self.attempted_images = ckpt.get("attempted_images", self.skipped_images + self.seen_images // D.world_size())
-        old_world = ckpt.get("world_size", 1)
-        old_total = old.get("optim.batch_size", self.cfg.optim.batch_size) * old_world
-        new_total = self.cfg.optim.batch_size * D.world_size()
-        if old_total != new_total:
-            # the epoch order is (seed, epoch)-determined: keep the images already trained on this epoch, in
-            # steps of the new total batch (a larger batch or more processes: fewer steps per epoch)
-            self.step_in_epoch = min(self.step_in_epoch * old_total // new_total, self.niter)
-        if D.world_size() == old_world:
-            # each rank continues its own streams (drop-path differs per rank); older checkpoints
-            # hold rank 0's only
-            per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]] * D.world_size()
-            _set_rng_state(per_rank[D.rank()])
-
-    def _check_schedules(self, path, ckpt: dict) -> None:
-        """Refuse resuming with other lr / weight-decay / momentum schedules unless run.allow_schedule_change."""
-        old, new = flatten(ckpt["config"]), flatten(to_dict(self.cfg))
-        changed = [k for k in SCHEDULE_KEYS if k in old and old[k] != new[k]]
-        if not changed:
-            return
-        step = ckpt["global_step"]
-        was = Schedules.from_config(from_dict(ckpt["config"]), self.niter, ckpt.get("world_size", 1))[step]
-        now = self.schedules[step]
-        jump = (
-            f"at step {step} the lr would go {was.lr:.3g} -> {now.lr:.3g} and the "
-            f"teacher momentum {was.momentum:.6g} -> {now.momentum:.6g}"
-        )
-        what = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)
-        if not self.cfg.run.allow_schedule_change:
-            raise CheckpointError(
-                f"{path} was trained with other schedules ({what}); {jump}. Resume with the old values, "
-                "or add run.allow_schedule_change=true to recompute the schedules over the new length"
-            )
-        self.log(f"schedules changed ({what}): {jump}")
+        if self.checkpointer.save(self._counters()):
+            self._last_save = time.time()
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_knn(self) -> dict | None:
-        """k-NN of the teacher's CLS (train set as memory bank, test set as queries)."""
+        """k-NN of the teacher's CLS (:func:`ibot.eval.protocols.pretrain_knn`), logged and written to
+        ``knn.jsonl`` and the metrics."""
         cfg = self.cfg
-        d, m = cfg.data, cfg.model
-        bank = self.bank_set
-        try:
-            if d.dataset == "folder":
-                self.log("k-NN skipped: data.dataset=folder has no labels")
-                return None
-            if cfg.run.knn_split == "val":
-                bank, test_set = validation_split(self.bank_set)
-                split = test_set.split
-            else:
-                test_set = dataset_from_config(cfg, train=False)
-                split = getattr(test_set, "split", f"the {d.dataset} test split")
-        except DatasetError as err:
-            self.log(f"k-NN skipped: no labelled held-out images ({err})")
-            return None
-        if cfg.run.knn_train_limit:  # spread over the bank: a class-sorted folder keeps every class
-            bank = spread_subset(bank, cfg.run.knn_train_limit)
+        extra = {"epoch": self.epoch, "step": self.global_step}
+        extra["train_minutes"] = getattr(self, "train_seconds", 0.0) / 60
         backbone = self.model.teacher["backbone"]
-        backbone.eval()
-        t0 = time.time()
-        kw = dict(image_size=m.img_size, in_chans=m.in_chans, device=self.device, num_workers=d.num_workers)
-        kw["progress"] = cfg.run.progress and D.is_main()
-        with self._autocast():
-            tr_f, tr_y = _gathered_features(backbone.forward_cls, bank, {**kw, "desc": "k-NN bank features"})
-            te_f, te_y = _gathered_features(backbone.forward_cls, test_set, {**kw, "desc": "k-NN query features"})
-        if not D.is_main():
-            return None
-        ks = sorted({10, 20, 100, 200, cfg.run.knn_k})
-        acc = knn_classify(
-            tr_f,
-            tr_y,
-            te_f,
-            te_y,
-            ks=ks,
-            temperature=cfg.run.knn_temperature,
-            num_classes=len(getattr(bank, "classes", [])) or None,
+        res = pretrain_knn(
+            backbone, cfg, self.bank_set, device=self.device, autocast=self._autocast(), log=self.log, extra=extra
         )
-        k = min(cfg.run.knn_k, tr_f.shape[0])
-        top1, top5 = acc[k]
-        res = {
-            "k": k,
-            "top1": top1,
-            "top5": top5,
-            "n_train": tr_f.shape[0],
-            "n_test": te_f.shape[0],
-            "epoch": self.epoch,
-            "step": self.global_step,
-            "train_minutes": getattr(self, "train_seconds", 0.0) / 60,
-            "all": {str(kk): v for kk, v in acc.items()},
-            "seconds": time.time() - t0,
-            "split": split,
-        }
+        if res is None:
+            return None
         self.log(
-            f"k-NN (teacher CLS, k={k}, T={cfg.run.knn_temperature}) on {d.dataset}: top-1 {top1:.2f}%  "
-            f"top-5 {top5:.2f}%  ({tr_f.shape[0]} bank / {te_f.shape[0]} queries: {split}; epoch {self.epoch})"
+            f"k-NN (teacher CLS, k={res['k']}, T={cfg.run.knn_temperature}) on {cfg.data.dataset}: top-1 "
+            f"{res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['n_train']} bank / {res['n_test']} queries: "
+            f"{res['split']}; epoch {self.epoch})"
         )
         if self.metrics:
-            self.metrics.write({"step": self.global_step, "knn_top1": top1, "knn_top5": top5, "epoch": self.epoch})
+            rec = {"step": self.global_step, "knn_top1": res["top1"], "knn_top5": res["top5"], "epoch": self.epoch}
+            self.metrics.write(rec)
             with open(self.run_dir / "knn.jsonl", "a") as f:
                 f.write(json.dumps(res) + "\n")
         return res
-
-
-def _rng_state() -> dict:
-    """This process's CPU torch, CUDA (current device, when initialised) and Python RNG states."""
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _gather_rng_states() -> list[dict]:
-    """Every rank's :func:`_rng_state`, in rank order (one process: a list of one)."""
-    mine = _rng_state()
-    if not D.is_dist():
-        return [mine]
-    parts = [None] * D.world_size()
-    dist.all_gather_object(parts, mine)
-    return parts
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    py = random.getstate()
-    random.setstate((py[0], tuple(state["python"]), None))
-
-
-def _gathered_features(encode, dataset, kw):
-    """Features of a dataset, each rank extracting one contiguous shard, gathered on every rank.
-
-    Every rank encodes the same number of images (the last shard overlaps the one before it), so
-    ranks run the same number of forward passes, which FSDP2's collective all-gathers need.
-    """
-    if not D.is_dist():
-        return extract_features(encode, dataset, **kw)
-    n, w, r = len(dataset), D.world_size(), D.rank()
-    per = -(-n // w)
-    start = min(r * per, max(n - per, 0))
-    local = extract_features(encode, slice_dataset(dataset, start, start + per), **kw)
-    parts = [None] * w
-    dist.all_gather_object(parts, local)
-    feats, labels, covered = [], [], 0
-    for i, (f, y) in enumerate(parts):  # keep each image once, in dataset order
-        s = min(i * per, max(n - per, 0))
-        skip = max(covered - s, 0)
-        feats.append(f[skip:])
-        labels.append(y[skip:])
-        covered = max(covered, s + len(f))
-    return torch.cat(feats), torch.cat(labels)
 
 
 def _check_writable(folder: Path) -> None:
@@ -839,29 +562,3 @@ def _check_writable(folder: Path) -> None:
     probe = folder / f".ibot-write-test-{os.getpid()}"
     probe.write_bytes(b"")
     probe.unlink()
-
-
-def resume_config(path: Path) -> dict:
-    """The saved config (nested dict) of the checkpoint to resume; of the previous one when it is corrupt."""
-    if not path.exists() and not previous_path(path).is_file():
-        raise CheckpointError(f"no checkpoint at {path}; start a new run without --resume")
-    try:
-        ckpt = load_safe(path) if path.is_file() or not previous_path(path).is_file() else None
-    except CheckpointError:
-        if not previous_path(path).is_file():
-            raise
-        ckpt = None
-    if ckpt is None:
-        ckpt = load_safe(previous_path(path))
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "ibot-1" or not isinstance(ckpt.get("config"), dict):
-        raise CheckpointError(
-            f"{path} is not an ibot training checkpoint; to start from its weights use run.init_from={path}"
-        )
-    return ckpt["config"]
-
-
-def config_from_checkpoint(path: str | Path):
-    ckpt = load_safe(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
-        raise CheckpointError(f"{path} is not an ibot training checkpoint (it has no config)")
-    return from_dict(ckpt["config"])

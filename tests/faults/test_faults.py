@@ -12,7 +12,7 @@ from ibot import io as ckpt_mod
 from ibot.config import ConfigError, build_config
 from ibot.data.datasets import FileImageDataset, load_image
 from ibot.io import CheckpointError, load_safe, save_atomic
-from ibot.train.metrics import rankme
+from ibot.train.monitors import collapse_monitors, collapse_warning, rankme
 from ibot.train.trainer import Trainer, TrainingError
 
 
@@ -99,7 +99,7 @@ def test_collapse_monitors_are_logged_and_warn(tmp_path):
     # the monitors of one step, recomputed from its output
     with torch.no_grad():
         out = tr.model(batch=next(iter(tr.batches(0))), epoch=0)
-    mon = tr._monitors(out, 0)
+    mon = collapse_monitors(tr.model, out, 0)
     arg = out.teacher_logits.argmax(-1)  # (G, B)
     assert mon["feature_rank"] == pytest.approx(rankme(out.embedding))  # of the teacher CLS features
     assert mon["prototypes_used"] == len(set(arg.flatten().tolist()))
@@ -107,12 +107,12 @@ def test_collapse_monitors_are_logged_and_warn(tmp_path):
     assert mon["center_norm"] == pytest.approx(tr.model.cls_center.center.norm().item())
     healthy = {"feature_rank": 20.0, "feature_dim": 32}
     collapsed = {"epoch": 2, "teacher_entropy": 0.0, "teacher_entropy_max": 4.0, "prototypes_used": 1, **healthy}
-    assert "collapse to one prototype" in tr._collapse_warning(collapsed)
+    assert "collapse to one prototype" in collapse_warning(collapsed)
     uniform = {"epoch": 2, "teacher_entropy": 3.99, "teacher_entropy_max": 4.0, "prototypes_used": 30, **healthy}
-    assert "uniform" in tr._collapse_warning(uniform)
+    assert "uniform" in collapse_warning(uniform)
     few_dims = {**uniform, "teacher_entropy": 2.0, "feature_rank": 2.5}
-    assert "dimensional collapse" in tr._collapse_warning(few_dims)
-    assert tr._collapse_warning({**few_dims, "feature_rank": 20.0}) is None
+    assert "dimensional collapse" in collapse_warning(few_dims)
+    assert collapse_warning({**few_dims, "feature_rank": 20.0}) is None
 
 
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):

@@ -38,7 +38,6 @@ LAYERS = {
     "eval": 4,
     # 5: the applications: training, pictures, the Lightning module, CLI helpers
     "train": 5,
-    "fsdp": 5,  # FSDP2 sharding of the trainer
     "viz": 5,
     "lightning": 5,
     "data_setup": 5,  # `data.path=DIR` alone: the preset fitted to a folder

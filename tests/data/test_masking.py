@@ -75,3 +75,16 @@ def test_sample_masks_is_seeded_by_the_torch_generator(shape):
     b = sample_masks(gen, 6, (4, 5), torch.Generator().manual_seed(1))
     assert a.shape == (6, 4, 5) and a.any() and torch.equal(a, b)
     assert not torch.equal(a, sample_masks(gen, 6, (4, 5), torch.Generator().manual_seed(2)))
+
+
+def test_the_model_and_the_collate_get_one_mask_configuration():
+    """The model samples masks (calls without masks) with the collate's settings, min_patches included."""
+    from ibot.builders.data import collate_from_config
+    from ibot.builders.model import build_model
+    from ibot.config import build_config
+
+    cfg = build_config("smoke", ["mask.min_patches=2", "mask.start_epoch=1"])
+    model, collate = build_model(cfg), collate_from_config(cfg)
+    a, b = model.mask_generator, collate.mask_generator
+    assert vars(a) == vars(b) and a.min_patches == 2 and a.start_epoch == 1
+    assert collate.mask_cell == model.student["backbone"].mask_cell

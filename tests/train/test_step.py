@@ -189,3 +189,18 @@ def test_fp16_overflow_is_skipped_by_the_fused_optimizer_and_the_scale_backs_off
             assert torch.equal(v, sd1[k]), k  # the optimizer skipped the update
     assert all(v.sum() == 0 for (_, name), v in opt1.items() if name != "step")  # moments untouched
     assert all(v.item() == 0 for (_, name), v in opt1.items() if name == "step")  # step count undone
+
+
+def test_update_centers_after_a_forward_equals_the_plain_forward():
+    """What TrainStep does (forward without the update, then update_centers) moves the centers as a plain call."""
+    plain, split = _model(), _model()
+    plain(batch=_batch(), epoch=1)
+    c0 = split.cls_center.center.clone()
+    out = split(batch=_batch(), epoch=1, update_centers=False)
+    assert torch.equal(split.cls_center.center, c0) and "targets" not in out  # an attribute, not a key
+    split.update_centers(out.targets, torch.tensor(False))  # a skipped step leaves them
+    assert torch.equal(split.cls_center.center, c0)
+    split.update_centers(out.targets)
+    for name in ("cls_center.center", "patch_center_ema.center"):
+        assert torch.equal(split.state_dict()[name], plain.state_dict()[name]), name
+    assert not hasattr(split, "epoch") and not hasattr(split.mask_generator, "epoch")  # no epoch state

@@ -22,7 +22,7 @@ def count_step(arch="vit_small_in1k", batch=2, local_crops=10, img=224, local_im
     from ibot.builders.model import build_model
     from ibot.config import build_config
     from ibot.data.loader import Batch
-    from ibot.data.masking import MaskBatch
+    from ibot.data.masking import MaskBatch, sample_masks
     from ibot.train.counters import OpCounter
     from ibot.train.schedules import StepValues
     from ibot.train.step import TrainStep
@@ -30,8 +30,8 @@ def count_step(arch="vit_small_in1k", batch=2, local_crops=10, img=224, local_im
     torch.manual_seed(0)
     cfg = build_config(arch, ["data.dataset=synthetic", f"model.img_size={img}"])
     model = build_model(cfg)
-    grid = img // cfg.model.patch_size
-    mb = MaskBatch.from_masks(model.sample_masks(2 * batch, (grid, grid)), 2)
+    grid = model.student["backbone"].grid_size(img, img)
+    mb = MaskBatch.from_masks(sample_masks(model.mask_generator, 2 * batch, grid, epoch=1), 2)
     g = torch.randn(2 * batch, 3, img, img)
     loc = torch.randn(local_crops * batch, 3, local_img, local_img) if local_crops else None
     b = Batch(g, loc, mb, torch.zeros(batch, dtype=torch.long), 2, local_crops)

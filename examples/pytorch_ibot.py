@@ -3,11 +3,12 @@
 python examples/pytorch_ibot.py                 # 64 synthetic 32-px images, a 2-block ViT: seconds on a CPU
 python examples/pytorch_ibot.py --epochs 5
 
-The blocks: a multi-crop transform (per-sample seeded by epoch), a collate that makes the block
-masks, the ``iBOT`` module (student, EMA teacher, heads, centers, loss), the official per-step
-schedules (lr, weight decay, teacher momentum and temperatures, last-layer freeze, one object indexed
-by the global step), parameter groups and per-parameter clipping. The loop owns the data's epoch, the
-optimizer step and the EMA update; the model holds no epoch.
+The blocks: an epoch sampler (the data's one epoch: the permutation, and with each index the epoch
+that seeds the crops and masks), a multi-crop transform, a collate that makes the block masks, the
+``iBOT`` module (student, EMA teacher, heads, centers, loss), the official per-step schedules (lr,
+weight decay, teacher momentum and temperatures, last-layer freeze, one object indexed by the global
+step), parameter groups and per-parameter clipping. The loop owns the sampler's epoch, the optimizer
+step and the EMA update; the model, the dataset, the collate and the mask generator hold no epoch.
 """
 
 import argparse
@@ -16,7 +17,7 @@ import torch
 
 from ibot import iBOT
 from ibot.data.datasets import build_dataset
-from ibot.data.loader import MultiCropCollate, MultiCropDataset
+from ibot.data.loader import EpochSampler, MultiCropCollate, MultiCropDataset
 from ibot.data.masking import MaskGenerator
 from ibot.data.transforms import AugmentSpec, MultiCropTransform
 from ibot.train.optim import clip_gradients, drop_last_layer_grads, param_groups
@@ -34,11 +35,12 @@ def main(argv=None):
     # data: 2 global 32-px crops + 2 local 16-px crops per image; block masks on the 4x4 patch grid
     images = build_dataset("synthetic", train=True, synthetic_size=64, image_size=32)
     transform = MultiCropTransform(AugmentSpec(2, 32, (0.4, 1.0), 2, 16, (0.05, 0.4)))
-    dataset = MultiCropDataset(images, transform, seed=0)
+    dataset = MultiCropDataset(images, transform, seed=0)  # crops seeded by (seed, epoch, index)
+    sampler = EpochSampler(len(dataset), args.batch_size, seed=0, epoch=0, with_epoch=True)
     mask_generator = MaskGenerator("block", ratio=[0.0, 0.3], ratio_var=[0.0, 0.2], start_epoch=0)
-    collate = MultiCropCollate(2, 2, patch_size=8, mask_generator=mask_generator, seed=0)
+    collate = MultiCropCollate(2, 2, mask_cell=8, mask_generator=mask_generator, seed=0)  # cell = the ViT patch
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate
+        dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True, collate_fn=collate
     )
 
     # model: a 2-block ViT with 8-px patches, 64 prototypes shared by the CLS and patch heads
@@ -54,6 +56,7 @@ def main(argv=None):
         image_size=32,
         encoder_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
         shared_head=True,
+        mask_generator=mask_generator,  # the collate's (used only for calls that bring no masks)
     )
 
     # official per-step schedules: lr scaled by batch / 256 with a warm-up of one epoch, weight decay
@@ -67,8 +70,7 @@ def main(argv=None):
     params = model.trainable_parameters()
 
     for epoch in range(args.epochs):
-        dataset.epoch = collate.epoch = epoch  # new crops and masks every epoch
-        mask_generator.set_epoch(epoch)  # masks start at mask start_epoch
+        sampler.set_epoch(epoch)  # new order, crops and masks every epoch; masks start at start_epoch
         model.train()
         for i, batch in enumerate(loader):
             v = schedules[epoch * steps_per_epoch + i]

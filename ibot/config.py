@@ -542,12 +542,13 @@ def validate(cfg) -> None:
 
 
 def mask_cell(cfg) -> int:
-    """Pixels per mask cell: the ViT patch, or for Swin the final-stage cell (official ``patch_size * 8``)."""
+    """Pixels per mask cell of the config's backbone (:func:`ibot.grid.mask_cell`, what the
+    built backbone's ``mask_cell`` is): the ViT patch, or for Swin the final-stage cell (official
+    ``patch_size * 8``)."""
+    from ibot.grid import mask_cell as backbone_mask_cell
+
     m = cfg.model
-    if not m.arch.startswith("swin"):
-        return m.patch_size
-    stages = len(m.depths) if m.depths else 4
-    return m.patch_size * 2 ** (stages - 1)
+    return backbone_mask_cell(m.arch, m.patch_size, len(m.depths) if m.depths else None)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -11,7 +11,9 @@ The module runs ``ibot.iBOT`` / ``ibot.DINO`` for the loss, ``ibot.train.optim``
 groups and per-parameter clipping, and the run's :class:`ibot.train.schedules.Schedules` (lr, weight
 decay, momentum, teacher temperatures, last-layer freeze) indexed by the global step and sized from
 the Lightning trainer (``estimated_stepping_batches``, so devices, ``limit_train_batches`` and
-gradient accumulation are accounted for). Each epoch it moves the data (crops, masks) to the new epoch.
+gradient accumulation are accounted for). The data's epoch (crops, masks) is the loader's
+:class:`ibot.data.loader.EpochSampler`, moved by Lightning's own ``sampler.set_epoch`` every epoch
+(also through its DDP sampler wrapper).
 It logs the loss terms, the schedules and the collapse monitors. Requires ``pip install lightning``.
 """
 
@@ -22,7 +24,7 @@ import math
 import lightning as L
 import torch
 
-from ibot.builders.data import dataset_from_config, make_dataloader, set_data_epoch
+from ibot.builders.data import dataset_from_config, make_dataloader
 from ibot.builders.model import build_model
 from ibot.train.monitors import collapse_monitors
 from ibot.train.optim import clip_gradients, drop_last_layer_grads, param_groups
@@ -66,7 +68,6 @@ class iBOTLightningModule(L.LightningModule):  # noqa: N801
 
     def on_fit_start(self) -> None:
         self._schedules()
-        self._set_epoch(self.current_epoch)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(param_groups(self.model.student), lr=0.0, betas=tuple(self.cfg.optim.betas))
@@ -118,14 +119,6 @@ class iBOTLightningModule(L.LightningModule):  # noqa: N801
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # after the optimizer step Lightning's global_step already counts this step
         self.model.update_teacher(self.schedules[max(self.global_step - 1, 0)].momentum)
-
-    def _set_epoch(self, epoch: int) -> None:
-        loader = self.trainer.train_dataloader
-        if loader is not None and hasattr(getattr(loader, "dataset", None), "epoch"):
-            set_data_epoch(loader, epoch)
-
-    def on_train_epoch_start(self) -> None:
-        self._set_epoch(self.current_epoch)
 
 
 class KNNCallback(L.Callback):

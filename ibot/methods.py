@@ -8,7 +8,12 @@ One training step, as the official code computes it but without its wasted work:
   *masked* patch tokens (local patch tokens are never projected); the teacher projects its CLS
   tokens and either every patch token (``patch_center="all"``, needed for the official patch
   center, the default) or only the masked ones (``"masked"``, the DINOv2 choice);
-* vectorised losses (:mod:`ibot.losses`), centers updated after the loss.
+* vectorised losses (:func:`ibot.losses.ibot_criterion`), centers updated after the loss.
+
+A step is three parts, as DINOv2's ``SSLMetaArch``: :meth:`iBOT.teacher_targets` (no grad),
+:meth:`iBOT.student_outputs` and the pure criterion; :meth:`iBOT.update_centers` moves the centers
+afterwards (the training step calls it after its finite check). The model holds no epoch: the
+teacher temperatures come with each call, the masks with the batch (the data side makes them).
 
 The loss equals the official formulation (heads on all tokens, loop over view pairs) on the
 same inputs; ``tests/test_methods.py`` checks it against an independent reference.
@@ -16,16 +21,15 @@ same inputs; ``tests/test_methods.py`` checks it against an independent referenc
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 
-from ibot.data.masking import MaskBatch, MaskGenerator, random_masks_torch
-from ibot.losses import Center, cls_distillation_loss, koleo_loss, masked_patch_loss, sinkhorn_knopp
-from ibot.losses.teacher import teacher_temperature
+from ibot.data.loader import Batch
+from ibot.data.masking import MaskBatch, MaskGenerator, sample_masks
+from ibot.losses import Center, ibot_criterion, sinkhorn_knopp, teacher_temperature
 from ibot.models.backbone import create_vit, make_teacher_backbone, wrap_backbone
 from ibot.models.head import iBOTHead
 
@@ -34,11 +38,12 @@ class ModelOutput:
     """Dict-like access to a dataclass output, as ``transformers.utils.ModelOutput`` (stable-pretraining).
 
     ``out.loss``, ``out["loss"]``, ``out[0]``, ``"loss_patch" in out``, ``dict(out)`` and ``**out``
-    all work; as with ``ModelOutput``, fields that are ``None`` are absent from the mapping.
+    all work; as with ``ModelOutput``, fields that are ``None`` are absent from the mapping (and so
+    are fields marked ``metadata={"mapping": False}``, read as attributes only).
     """
 
     def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        return [f.name for f in fields(self) if f.metadata.get("mapping", True) and getattr(self, f.name) is not None]
 
     def __getitem__(self, key):
         if isinstance(key, str):
@@ -80,6 +85,8 @@ class iBOTOutput(ModelOutput):  # noqa: N801
         student_logits: student CLS logits (V, B, K), training only.
         teacher_probs: the CLS targets the loss used (G, B, K), fp32, training only (with
             centering, made with the center before this step's update).
+        targets: the step's :class:`TeacherTargets` (attribute only, not in the mapping), what
+            :meth:`iBOT.update_centers` reads.
     """
 
     loss: torch.Tensor
@@ -90,9 +97,47 @@ class iBOTOutput(ModelOutput):  # noqa: N801
     teacher_logits: torch.Tensor | None = None
     student_logits: torch.Tensor | None = None
     teacher_probs: torch.Tensor | None = None
+    targets: TeacherTargets | None = field(default=None, metadata={"mapping": False})
 
 
 DINOOutput = iBOTOutput
+
+
+@dataclass
+class TeacherTargets:
+    """What the teacher gives a step (no grad): the targets and the raw statistics of the centers.
+
+    Attributes:
+        features: (G*B, D) teacher CLS features (the output's ``embedding``).
+        cls_logits: (G*B, K) fp32 raw CLS logits.
+        cls_probs: (G*B, K) fp32 CLS targets (centered softmax or Sinkhorn-Knopp).
+        patch_logits: (M, K_p) fp32 raw logits of the masked tokens, or None (no patch loss).
+        patch_probs: (M, K_p) fp32 targets of the masked tokens, or None.
+        patch_mean_logits: (G*B, K_p) fp32 per-image mean logits over every patch token (the
+            official patch center, ``patch_center="all"``), or None.
+    """
+
+    features: torch.Tensor
+    cls_logits: torch.Tensor
+    cls_probs: torch.Tensor
+    patch_logits: torch.Tensor | None = None
+    patch_probs: torch.Tensor | None = None
+    patch_mean_logits: torch.Tensor | None = None
+
+
+@dataclass
+class StudentOutputs:
+    """What the student gives a step (with grad).
+
+    Attributes:
+        cls_logits: (V*B, K) CLS logits of every view, the G global views first, crop-major.
+        patch_logits: (M, K_p) logits of the masked tokens of the global views, or None.
+        global_features: (G*B, D) CLS features of the (masked) global views (KoLeo).
+    """
+
+    cls_logits: torch.Tensor
+    patch_logits: torch.Tensor | None
+    global_features: torch.Tensor
 
 
 def _cat_views(views: torch.Tensor | Sequence[torch.Tensor] | None) -> tuple[torch.Tensor | None, int]:
@@ -148,6 +193,10 @@ class iBOT(nn.Module):  # noqa: N801
         masked_im_modeling: mask the student's global crops (official ``--use_masked_im_modeling``).
             None: only when there is a patch loss. ``True`` with ``patch_loss_weight=0`` is the official
             ``--lambda2 0`` (the CLS loss sees masked student crops); ``False`` is DINO.
+        mask_generator: the :class:`ibot.data.masking.MaskGenerator` of the masks this module samples
+            when a call brings none (``ibot.builders.model.build_model`` passes the collate's); None
+            builds one from ``mask_shape``, ``mask_ratio`` ... Masks that come with the call (from
+            the collate) are always used as they are.
     """
 
     def __init__(
@@ -188,6 +237,7 @@ class iBOT(nn.Module):  # noqa: N801
         patch_center: str = "all",
         koleo_loss_weight: float = 0.0,
         masked_im_modeling: bool | None = None,
+        mask_generator: MaskGenerator | None = None,
     ) -> None:
         super().__init__()
         if centering not in ("center", "sinkhorn"):
@@ -248,25 +298,17 @@ class iBOT(nn.Module):  # noqa: N801
         self.centering, self.sinkhorn_iterations, self.patch_center = centering, sinkhorn_iterations, patch_center
         self.cls_center = Center(n_cls_prototypes, center_momentum)
         self.patch_center_ema = Center(n_patch_prototypes, center_momentum)
-        self.mask_generator = MaskGenerator(mask_shape, mask_ratio, mask_ratio_var, mask_start_epoch, mask_probability)
-        self.epoch = 0
-        # False: centers move inside forward (plain use). True: forward only records this step's
-        # center statistics and :meth:`apply_center_update` applies them (after the finite check)
-        self.defer_center_update = False
-        self._pending_centers: list = []
+        if mask_generator is None:
+            mask_generator = MaskGenerator(mask_shape, mask_ratio, mask_ratio_var, mask_start_epoch, mask_probability)
+        self.mask_generator = mask_generator  # only for calls that bring no masks
         self._ema_pairs = self._pair_parameters()
 
     # ------------------------------------------------------------------ schedules and EMA
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch of the per-epoch schedules (teacher temperatures, mask start)."""
-        self.epoch = int(epoch)
-        self.mask_generator.set_epoch(epoch)
-
-    def teacher_temperatures(self, epoch: int | None = None) -> tuple[float, float]:
-        """(CLS, patch) teacher temperatures at ``epoch`` (official per-epoch schedules)."""
-        e = self.epoch if epoch is None else epoch
-        cls_t = teacher_temperature(e, *self.cls_temps)
-        patch_t = teacher_temperature(e, *self.patch_temps, start_epoch=self.mask_generator.start_epoch)
+    def teacher_temperatures(self, epoch: int) -> tuple[float, float]:
+        """(CLS, patch) teacher temperatures at ``epoch`` of the official per-epoch schedules (a pure
+        function of ``epoch``; the patch warm-up starts at the mask start)."""
+        cls_t = teacher_temperature(epoch, *self.cls_temps)
+        patch_t = teacher_temperature(epoch, *self.patch_temps, start_epoch=self.mask_generator.start_epoch)
         return cls_t, patch_t
 
     def _pair_parameters(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -295,15 +337,20 @@ class iBOT(nn.Module):  # noqa: N801
         torch._foreach_add_(t, torch._foreach_mul(s, w))
 
     @torch.no_grad()
-    def apply_center_update(self, apply: torch.Tensor | None = None) -> None:
-        """Move both centers with the statistics the last forward recorded (DINOv2's pattern).
+    def update_centers(self, targets: TeacherTargets | None, apply: torch.Tensor | None = None) -> None:
+        """Move both EMA centers toward the raw teacher logits of a step (after its loss).
 
-        Called by the training step after the finite check: ``apply`` (0-d bool on the device)
-        False leaves the centers unchanged, so a skipped step cannot poison them.
+        ``targets``: the step's :class:`TeacherTargets` (``out.targets``). The training step calls it
+        after the finite check: ``apply`` (0-d bool on the device) False leaves the centers
+        unchanged, so a skipped step cannot poison them. No-op with Sinkhorn-Knopp centering.
         """
-        pending, self._pending_centers = self._pending_centers, []
-        for center, row_sum, n_rows in pending:
-            center.update(row_sum, n_rows, apply)
+        if self.centering != "center" or targets is None:
+            return
+        self.cls_center.update(targets.cls_logits.sum(0), targets.cls_logits.shape[0], apply)
+        if targets.patch_mean_logits is not None:  # official: every token, per-image means
+            self.patch_center_ema.update(targets.patch_mean_logits.sum(0), targets.patch_mean_logits.shape[0], apply)
+        elif targets.patch_logits is not None:  # DINOv2: the masked tokens
+            self.patch_center_ema.update(targets.patch_logits.sum(0), targets.patch_logits.shape[0], apply)
 
     def train(self, mode: bool = True) -> iBOT:
         super().train(mode)
@@ -320,18 +367,6 @@ class iBOT(nn.Module):  # noqa: N801
         self._ema_pairs = self._pair_parameters()
         return out
 
-    # ------------------------------------------------------------------ masks
-    def sample_masks(
-        self, n_images: int, grid: tuple[int, int], generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """(n_images, h, w) bool masks from the module's masking settings, on the CPU."""
-        h, w = grid
-        if self.mask_generator.shape == "rand":
-            ratios = self.mask_generator.sample_ratios(n_images, generator)
-            return random_masks_torch(n_images, h * w, ratios, generator).reshape(n_images, h, w)
-        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-        return self.mask_generator(n_images, h, w, random.Random(seed))
-
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -339,48 +374,60 @@ class iBOT(nn.Module):  # noqa: N801
         local_views: Sequence[torch.Tensor] | None = None,
         masks: MaskBatch | torch.Tensor | Sequence[torch.Tensor] | None = None,
         images: torch.Tensor | None = None,
+        temps: torch.Tensor | Sequence[float] | None = None,
+        *,
         epoch: int | None = None,
-        batch=None,
-        temps: torch.Tensor | None = None,
+        batch: Batch | None = None,
+        update_centers: bool = True,
     ) -> iBOTOutput:
-        """Training step loss, or teacher CLS embeddings for ``images``.
+        """Training loss of views (stable-pretraining's API) or of a collate's :class:`Batch`.
 
         Args:
             global_views: G tensors (B, C, H, W), the unmasked global crops.
             local_views: L tensors (B, C, h, w), or None.
             masks: per global view (B, h', w') bool masks (list of G), a (G*B, N) tensor, or a
-                :class:`MaskBatch` from the collate. None samples them from the module's settings.
-            images: (B, C, H, W) for evaluation: returns the teacher's CLS embedding.
-            epoch: epoch of the temperature schedules (default: the last :meth:`set_epoch`).
-            batch: a :class:`ibot.data.loader.Batch` from the collate (what the trainer passes).
-            temps: optional (2,) tensor of the (CLS, patch) teacher temperatures, used instead of
-                the epoch's schedule (a compiled forward takes them as a tensor: no recompiles).
+                :class:`MaskBatch`. None samples them with ``self.mask_generator``.
+            images: (B, C, H, W): stable-pretraining's evaluation call, the teacher's CLS features
+                as ``embedding`` with a zero loss. Evaluation code should call the backbone
+                (``model.backbone.forward_cls(images)``), which this delegates to.
+            temps: (CLS, patch) teacher temperatures of this step (floats, or a (2,) tensor: a
+                compiled forward takes a tensor, so a new value does not recompile). The loop owns
+                them: :class:`ibot.train.schedules.Schedules` gives ``values.teacher_temps``.
+            epoch: without ``temps``, the temperatures are :meth:`teacher_temperatures` of this
+                epoch (default 0, the start of the official warm-up); sampled masks (``masks``
+                None) start at ``mask_start_epoch`` of this epoch (default 0).
+            batch: a :class:`ibot.data.loader.Batch` from the collate, instead of the views (what
+                the trainer passes); its masks are used as they are.
+            update_centers: move the centers after the loss (plain use). The training step passes
+                False and calls :meth:`update_centers` after its finite check.
         """
-        if batch is not None:
-            b = batch.global_crops.shape[0] // batch.n_global
-            mb = batch.masks if self.masked_im_modeling else None
-            if self.masked_im_modeling and mb is None:
-                raise ValueError("this batch has no masks; build the collate with a mask generator")
-            return self.step(batch.global_crops, batch.local_crops, mb, batch.n_global, batch.n_local, b, epoch, temps)
-        if images is not None:
-            with torch.no_grad():
-                cls = self.teacher["backbone"].forward_cls(images)
-            return iBOTOutput(loss=torch.zeros((), device=cls.device, dtype=cls.dtype), embedding=cls)
+        if batch is None and images is not None:
+            with torch.no_grad():  # stable-pretraining's evaluation mode: a delegate to the backbone
+                cls = self.backbone.forward_cls(images)
+            return iBOTOutput(loss=cls.new_zeros(()), embedding=cls)
+        e = 0 if epoch is None else int(epoch)
+        if batch is None:
+            batch = self._views_batch(global_views, local_views, masks, e)
+        out = self.step(batch, self.teacher_temperatures(e) if temps is None else temps)
+        if update_centers:
+            self.update_centers(out.targets)
+        return out
+
+    def _views_batch(self, global_views, local_views, masks, epoch: int) -> Batch:
         g_imgs, n_global = _cat_views(global_views)
         if g_imgs is None:
             raise ValueError(f"{type(self).__name__}.forward needs global_views or images")
         l_imgs, n_local = _cat_views(local_views)
         if n_global + n_local < 2:
             raise ValueError("need at least two views (e.g. 2 global views, or 1 global + local views)")
-        b = g_imgs.shape[0] // n_global
-        mb = self._mask_batch(masks, g_imgs, n_global) if self.masked_im_modeling else None
-        return self.step(g_imgs, l_imgs, mb, n_global, n_local, b, epoch)
+        mb = self._mask_batch(masks, g_imgs, n_global, epoch) if self.masked_im_modeling else None
+        labels = torch.full((g_imgs.shape[0] // n_global,), -1, dtype=torch.long)
+        return Batch(g_imgs, l_imgs, mb, labels, n_global, n_local)
 
-    def _mask_batch(self, masks, g_imgs: torch.Tensor, n_global: int) -> MaskBatch:
+    def _mask_batch(self, masks, g_imgs: torch.Tensor, n_global: int, epoch: int) -> MaskBatch:
         grid = self.student["backbone"].grid_size(g_imgs.shape[-2], g_imgs.shape[-1])
         if masks is None:
-            masks = self.sample_masks(g_imgs.shape[0], grid)
-            mb = MaskBatch.from_masks(masks, n_global)
+            mb = MaskBatch.from_masks(sample_masks(self.mask_generator, g_imgs.shape[0], grid, epoch=epoch), n_global)
         elif isinstance(masks, MaskBatch):
             mb = masks
         else:
@@ -394,118 +441,121 @@ class iBOT(nn.Module):  # noqa: N801
             )
         return mb.to(g_imgs.device)
 
-    def step(
-        self,
-        g_imgs: torch.Tensor,
-        l_imgs: torch.Tensor | None,
-        mb: MaskBatch | None,
-        n_global: int,
-        n_local: int,
-        b: int,
-        epoch: int | None = None,
-        temps: torch.Tensor | None = None,
-    ) -> iBOTOutput:
-        """The training loss on crop-major stacked views (what the trainer calls)."""
-        cls_temp, patch_temp = self.teacher_temperatures(epoch) if temps is None else (temps[0], temps[1])
+    def step(self, batch: Batch, temps: torch.Tensor | Sequence[float]) -> iBOTOutput:
+        """The training loss of a :class:`Batch` at teacher temperatures ``temps`` = (CLS, patch).
+
+        Teacher targets, student outputs, the criterion; the centers are not moved here
+        (:meth:`update_centers` with ``out.targets``, after the loss).
+        """
+        mb = batch.masks if self.masked_im_modeling else None
+        if self.masked_im_modeling and mb is None:
+            raise ValueError("this batch has no masks; build the collate with a mask generator")
+        g, b, v = batch.n_global, batch.batch_size, batch.n_global + batch.n_local
+        targets = self.teacher_targets(batch.global_crops, mb, temps)
+        student = self.student_outputs(batch.global_crops, batch.local_crops, mb)
+        terms = ibot_criterion(
+            student.cls_logits.reshape(v, b, -1),
+            targets.cls_probs.reshape(g, b, -1),
+            student.patch_logits,
+            targets.patch_probs,
+            None if student.patch_logits is None else mb.weight,
+            student_temp=self.student_temp,
+            cls_weight=self.lambda1,
+            patch_weight=self.lambda2,
+            koleo_features=student.global_features.split(b) if self.koleo_weight > 0 else None,
+            koleo_weight=self.koleo_weight,
+        )
+        det = lambda x: None if x is None else x.detach()  # noqa: E731
+        return iBOTOutput(
+            loss=terms["loss"],
+            loss_cls=det(terms["loss_cls"]),
+            loss_patch=det(terms["loss_patch"]),
+            loss_koleo=det(terms["loss_koleo"]),
+            embedding=targets.features,
+            teacher_logits=targets.cls_logits.reshape(g, b, -1),
+            student_logits=student.cls_logits.reshape(v, b, -1),
+            teacher_probs=targets.cls_probs.reshape(g, b, -1),
+            targets=targets,
+        )
+
+    def _patch_loss(self, masks: MaskBatch | None) -> bool:
+        return masks is not None and self.use_patch_loss  # masked student crops may feed the CLS loss alone
+
+    @torch.no_grad()
+    def teacher_targets(
+        self, global_crops: torch.Tensor, masks: MaskBatch | None, temps: torch.Tensor | Sequence[float]
+    ) -> TeacherTargets:
+        """The teacher (EMA, unmasked global crops, no grad) and its targets at ``temps`` = (CLS, patch).
+
+        The head runs once on the CLS tokens and the patch rows needed: every patch token for the
+        official patch center (each image's mean logit is its mean bottleneck feature projected, as
+        the prototype layer is linear and bias-free: the (G*B*N, K_p) logits are never built) or for a
+        BatchNorm head (official statistics over every token), else the masked ones only.
+        """
+        cls_temp, patch_temp = temps[0], temps[1]
         t_head: iBOTHead = self.teacher["head"]
+        n_cls = global_crops.shape[0]
+        patch = self._patch_loss(masks)
+        official_center = self.centering == "center" and self.patch_center == "all"
+        bn = self.student["head"].batch_norm
+        all_patches = bn or official_center
+        features, tokens = self.teacher["backbone"](global_crops)
+        patch_rows = None
+        if (bn or patch) and tokens is not None:  # a pooled (CNN) backbone has no patch tokens
+            flat = tokens.reshape(-1, tokens.shape[-1])
+            patch_rows = flat if all_patches else flat[masks.index]
+        z = t_head.project(features if patch_rows is None else torch.cat([features, patch_rows]))
+        cls_logits = t_head.last_layer(z[:n_cls]).float()
+        patch_logits = patch_mean = None
+        if patch:
+            z_patch = z[n_cls:]
+            if all_patches:
+                if official_center:
+                    z_mean = z_patch.reshape(n_cls, tokens.shape[1], -1).float().mean(1)
+                    patch_mean = t_head.patch_prototypes(z_mean.to(z_patch.dtype)).float()
+                z_patch = z_patch[masks.index]
+            patch_logits = t_head.patch_prototypes(z_patch).float()
+        if self.centering == "center":
+            cls_probs = self.cls_center.softmax(cls_logits, cls_temp)
+            patch_probs = self.patch_center_ema.softmax(patch_logits, patch_temp) if patch else None
+        else:
+            cls_probs = sinkhorn_knopp(cls_logits, cls_temp, self.sinkhorn_iterations)
+            patch_probs = sinkhorn_knopp(patch_logits, patch_temp, self.sinkhorn_iterations) if patch else None
+        return TeacherTargets(features, cls_logits, cls_probs, patch_logits, patch_probs, patch_mean)
+
+    def student_outputs(
+        self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: MaskBatch | None
+    ) -> StudentOutputs:
+        """The student on the masked global crops (one pass) and the local crops (one pass).
+
+        The head runs on the CLS tokens of every view and the masked patch tokens only (local patch
+        tokens are never projected); a BatchNorm head runs once per crop group over all its tokens,
+        as the official head, then keeps the rows the loss reads.
+        """
         s_head: iBOTHead = self.student["head"]
-        n_cls = g_imgs.shape[0]
-        patch = mb is not None and self.use_patch_loss  # masked student crops may feed the CLS loss alone
-        # A BatchNorm head normalises with the statistics of every token of a crop group, as the official
-        # head (which always runs on all tokens); otherwise it runs only on the rows the loss reads.
-        bn = s_head.batch_norm
-
-        # teacher: unmasked global crops, no grad
-        with torch.no_grad():
-            t_cls_tok, t_patch_tok = self.teacher["backbone"](g_imgs)
-            all_patches = bn or (self.centering == "center" and self.patch_center == "all")
-            patch_rows = None
-            if (bn or patch) and t_patch_tok is not None:  # a pooled (CNN) backbone has no patch tokens
-                flat = t_patch_tok.reshape(-1, t_patch_tok.shape[-1])
-                patch_rows = flat if all_patches else flat[mb.index]
-            rows = t_cls_tok if patch_rows is None else torch.cat([t_cls_tok, patch_rows])
-            z = t_head.project(rows)
-            t_cls = t_head.last_layer(z[:n_cls]).float()
-            if patch:
-                z_patch = z[n_cls:]
-                if all_patches:
-                    if self.centering == "center" and self.patch_center == "all":
-                        # the official patch center needs each image's mean logit over all its
-                        # tokens; the prototype layer is linear and bias-free, so it is the image's
-                        # mean bottleneck feature projected: the (G*B*N, K) logits are never built,
-                        # only the M masked rows the loss reads are projected
-                        n_tok = t_patch_tok.shape[1]
-                        z_mean = z_patch.reshape(n_cls, n_tok, -1).float().mean(1)
-                        patch_mean_logits = t_head.patch_prototypes(z_mean.to(z_patch.dtype)).float()
-                    z_patch = z_patch[mb.index]
-                t_patch_m = t_head.patch_prototypes(z_patch).float()
-            if self.centering == "center":
-                t_cls_probs = self.cls_center.softmax(t_cls, cls_temp)
-                t_patch_probs = self.patch_center_ema.softmax(t_patch_m, patch_temp) if patch else None
-            else:
-                t_cls_probs = sinkhorn_knopp(t_cls, cls_temp, self.sinkhorn_iterations)
-                t_patch_probs = sinkhorn_knopp(t_patch_m, patch_temp, self.sinkhorn_iterations) if patch else None
-
-        # student: masked global crops (one pass), local crops (one pass)
-        s_cls_g, s_patch_g = self.student["backbone"](g_imgs, mask=None if mb is None else mb.masks)
-        s_flat = None if s_patch_g is None else s_patch_g.reshape(-1, s_patch_g.shape[-1])
-        local = None if l_imgs is None else self.student["backbone"](l_imgs)
+        n_cls = global_crops.shape[0]
+        patch = self._patch_loss(masks)
+        cls_g, patch_g = self.student["backbone"](global_crops, mask=None if masks is None else masks.masks)
+        flat = None if patch_g is None else patch_g.reshape(-1, patch_g.shape[-1])
+        local = None if local_crops is None else self.student["backbone"](local_crops)
         n_rows = n_cls + (0 if local is None else local[0].shape[0])
-        if bn:  # one head pass per crop group over all of its tokens, then the rows the loss reads
-            z_g = s_head.project(s_cls_g if s_flat is None else torch.cat([s_cls_g, s_flat]))
+        if s_head.batch_norm:
+            z_g = s_head.project(cls_g if flat is None else torch.cat([cls_g, flat]))
             parts = [z_g[:n_cls]]
             if local is not None:
                 l_rows = local[0] if local[1] is None else torch.cat([local[0], local[1].flatten(0, 1)])
-                z_l = s_head.project(l_rows)
-                parts.append(z_l[: local[0].shape[0]])
+                parts.append(s_head.project(l_rows)[: local[0].shape[0]])
             if patch:
-                parts.append(z_g[n_cls:][mb.index])
+                parts.append(z_g[n_cls:][masks.index])
             z = torch.cat(parts)
         else:
-            rows = [s_cls_g] + ([] if local is None else [local[0]]) + ([s_flat[mb.index]] if patch else [])
+            rows = [cls_g] + ([] if local is None else [local[0]]) + ([flat[masks.index]] if patch else [])
             z = s_head.project(torch.cat(rows))
         if s_head.shared_head:
             logits = s_head.last_layer(z)
-            s_cls, s_patch_m = logits[:n_rows], logits[n_rows:]
-        else:
-            s_cls = s_head.last_layer(z[:n_rows])
-            s_patch_m = s_head.last_layer2(z[n_rows:]) if patch else None
-
-        v = n_global + n_local
-        loss_cls = self.lambda1 * cls_distillation_loss(
-            s_cls.reshape(v, b, -1), t_cls_probs.reshape(n_global, b, -1), self.student_temp
-        )
-        loss = loss_cls
-        loss_patch = loss_koleo = None
-        if patch:
-            loss_patch = self.lambda2 * masked_patch_loss(s_patch_m, t_patch_probs, mb.weight, self.student_temp)
-            loss = loss + loss_patch
-        if self.koleo_weight > 0:
-            loss_koleo = self.koleo_weight * torch.stack([koleo_loss(c) for c in s_cls_g.split(b)]).mean()
-            loss = loss + loss_koleo
-
-        if self.centering == "center":  # after the loss: this step used the previous centers
-            with torch.no_grad():
-                self._pending_centers = [(self.cls_center, t_cls.sum(0), t_cls.shape[0])]
-                if patch:
-                    if self.patch_center == "all":
-                        self._pending_centers.append((self.patch_center_ema, patch_mean_logits.sum(0), n_cls))
-                    else:
-                        self._pending_centers.append((self.patch_center_ema, t_patch_m.sum(0), t_patch_m.shape[0]))
-            if not self.defer_center_update:
-                self.apply_center_update()
-
-        det = lambda x: None if x is None else x.detach()  # noqa: E731
-        return iBOTOutput(
-            loss=loss,
-            loss_cls=det(loss_cls),
-            loss_patch=det(loss_patch),
-            loss_koleo=det(loss_koleo),
-            embedding=t_cls_tok,
-            teacher_logits=t_cls.reshape(n_global, b, -1),
-            student_logits=s_cls.reshape(v, b, -1),
-            teacher_probs=t_cls_probs.reshape(n_global, b, -1),
-        )
+            return StudentOutputs(logits[:n_rows], logits[n_rows:] if patch else None, cls_g)
+        patch_logits = s_head.last_layer2(z[n_rows:]) if patch else None
+        return StudentOutputs(s_head.last_layer(z[:n_rows]), patch_logits, cls_g)
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -131,7 +131,7 @@ def plot_patterns(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vals, idxs = prototype_assignments(backbone, head, images, kind)
-    p = backbone.patch_size
+    p = backbone.mask_cell  # pixels per grid position (a Swin's final-stage cell)
     gh, gw = backbone.grid_size(*images.shape[-2:])
     flat_v, flat_i = vals.reshape(-1), idxs.reshape(-1)
     counts = torch.bincount(flat_i)
@@ -290,7 +290,7 @@ def correspond(backbone, images: torch.Tensor, out: str | Path, mean, std, *, pa
         acc = geometric_accuracy(match, backbone.grid_size(size, size)[0], boxes[0], boxes[1])
         title += f": {100 * acc:.1f}% of matches where the crop geometry says"
         score = correspondence_accuracy(backbone, images)
-    path = plot_correspondence(a, b, match, sim, backbone.patch_size, out, mean, std, title=title)
+    path = plot_correspondence(a, b, match, sim, backbone.mask_cell, out, mean, std, title=title)
     return {"path": path, "accuracy": acc, "score": score}
 
 

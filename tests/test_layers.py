@@ -23,6 +23,7 @@ LAYERS = {
     "device": 0,
     "io": 0,
     "config": 0,
+    "grid": 0,  # the mask cell of an architecture: one pure definition for models, config and data
     # 1: building blocks over the config schema; siblings
     "data": 1,
     "models": 1,
@@ -47,12 +48,6 @@ LAYERS = {
     "__main__": 6,
 }
 FORBIDDEN_SIBLINGS = {"data", "models", "losses"}  # the same layer, but independent of each other
-
-# Violations being removed in other branches of issue 20; test_imports_only_go_down fails on any other.
-# Empty this set as they land (test_no_pending_violations_remain then passes).
-PENDING = {
-    "ibot.data.masking -> ibot.losses.distillation (layer 1 -> layer 1)",  # patch_loss_weights leaves data
-}
 
 
 def _module_name(path: Path) -> str:
@@ -122,14 +117,8 @@ def test_every_module_has_a_layer():
 
 
 def test_imports_only_go_down():
-    bad = [v for v in violations() if v not in PENDING]
+    bad = violations()
     assert not bad, f"{len(bad)} upward or sibling imports:\n" + "\n".join(bad)
-
-
-@pytest.mark.xfail(strict=False, reason="issue 20: PENDING violations are fixed in other branches")
-def test_no_pending_violations_remain():
-    left = sorted(PENDING & set(violations()))
-    assert not left, "still pending:\n" + "\n".join(left)
 
 
 def test_the_checker_sees_lazy_and_package_imports(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ibot.config import mask_cell
 from ibot.data.datasets import build_dataset
 from ibot.data.device_augment import CropFlip, DecodedImages, DeviceAugment
-from ibot.data.loader import MultiCropCollate, MultiCropDataset
+from ibot.data.loader import EpochSampler, MultiCropCollate, MultiCropDataset
 from ibot.data.masking import MaskGenerator
 from ibot.data.transforms import AugmentSpec, BatchMultiCrop, MultiCropTransform
 
@@ -34,7 +34,8 @@ def dataset_from_config(cfg, train: bool = True):
 
 
 def mask_generator_from_config(cfg) -> MaskGenerator | None:
-    """The collate's mask generator, or None when the student's crops are not masked."""
+    """The run's one mask generator (the collate's, and the model's for calls without masks), or None
+    when the student's crops are not masked."""
     masked = cfg.loss.lambda2 > 0 if cfg.mask.enabled is None else cfg.mask.enabled
     if cfg.method != "ibot" or not masked:
         return None
@@ -89,18 +90,19 @@ def batch_augment_from_config(cfg) -> BatchMultiCrop:
 def make_dataloader(cfg, num_workers: int | None = None, shuffle: bool = True):
     """A standard DataLoader of multi-crop :class:`ibot.data.loader.Batch` es with collate-side masks.
 
-    Call :func:`set_data_epoch` at the start of every epoch, or the augmentations and masks of
-    epoch 0 repeat forever. Lightning may replace its sampler (DDP); the data stay the same.
+    Its sampler is an :class:`ibot.data.loader.EpochSampler` (``with_epoch=True``), the one source of
+    the epoch: the permutation, the crops (seeded by (seed, epoch, index)), the masks and their start
+    at ``mask.start_epoch`` follow ``loader.sampler.set_epoch(epoch)``, which Lightning calls every
+    epoch (also through its DDP sampler wrapper); a plain loop calls :func:`set_data_epoch`.
     """
     import torch
 
-    from ibot.data.loader import MultiCropDataset
-
     ds = MultiCropDataset(dataset_from_config(cfg), pil_transform_from_config(cfg), seed=cfg.run.seed)
+    sampler = EpochSampler(len(ds), cfg.optim.batch_size, cfg.run.seed, 0, shuffle=shuffle, with_epoch=True)
     return torch.utils.data.DataLoader(
         ds,
         batch_size=cfg.optim.batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         drop_last=True,
         collate_fn=collate_from_config(cfg),
         num_workers=cfg.data.num_workers if num_workers is None else num_workers,
@@ -108,19 +110,16 @@ def make_dataloader(cfg, num_workers: int | None = None, shuffle: bool = True):
 
 
 def set_data_epoch(loader, epoch: int) -> None:
-    """Move a :func:`make_dataloader` loader to ``epoch``: its crops are seeded by (seed, epoch, index),
-    its masks by (seed, epoch, ...), and the masks start at ``mask.start_epoch``.
+    """Move a loader with an epoch sampler (:func:`make_dataloader`) to ``epoch``: ``sampler.set_epoch``.
 
-    Takes effect at the next ``iter(loader)``: worker processes copy the dataset then, so
-    ``persistent_workers=True`` would keep the old epoch (refused here).
+    Takes effect at the next ``iter(loader)``; the epoch travels with the indices, so persistent
+    workers follow too. A loader whose sampler has no ``set_epoch`` is refused (its epoch could not move).
     """
-    if getattr(loader, "persistent_workers", False):
-        raise ValueError("set_data_epoch needs persistent_workers=False (workers keep their copy of the epoch)")
-    loader.dataset.epoch = epoch
-    collate = loader.collate_fn
-    collate.epoch = epoch
-    if collate.mask_generator is not None:
-        collate.mask_generator.set_epoch(epoch)
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if callable(getattr(sampler, "set_epoch", None)):
+            sampler.set_epoch(epoch)
+            return
+    raise ValueError("set_data_epoch needs a loader whose sampler has set_epoch (make_dataloader's EpochSampler)")
 
 
 def crop_flip_from_config(cfg) -> CropFlip:

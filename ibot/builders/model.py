@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+from ibot.builders.data import mask_generator_from_config
 from ibot.methods import DINO, iBOT
 
 
 def build_model(cfg):
-    """The :class:`ibot.iBOT` / :class:`ibot.DINO` module a config describes."""
+    """The :class:`ibot.iBOT` / :class:`ibot.DINO` module a config describes.
+
+    An iBOT gets the run's one mask generator (:func:`ibot.builders.data.mask_generator_from_config`,
+    configured as the collate's), used only for calls that bring no masks.
+    """
     m, lo, mk = cfg.model, cfg.loss, cfg.mask
     enc = {"patch_size": m.patch_size, "in_chans": m.in_chans}
     names = {"embed_dim": "embed_dim", "depth": "depth", "num_heads": "num_heads", "window_size": "window_size"}
@@ -53,5 +58,6 @@ def build_model(cfg):
         center_momentum=lo.center_momentum,
         patch_center=lo.patch_center,
         masked_im_modeling=mk.enabled,
+        mask_generator=mask_generator_from_config(cfg),
         **common,
     )

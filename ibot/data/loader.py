@@ -5,6 +5,11 @@ never of how many workers ran or where a run was resumed: on the PIL path an ima
 from ``(seed, epoch, image index)`` and a batch's masks from ``(seed, epoch, index of its first
 image)``; on the tensor path a batch's crops and masks come from ``(seed, epoch, rank, step)``. A
 run killed mid-epoch and resumed gives the same batches as one that never stopped.
+
+The epoch has one source, the :class:`EpochSampler` (``set_epoch``, as ``DistributedSampler``): with
+``with_epoch=True`` it travels with each index to :class:`MultiCropDataset` and on to
+:class:`MultiCropCollate` (also into persistent DataLoader workers); :class:`TensorBatches` reads it
+from its sampler. The dataset, the collate and the mask generator hold no epoch.
 """
 
 from __future__ import annotations
@@ -86,8 +91,9 @@ class EpochSampler(torch.utils.data.Sampler):
     Yields the indices of this rank's full batches only (drop_last), so every rank sees the same
     number of steps and a resumed epoch skips exactly the batches already trained on. With
     ``with_epoch=True`` it yields ``(epoch, index)`` pairs: the epoch then travels with each index to
-    the dataset and collate copies of persistent DataLoader workers (set ``epoch`` and
-    ``start_batch`` on the main process's sampler between epochs and reuse the DataLoader).
+    the dataset and collate copies of persistent DataLoader workers (:meth:`set_epoch` and
+    ``start_batch`` on the main process's sampler between epochs, and reuse the DataLoader).
+    Lightning calls :meth:`set_epoch` at every epoch, as for a ``DistributedSampler``.
     """
 
     def __init__(
@@ -105,6 +111,10 @@ class EpochSampler(torch.utils.data.Sampler):
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.rank, self.world, self.start_batch, self.shuffle = rank, world, start_batch, shuffle
         self.with_epoch = with_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the next ``iter()``: its permutation, crops and masks."""
+        self.epoch = int(epoch)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -127,20 +137,20 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Wraps a ``(PIL image, label)`` dataset: item i -> (crops, label, i), seeded by (seed, epoch, i).
+    """Wraps a ``(PIL image, label)`` dataset: key ``(epoch, i)`` -> ``(crops, label, i, epoch)``, the
+    crops seeded by ``(seed, epoch, i)``.
 
-    An ``(epoch, i)`` key (:class:`EpochSampler` with ``with_epoch``) gives ``(crops, label, i, epoch)``
-    with that epoch instead of ``self.epoch``.
+    The keys come from :class:`EpochSampler` with ``with_epoch=True``; a plain index ``i`` is epoch 0.
     """
 
     def __init__(self, dataset, transform, seed: int = 0) -> None:
-        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+        self.dataset, self.transform, self.seed = dataset, transform, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key):
-        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         item = self.dataset[i]
         if item is None:
             return None
@@ -152,7 +162,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
             random.seed(s)
             crops = self.transform(img)
         random.setstate(state)
-        return (crops, label, i, epoch) if isinstance(key, tuple) else (crops, label, i)
+        return crops, label, i, epoch
 
 
 def stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -167,24 +177,29 @@ def stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class MultiCropCollate:
-    """List of (crops, label, index) or None -> :class:`Batch`, with masks made here on the CPU."""
+    """List of (crops, label, index, epoch) or None -> :class:`Batch`, with the masks (and the
+    masked-token index and loss weights, :class:`MaskBatch`) made here on the CPU.
+
+    Args:
+        n_global, n_local: crops per image.
+        mask_cell: pixels per mask cell: the global crops get an ``(H // cell, W // cell)`` mask grid
+            (``ibot.grid.mask_cell``: the ViT patch, or Swin's final-stage cell).
+        mask_generator: the masks, or None (DINO).
+        seed: the run's seed (masks come from ``(seed, epoch, index of the batch's first image)``).
+    """
 
     def __init__(
-        self, n_global: int, n_local: int, patch_size: int, mask_generator: MaskGenerator | None, seed: int = 0
+        self, n_global: int, n_local: int, mask_cell: int, mask_generator: MaskGenerator | None, seed: int = 0
     ) -> None:
-        self.n_global, self.n_local, self.patch_size = n_global, n_local, patch_size
-        self.mask_generator, self.seed, self.epoch = mask_generator, seed, 0
+        self.n_global, self.n_local, self.mask_cell = n_global, n_local, mask_cell
+        self.mask_generator, self.seed = mask_generator, seed
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if self.mask_generator is not None:
-            self.mask_generator.set_epoch(epoch)
-
-    def make_masks(self, n_images: int, h: int, w: int, *key: int) -> MaskBatch | None:
+    def make_masks(self, n_images: int, h: int, w: int, epoch: int, *key: int) -> MaskBatch | None:
+        """Masks of ``n_images`` global crops of ``h`` x ``w`` pixels at ``epoch``, seeded by ``key``."""
         if self.mask_generator is None:
             return None
-        rng = random.Random(mix_seed(self.seed, self.epoch, 7919, *key))
-        masks = self.mask_generator(n_images, h // self.patch_size, w // self.patch_size, rng)
+        rng = random.Random(mix_seed(self.seed, epoch, 7919, *key))
+        masks = self.mask_generator(n_images, h // self.mask_cell, w // self.mask_cell, rng, epoch)
         return MaskBatch.from_masks(masks, self.n_global)
 
     def __call__(self, samples) -> Batch:
@@ -192,17 +207,17 @@ class MultiCropCollate:
         g, nl = self.n_global, self.n_local
         if not kept:  # every image unreadable: an empty batch (batch_size 0) the trainer counts and skips
             return Batch(torch.empty(0), None, None, torch.empty(0, dtype=torch.long), g, nl, len(samples))
-        if len(kept[0]) > 3:  # the epoch travelled with the indices (persistent workers)
-            self.set_epoch(kept[0][3])
+        epoch = kept[0][3] if len(kept[0]) > 3 else 0  # the epoch travelled with the indices
         glob = stack_shared([s[0][i] for i in range(g) for s in kept])
         loc = stack_shared([s[0][g + i] for i in range(nl) for s in kept]) if nl else None
         labels = torch.tensor([s[1] for s in kept])
-        mb = self.make_masks(glob.shape[0], glob.shape[-2], glob.shape[-1], kept[0][2])
+        mb = self.make_masks(glob.shape[0], glob.shape[-2], glob.shape[-1], epoch, kept[0][2])
         return Batch(glob, loc, mb, labels, g, nl, len(samples) - len(kept))
 
 
 class TensorBatches:
-    """Batches of an in-memory uint8 dataset augmented with :class:`BatchMultiCrop` in a prefetch thread."""
+    """Batches of an in-memory uint8 dataset augmented with :class:`BatchMultiCrop` in a prefetch thread
+    (the epoch is the sampler's)."""
 
     def __init__(
         self,
@@ -223,7 +238,7 @@ class TensorBatches:
         s = self.sampler
         gen = torch.Generator().manual_seed(mix_seed(s.seed, s.epoch, s.rank, step))
         glob, loc = self.augment(self.images[idx], gen)
-        mb = self.collate.make_masks(glob.shape[0], glob.shape[-2], glob.shape[-1], s.rank, step)
+        mb = self.collate.make_masks(glob.shape[0], glob.shape[-2], glob.shape[-1], s.epoch, s.rank, step)
         return Batch(glob, loc, mb, self.labels[idx], self.collate.n_global, self.collate.n_local)
 
     def __iter__(self) -> Iterator[Batch]:

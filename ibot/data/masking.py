@@ -5,7 +5,9 @@
   10 attempts per block).
 * :func:`random_mask`: exactly ``int(target)`` patches.
 * :class:`MaskGenerator`: the per-image ratio of the official ``pred_ratio`` / ``pred_ratio_var``
-  pairs, ``pred_start_epoch``, and optionally a DINOv2-style fraction of masked images.
+  pairs, ``pred_start_epoch``, and optionally a DINOv2-style fraction of masked images. It holds no
+  epoch: the caller passes the epoch of the masks it asks for (the collate gets it from the sampler).
+* :func:`sample_masks`: a batch of masks from a generator and a torch generator (library use).
 * :class:`MaskBatch`: the masks of a batch of global crops with their flat indices and loss
   weights, so the training step needs no data-dependent shape computation on the device.
 """
@@ -19,8 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from ibot.losses.distillation import patch_loss_weights
 
 
 def block_mask(
@@ -90,7 +90,8 @@ class MaskGenerator:
         shape: "block" or "rand".
         ratio, ratio_var: the official ``pred_ratio`` / ``pred_ratio_var`` (a float or a list of
             pairs; per image one pair is chosen uniformly and the ratio drawn from U(m - v, m + v)).
-        start_epoch: no masking before this epoch (official ``pred_start_epoch``).
+        start_epoch: no masking before this epoch (official ``pred_start_epoch``); the epoch is an
+            argument of :meth:`__call__` (the generator holds no epoch).
         probability: fraction of images that are masked at all (DINOv2 ``mask_sample_probability``;
             1.0 = every image follows ``ratio``).
         min_patches, aspect: block shape (None = official ``(min(h, w) // 3) ** 2``).
@@ -116,19 +117,17 @@ class MaskGenerator:
         self.probability = probability
         self.min_patches = min_patches
         self.aspect = (aspect, 1 / aspect)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     @property
     def max_ratio(self) -> float:
         return max(m + v for m, v in self.pairs)
 
+    def started(self, epoch: int | None) -> bool:
+        """Whether masks are drawn at ``epoch`` (None: no epoch given, the masking has started)."""
+        return epoch is None or epoch >= self.start_epoch
+
     def sample_ratio(self, rng: random.Random) -> float:
         """One image's ratio (official ``get_pred_ratio``: all uniforms drawn, then one chosen)."""
-        if self.epoch < self.start_epoch:
-            return 0.0
         if self.probability < 1.0 and rng.random() >= self.probability:
             return 0.0
         prs = [rng.uniform(m - v, m + v) if v > 0 else m for m, v in self.pairs]
@@ -136,8 +135,6 @@ class MaskGenerator:
 
     def sample_ratios(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(n,) per-image ratios drawn like :meth:`sample_ratio`, vectorised in torch."""
-        if self.epoch < self.start_epoch:
-            return torch.zeros(n, dtype=torch.float64)
         m = torch.tensor([p[0] for p in self.pairs], dtype=torch.float64)
         v = torch.tensor([p[1] for p in self.pairs], dtype=torch.float64)
         pick = torch.randint(len(self.pairs), (n,), generator=generator)
@@ -147,9 +144,12 @@ class MaskGenerator:
             ratios = ratios * (torch.rand(n, generator=generator, dtype=torch.float64) < self.probability)
         return ratios
 
-    def __call__(self, n: int, h: int, w: int, rng: random.Random) -> torch.Tensor:
-        """(n, h, w) bool masks, one sampled ratio per image."""
+    def __call__(self, n: int, h: int, w: int, rng: random.Random, epoch: int | None = None) -> torch.Tensor:
+        """(n, h, w) bool masks, one sampled ratio per image; none before ``start_epoch`` (``epoch``
+        None: no epoch given, the masking has started)."""
         out = np.zeros((n, h, w), dtype=bool)
+        if not self.started(epoch):
+            return torch.from_numpy(out)
         for i in range(n):
             target = self.sample_ratio(rng) * h * w
             if target <= 0:
@@ -161,6 +161,30 @@ class MaskGenerator:
         return torch.from_numpy(out)
 
 
+def sample_masks(
+    mask_generator: MaskGenerator,
+    n_images: int,
+    grid: tuple[int, int],
+    generator: torch.Generator | None = None,
+    epoch: int | None = None,
+) -> torch.Tensor:
+    """(n_images, h, w) bool masks on the CPU from ``mask_generator``, drawn from a torch generator.
+
+    For library code that has views but no collate (``iBOT.forward`` without masks): "rand" masks
+    are vectorised in torch, block masks are drawn by the generator from a seed taken from
+    ``generator``. ``epoch`` (None: started) decides the mask start as :meth:`MaskGenerator.__call__`.
+    """
+    h, w = grid
+    if mask_generator.shape == "rand":
+        if mask_generator.started(epoch):
+            ratios = mask_generator.sample_ratios(n_images, generator)
+        else:
+            ratios = torch.zeros(n_images, dtype=torch.float64)
+        return random_masks_torch(n_images, h * w, ratios, generator).reshape(n_images, h, w)
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    return mask_generator(n_images, h, w, random.Random(seed), epoch)
+
+
 def random_masks_torch(
     n: int, num_patches: int, ratio: torch.Tensor | float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -169,6 +193,26 @@ def random_masks_torch(
     k = torch.floor(ratio * num_patches + 1e-9).long()
     ranks = torch.rand(n, num_patches, generator=generator).argsort(dim=1).argsort(dim=1)
     return ranks < k.unsqueeze(1)
+
+
+def patch_loss_weights(masks: torch.Tensor, n_global: int) -> torch.Tensor:
+    """Official per-token weights of the patch loss, for every token (a property of the masks).
+
+    Each image's masked tokens are normalised by that image's mask count (at least 1); an image
+    with no masked token contributes 0 but still counts in the batch mean over B; the G views are
+    averaged. The loss takes these weights as input (:func:`ibot.losses.masked_patch_loss`).
+
+    Args:
+        masks: (G*B, N) bool, crop-major.
+        n_global: G.
+
+    Returns:
+        (G*B, N) fp32 weights, 0 where not masked.
+    """
+    m = masks.reshape(masks.shape[0], -1).float()
+    b = masks.shape[0] // n_global
+    count = m.sum(1, keepdim=True).clamp(min=1.0)
+    return m / (count * b * n_global)
 
 
 @dataclass

@@ -16,7 +16,6 @@ from ibot.data.datasets import DatasetError, build_dataset, spread_subset, valid
 from ibot.device import resolve_device
 from ibot.eval.knn import extract_features, extract_features_distributed, knn_classify
 from ibot.eval.linear import extract_linear_features, linear_accuracy, train_linear_sweep
-from ibot.models.swin import is_swin
 
 
 def fingerprint(backbone: torch.nn.Module, *parts) -> str:
@@ -123,7 +122,7 @@ def run_knn(
     log(report)
     backbone = backbone.to(device).eval()
     size = image_size or info["img_size"]
-    cell = info["patch_size"] * (8 if is_swin(backbone.timm_model) else 1)  # Swin: the final-stage cell
+    cell = getattr(backbone, "mask_cell", None) or info["patch_size"] or 1  # a Swin: its final-stage cell
     if size < 1 or size % cell:
         raise EvalError(f"--img-size {size} is not a positive multiple of the model's patch size {cell}")
     train, test, name = resolve_data(info, dataset, data_path)

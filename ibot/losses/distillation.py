@@ -55,8 +55,9 @@ def masked_patch_loss(
     Args:
         student_logits: (M, K) student logits at masked positions.
         teacher_probs: (M, K) teacher targets at the same positions (same view).
-        weight: (M,) per-token weight; :func:`patch_loss_weights` gives the official one
-            (1 / (mask count of the token's image * B * G)).
+        weight: (M,) per-token weight, an input: the masks own it
+            (:func:`ibot.data.masking.patch_loss_weights`, the official 1 / (mask count of the
+            token's image * B * G)).
         student_temp: student temperature.
 
     Returns:
@@ -64,45 +65,6 @@ def masked_patch_loss(
     """
     ce = -(teacher_probs.float() * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(-1)
     return (ce * weight).sum()
-
-
-def patch_loss_weights(masks: torch.Tensor, n_global: int) -> torch.Tensor:
-    """Official per-token weights of the patch loss, for every token.
-
-    Each image's masked tokens are normalised by that image's mask count (at least 1); an image
-    with no masked token contributes 0 but still counts in the batch mean over B; the G views are
-    averaged.
-
-    Args:
-        masks: (G*B, N) bool, crop-major.
-        n_global: G.
-
-    Returns:
-        (G*B, N) fp32 weights, 0 where not masked.
-    """
-    m = masks.reshape(masks.shape[0], -1).float()
-    b = masks.shape[0] // n_global
-    count = m.sum(1, keepdim=True).clamp(min=1.0)
-    return m / (count * b * n_global)
-
-
-def dense_patch_loss(
-    student_logits: torch.Tensor,
-    teacher_probs: torch.Tensor,
-    masks: torch.Tensor,
-    n_global: int,
-    student_temp: float = 0.1,
-) -> torch.Tensor:
-    """Patch loss on all tokens, masked by weight (the official formulation).
-
-    Args:
-        student_logits: (G*B, N, K).
-        teacher_probs: (G*B, N, K).
-        masks: (G*B, N) or (G*B, h, w) bool.
-    """
-    w = patch_loss_weights(masks, n_global).reshape(-1)
-    k = student_logits.shape[-1]
-    return masked_patch_loss(student_logits.reshape(-1, k), teacher_probs.reshape(-1, k), w, student_temp)
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

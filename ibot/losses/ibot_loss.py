@@ -2,9 +2,9 @@
 
 A drop-in for code written against the official loss: it takes the full head outputs (every
 patch token of every global view), applies the official per-epoch temperature schedules and
-centering, and updates both centers after the loss. Built from the pure functions of
-:mod:`ibot.losses.distillation` and :mod:`ibot.losses.teacher`; the training step of
-:class:`ibot.iBOT` uses the same functions on masked tokens only.
+centering, and updates both centers after the loss. The loss is :func:`ibot.losses.ibot_criterion`
+on every patch token (weight 0 where not masked); the training step of :class:`ibot.iBOT` calls the
+same criterion on the masked tokens only.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ibot.losses.distillation import cls_distillation_loss, dense_patch_loss
+from ibot.losses.criterion import ibot_criterion
 from ibot.losses.teacher import Center, teacher_temperature
 
 
@@ -95,16 +95,33 @@ class iBOTLoss(nn.Module):  # noqa: N801
         t_probs = self.cls_center.softmax(t_cls, temp).reshape(g, b, -1)
         tp_probs = self.patch_center.softmax(t_patch, temp2)
         masks = torch.cat([m.reshape(m.shape[0], -1) for m in student_mask[:g]])
-        loss_cls = cls_distillation_loss(s_cls.reshape(-1, b, s_cls.shape[-1]), t_probs, self.student_temp)
-        loss_patch = dense_patch_loss(s_patch, tp_probs, masks, g, self.student_temp)
-        loss_cls, loss_patch = self.lambda1 * loss_cls, self.lambda2 * loss_patch
+        k2 = s_patch.shape[-1]
+        terms = ibot_criterion(
+            s_cls.reshape(-1, b, s_cls.shape[-1]),
+            t_probs,
+            s_patch.reshape(-1, k2),
+            tp_probs.reshape(-1, k2),
+            _official_token_weights(masks, g).reshape(-1),
+            student_temp=self.student_temp,
+            cls_weight=self.lambda1,
+            patch_weight=self.lambda2,
+        )
         self.update_center(t_cls, t_patch)
-        return {"cls": loss_cls, "patch": loss_patch, "loss": loss_cls + loss_patch}
+        return {"cls": terms["loss_cls"], "patch": terms["loss_patch"], "loss": terms["loss"]}
 
     @torch.no_grad()
     def update_center(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:
         self.cls_center.update(teacher_cls.float().sum(0), teacher_cls.shape[0])
         self.patch_center.update(teacher_patch.float().mean(1).sum(0), teacher_patch.shape[0])
+
+
+def _official_token_weights(masks: torch.Tensor, n_global: int) -> torch.Tensor:
+    """(G*B, N) weights of the official patch-loss averaging: each image's mean over its masked tokens
+    (count at least 1), then the mean over the B images and the G views. The same numbers as
+    :func:`ibot.data.masking.patch_loss_weights` (the losses do not import the data side)."""
+    m = masks.float()
+    count = m.sum(1, keepdim=True).clamp(min=1.0)
+    return m / (count * (masks.shape[0] // n_global) * n_global)
 
 
 _INNER = {"center": "cls_center.center", "center2": "patch_center.center"}

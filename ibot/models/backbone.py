@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ibot.grid import grid_size, mask_cell
+
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
     """Resize a (1, 1+N, D) class+patch position embedding to a grid_h x grid_w patch grid.
@@ -95,6 +97,9 @@ def create_vit(
 class MaskedViT(nn.Module):
     """A timm ``VisionTransformer`` with an iBOT mask token and multi-resolution position embeddings.
 
+    ``patch_size`` is the patch-embedding size; ``mask_cell`` (:func:`ibot.grid.mask_cell`)
+    the pixels per mask position, the patch itself; :meth:`grid_size` the mask grid of an image.
+
     Args:
         vit: a timm VisionTransformer with a class token and absolute position embeddings.
         masked_im_modeling: create the learnable ``masked_embed`` token (students only).
@@ -112,6 +117,7 @@ class MaskedViT(nn.Module):
         self.vit = vit
         self.embed_dim: int = vit.embed_dim
         self.patch_size: int = vit.patch_embed.patch_size[0]
+        self.mask_cell: int = mask_cell("vit", self.patch_size)
         self.in_chans: int = vit.patch_embed.proj.in_channels
         self.masked_embed = nn.Parameter(torch.zeros(1, self.embed_dim)) if masked_im_modeling else None
         self.efficient_drop_path = False  # DINOv2-style: compute residual branches on kept samples only
@@ -129,10 +135,8 @@ class MaskedViT(nn.Module):
         return self.vit.blocks[0].attn.num_heads
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        p = self.patch_size
-        if height % p or width % p:
-            raise ValueError(f"image size {height}x{width} is not divisible by the patch size {p}")
-        return height // p, width // p
+        """The (h, w) patch grid of an image, which is also its mask grid."""
+        return grid_size(height, width, self.mask_cell)
 
     def prepare_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) images [+ (B, h, w) or (B, N) bool mask] -> (B, 1+N, D) input tokens."""

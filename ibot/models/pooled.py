@@ -35,6 +35,7 @@ class PooledBackbone(nn.Module):
         self.embed_dim: int = int(getattr(model, "num_features", 0) or self._probe_width())
         self.masked_embed = None
         self.patch_size = None
+        self.mask_cell = None  # no patch grid
         self.efficient_drop_path = False
 
     @torch.no_grad()

@@ -3,8 +3,9 @@
 The official iBOT Swin (``models/swin_transformer.py`` in bytedance/ibot) differs from a plain
 Swin in three places, reproduced here while timm keeps the stages:
 
-* masks are drawn on a coarse *prediction grid* whose cell is ``patch_size * 2 ** (stages - 1)``
-  pixels (official ``pred_size = patch_size * 8``: 32 px, a 7 x 7 grid at 224 px) and expanded with
+* masks are drawn on a coarse *prediction grid* whose cell (``mask_cell``,
+  :func:`ibot.grid.mask_cell`) is ``patch_size * 2 ** (stages - 1)`` pixels (official
+  ``pred_size = patch_size * 8``: 32 px, a 7 x 7 grid at 224 px) and expanded with
   ``repeat_interleave`` to the patch-embedding grid, where the learnable ``masked_embed`` (1, C0)
   replaces the embeddings of masked positions (after the patch-embedding norm);
 * the "class token" is the average pool of the final-norm tokens of the last stage;
@@ -26,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from ibot.grid import grid_size, mask_cell
 
 
 def is_swin(module_or_name) -> bool:
@@ -74,6 +77,9 @@ def swin_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class MaskedSwin(nn.Module):
     """A timm ``SwinTransformer`` with an iBOT mask token, average-pooled "CLS" and final tokens.
 
+    ``patch_size`` is the patch-embedding size (as :class:`ibot.models.MaskedViT`'s); ``mask_cell`` the
+    pixels per mask position, a final-stage cell (``patch_size * 2 ** (stages - 1)``).
+
     Args:
         swin: a timm SwinTransformer (build it with ``strict_img_size=False`` for multi-crop).
         masked_im_modeling: create the learnable ``masked_embed`` token (students only).
@@ -85,8 +91,8 @@ class MaskedSwin(nn.Module):
             raise TypeError(f"MaskedSwin needs a timm SwinTransformer, got {type(swin).__name__}")
         self.swin = swin
         self.embed_dim: int = swin.num_features
-        self.embed_patch_size: int = swin.patch_embed.patch_size[0]
-        self.patch_size: int = self.embed_patch_size * 2 ** (len(swin.layers) - 1)  # prediction cell
+        self.patch_size: int = swin.patch_embed.patch_size[0]
+        self.mask_cell: int = mask_cell("swin", self.patch_size, len(swin.layers))  # prediction cell
         self.in_chans: int = swin.patch_embed.proj.in_channels
         width0 = swin.patch_embed.proj.out_channels
         self.masked_embed = nn.Parameter(torch.zeros(1, width0)) if masked_im_modeling else None
@@ -105,20 +111,15 @@ class MaskedSwin(nn.Module):
         return self.swin.layers[-1].blocks[0].attn.num_heads
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """The prediction grid (h, w) of an image: one cell per final-stage token."""
-        p = self.patch_size
-        if height % p or width % p:
-            raise ValueError(
-                f"image size {height}x{width} is not divisible by the Swin prediction cell {p} "
-                f"(patch {self.embed_patch_size} x 2^{len(self.swin.layers) - 1}); masked crops need whole cells"
-            )
-        return height // p, width // p
+        """The prediction grid (h, w) of an image: one cell per final-stage token (the mask grid)."""
+        note = f" (patch {self.patch_size} x 2^{len(self.swin.layers) - 1}); masked crops need whole cells"
+        return grid_size(height, width, self.mask_cell, "the Swin prediction cell", note)
 
     def prepare_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) images [+ (B, h, w) or (B, N) bool mask on the prediction grid] -> (B, H0, W0, C0)."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        p = self.embed_patch_size
+        p = self.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"image size {x.shape[-2]}x{x.shape[-1]} is not divisible by the patch size {p}")
         tokens = self.swin.patch_embed(x)  # (B, H0, W0, C0), patch-embedding norm applied

@@ -45,7 +45,8 @@ def pad_mask_batch(mb: MaskBatch, max_ratio: float) -> MaskBatch:
 
 
 class CompiledForward:
-    """``module(batch=..., temps=...)`` through one ``torch.compile(fullgraph=True)`` graph.
+    """``module(batch=..., temps=..., update_centers=False)`` through one ``torch.compile(fullgraph=True)``
+    graph; the caller moves the centers with ``model.update_centers(out.targets)``.
 
     Needs the official centering (``centering="center"``, ``patch_center="all"``): with padded
     rows, Sinkhorn-Knopp and the masked-token center would count the padding. The batch's masks
@@ -71,8 +72,9 @@ class CompiledForward:
             self._temps = {key: torch.tensor(key[:2], device=device)}
         return self._temps[key]
 
-    def __call__(self, *, batch, temps: tuple[float, float]):
-        return self._fn(batch=batch, temps=self.temperatures(temps, batch.global_crops.device))
+    def __call__(self, *, batch, temps: tuple[float, float], update_centers: bool = False):
+        temps = self.temperatures(temps, batch.global_crops.device)
+        return self._fn(batch=batch, temps=temps, update_centers=update_centers)
 
 
 def compile_forward(model, module=None, backend=None, mode: str | None = None) -> CompiledForward:

@@ -99,10 +99,9 @@ class TrainStep:
         its time limit), so a distributed run agrees on stopping without a second collective.
         """
         model = self.model
-        model.defer_center_update = True
         self.set_hyperparameters(values.lr, values.weight_decay)
-        with self.autocast():
-            out = self.module(batch=batch, temps=values.teacher_temps)
+        with self.autocast():  # the centers move below, after the finite check
+            out = self.module(batch=batch, temps=values.teacher_temps, update_centers=False)
         loss = out.loss
         bad_here = (~torch.isfinite(loss.detach())).float()
         flags = torch.stack([bad_here, bad_here.new_full((), 1.0 if stop_vote else 0.0)])
@@ -128,6 +127,6 @@ class TrainStep:
             finally:
                 del self.optimizer.found_inf
         good = bad == 0
-        model.apply_center_update(good)
+        model.update_centers(out.targets, good)
         model.update_teacher(values.momentum, good)
         return StepResult(out, bad, flags)

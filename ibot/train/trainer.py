@@ -176,7 +176,6 @@ class Trainer:
 
     def batches(self, epoch: int, start_step: int = 0):
         """This rank's batches of ``epoch`` from ``start_step`` on (deterministic), on the training device."""
-        self.collate.set_epoch(epoch)
         seed, rank = self.cfg.run.seed, D.rank()
         if self.use_tensor:
             sampler = EpochSampler(

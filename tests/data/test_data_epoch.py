@@ -1,4 +1,5 @@
-"""make_dataloader + set_data_epoch: new crops every epoch, masks start at mask.start_epoch."""
+"""make_dataloader + set_data_epoch: the sampler is the epoch's one source; new crops every epoch,
+masks start at mask.start_epoch."""
 
 import pytest
 import torch
@@ -15,16 +16,15 @@ def test_set_data_epoch_changes_crops_and_starts_masks():
     torch.testing.assert_close(first.global_crops, again.global_crops)  # same epoch, same crops
     assert not first.masks.masks.any()  # epoch 0 < mask.start_epoch
     set_data_epoch(loader, 1)
+    assert loader.sampler.epoch == 1
     second = next(iter(loader))
     assert not torch.allclose(first.global_crops, second.global_crops)
     assert second.masks.masks.any()
 
 
-def test_set_data_epoch_refuses_persistent_workers():
+def test_set_data_epoch_refuses_a_loader_without_an_epoch_sampler():
     cfg = build_config("smoke")
     plain = make_dataloader(cfg, num_workers=0)
-    loader = torch.utils.data.DataLoader(
-        plain.dataset, collate_fn=plain.collate_fn, num_workers=1, persistent_workers=True
-    )
-    with pytest.raises(ValueError, match="persistent_workers=False"):
+    loader = torch.utils.data.DataLoader(plain.dataset, collate_fn=plain.collate_fn, shuffle=True)
+    with pytest.raises(ValueError, match="set_epoch"):
         set_data_epoch(loader, 1)

@@ -8,10 +8,8 @@ from ibot.data.masking import MaskGenerator
 from ibot.data.transforms import AugmentSpec, BatchMultiCrop, MultiCropTransform
 
 
-def _collate(seed=0, epoch=0):
-    c = MultiCropCollate(2, 0, 8, MaskGenerator("rand", 0.5), seed=seed)
-    c.epoch = epoch
-    return c
+def _collate(seed=0):
+    return MultiCropCollate(2, 0, 8, MaskGenerator("rand", 0.5), seed=seed)
 
 
 def _tensor_batches(rank, world, start=0, seed=0, epoch=0):
@@ -22,7 +20,7 @@ def _tensor_batches(rank, world, start=0, seed=0, epoch=0):
         ds.labels,
         sampler,
         BatchMultiCrop(AugmentSpec(2, 32, (0.4, 1.0), 0, mean=(0.5,), std=(0.5,), blur_scale=0.25)),
-        _collate(seed, epoch),
+        _collate(seed),  # the epoch is the sampler's
     )
 
 
@@ -42,13 +40,23 @@ def test_pil_path_seeds_crops_by_image_and_masks_by_first_image():
     ds = synthetic_dataset(8, 32)
     mc = MultiCropDataset(ds, MultiCropTransform(AugmentSpec(2, 32, (0.4, 1.0), 0)), seed=0)
     item = mc[3]
-    assert all(torch.equal(a, b) for a, b in zip(mc[3][0], item[0], strict=True))  # same (seed, epoch, index)
-    mc.epoch = 1
-    assert not torch.equal(mc[3][0][0], item[0][0])
-    mc.epoch = 0
+    assert item[3] == 0 and all(torch.equal(a, b) for a, b in zip(mc[(0, 3)][0], item[0], strict=True))
+    assert not torch.equal(mc[(1, 3)][0][0], item[0][0])  # the epoch comes with the key (the sampler's)
     collate = _collate()
     a = collate([mc[3], mc[5]])
     b = collate([mc[3], mc[6]])  # same first image: same masks, whatever the rest of the batch
     c = collate([mc[4], mc[5]])
     assert torch.equal(a.masks.masks, b.masks.masks)
     assert not torch.equal(a.masks.masks, c.masks.masks)
+
+
+def test_the_collate_takes_the_epoch_from_the_samples():
+    ds = synthetic_dataset(8, 32)
+    mc = MultiCropDataset(ds, MultiCropTransform(AugmentSpec(2, 32, (0.4, 1.0), 0)), seed=0)
+    collate = MultiCropCollate(2, 0, 8, MaskGenerator("rand", 0.5, start_epoch=1))
+    assert not collate([mc[(0, 3)], mc[(0, 5)]]).masks.masks.any()  # before the mask start
+    late = collate([mc[(1, 3)], mc[(1, 5)]]).masks.masks
+    assert late.any() and not torch.equal(late, collate([mc[(2, 3)], mc[(2, 5)]]).masks.masks)
+    sampler = EpochSampler(8, 2, seed=0, epoch=0, with_epoch=True)
+    sampler.set_epoch(3)
+    assert {e for e, _ in sampler} == {3}

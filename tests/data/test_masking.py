@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ibot.data.masking import MaskBatch, MaskGenerator, block_mask, random_mask, random_masks_torch
+from ibot.data.masking import MaskBatch, MaskGenerator, block_mask, random_mask, random_masks_torch, sample_masks
 
 
 def test_block_masks_average_about_57_of_196_and_never_exceed():
@@ -46,9 +46,9 @@ def test_pred_ratio_pairs_give_official_empty_fraction():
 
 def test_start_epoch_and_probability():
     gen = MaskGenerator("rand", 0.3, start_epoch=2, probability=0.5)
-    assert gen(10, 4, 4, random.Random(0)).sum() == 0
-    gen.set_epoch(2)
-    frac = (gen(4000, 4, 4, random.Random(0)).flatten(1).sum(1) > 0).float().mean()
+    assert gen(10, 4, 4, random.Random(0), epoch=1).sum() == 0  # the epoch is an argument, not a state
+    assert sample_masks(gen, 10, (4, 4), torch.Generator().manual_seed(0), epoch=1).sum() == 0
+    frac = (gen(4000, 4, 4, random.Random(0), epoch=2).flatten(1).sum(1) > 0).float().mean()
     assert 0.45 <= frac <= 0.55
     with pytest.raises(ValueError, match="leaves"):
         MaskGenerator("block", 0.3, 0.4)
@@ -66,3 +66,25 @@ def test_mask_batch_indices_and_weights():
     assert mb.index.tolist() == [0, 8, 9, 11, 13]
     # weight = 1 / (count * B * G)
     torch.testing.assert_close(mb.weight, torch.tensor([1 / 4, 1 / 12, 1 / 12, 1 / 12, 1 / 4]))
+
+
+@pytest.mark.parametrize("shape", ["block", "rand"])
+def test_sample_masks_is_seeded_by_the_torch_generator(shape):
+    gen = MaskGenerator(shape, 0.4)
+    a = sample_masks(gen, 6, (4, 5), torch.Generator().manual_seed(1))
+    b = sample_masks(gen, 6, (4, 5), torch.Generator().manual_seed(1))
+    assert a.shape == (6, 4, 5) and a.any() and torch.equal(a, b)
+    assert not torch.equal(a, sample_masks(gen, 6, (4, 5), torch.Generator().manual_seed(2)))
+
+
+def test_the_model_and_the_collate_get_one_mask_configuration():
+    """The model samples masks (calls without masks) with the collate's settings, min_patches included."""
+    from ibot.builders.data import collate_from_config
+    from ibot.builders.model import build_model
+    from ibot.config import build_config
+
+    cfg = build_config("smoke", ["mask.min_patches=2", "mask.start_epoch=1"])
+    model, collate = build_model(cfg), collate_from_config(cfg)
+    a, b = model.mask_generator, collate.mask_generator
+    assert vars(a) == vars(b) and a.min_patches == 2 and a.start_epoch == 1
+    assert collate.mask_cell == model.student["backbone"].mask_cell

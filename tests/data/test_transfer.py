@@ -99,7 +99,7 @@ def test_persistent_workers_see_the_new_epoch():
         ds, batch_size=4, sampler=sampler, collate_fn=collate, num_workers=1, persistent_workers=True
     )
     e0 = list(loader)
-    sampler.epoch = 1  # only the main process's sampler changes
+    sampler.set_epoch(1)  # only the main process's sampler changes
     e1 = list(loader)
     assert len(e0) == len(e1) == 2
     assert e0[0].masks.num_masked == 0 and e1[0].masks.num_masked > 0

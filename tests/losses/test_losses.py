@@ -3,16 +3,18 @@ import torch
 import torch.nn.functional as F
 from reference import ref_ibot_loss, ref_sinkhorn, ref_teacher_temp_schedule
 
+from ibot.data.masking import patch_loss_weights
 from ibot.losses import (
     Center,
     cls_distillation_loss,
+    ibot_criterion,
     iBOTLoss,
     koleo_loss,
     masked_patch_loss,
-    patch_loss_weights,
     sinkhorn_knopp,
     teacher_temperature,
 )
+from ibot.losses.ibot_loss import _official_token_weights
 
 
 def _inputs(g, nl, b=4, n=9, k=16, kp=12, seed=0):
@@ -169,3 +171,25 @@ def test_ibot_loss_state_uses_the_official_center_keys_and_shapes():
     inner = {"cls_center.center": torch.ones(1, 5), "patch_center.center": torch.ones(1, 7)}
     fresh.load_state_dict(inner)  # the previous ibot layout still loads
     torch.testing.assert_close(fresh.center, torch.ones(1, 5))
+
+
+def test_criterion_returns_the_weighted_terms_and_their_sum():
+    gen = torch.Generator().manual_seed(0)
+    s_cls, t = torch.randn(4, 3, 8, generator=gen), torch.softmax(torch.randn(2, 3, 8, generator=gen), -1)
+    s_p, t_p = torch.randn(5, 6, generator=gen), torch.softmax(torch.randn(5, 6, generator=gen), -1)
+    w, feats = torch.rand(5, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    kw = dict(cls_weight=0.5, patch_weight=2.0, koleo_features=feats, koleo_weight=0.1)
+    out = ibot_criterion(s_cls, t, s_p, t_p, w, **kw)
+    assert set(out) == {"loss", "loss_cls", "loss_patch", "loss_koleo"}
+    torch.testing.assert_close(out["loss_cls"], 0.5 * cls_distillation_loss(s_cls, t))
+    torch.testing.assert_close(out["loss_patch"], 2.0 * masked_patch_loss(s_p, t_p, w))
+    torch.testing.assert_close(out["loss_koleo"], 0.1 * (koleo_loss(feats[0]) + koleo_loss(feats[1])) / 2)
+    torch.testing.assert_close(out["loss"], out["loss_cls"] + out["loss_patch"] + out["loss_koleo"])
+    cls_only = ibot_criterion(s_cls, t)
+    assert cls_only["loss_patch"] is None and cls_only["loss_koleo"] is None
+
+
+def test_official_loss_weights_are_the_masks_weights():
+    masks = torch.rand(6, 9, generator=torch.Generator().manual_seed(0)) > 0.5
+    masks[0] = False
+    assert torch.equal(_official_token_weights(masks, 2), patch_loss_weights(masks, 2))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ibot import iBOT
+from ibot.builders.model import build_model
 from ibot.builders.sources import load_backbone
 from ibot.config import build_config, mask_cell
 from ibot.export import export_backbone
@@ -40,6 +41,10 @@ def test_mask_cell_is_patch_times_eight_for_the_official_recipe():
         assert cfg.mask.start_epoch == 50 and cfg.model.window_size in (7, 14)
     assert mask_cell(build_config("swin_smoke", [])) == 8  # patch 2, three stages: 2 * 2^2
     assert mask_cell(build_config("smoke", [])) == 8  # ViT: the patch itself
+    for name in ("swin_smoke", "smoke"):  # the config's cell (no model built) is the built backbone's
+        cfg = build_config(name, [])
+        backbone = build_model(cfg).student["backbone"]
+        assert backbone.mask_cell == mask_cell(cfg) and backbone.patch_size == cfg.model.patch_size
 
 
 def test_mask_on_coarse_grid_expands_to_the_embedding_grid():
@@ -47,7 +52,7 @@ def test_mask_on_coarse_grid_expands_to_the_embedding_grid():
     bb = MaskedSwin(tiny_swin())
     with torch.no_grad():
         bb.masked_embed.normal_()
-    assert bb.patch_size == 8 and bb.grid_size(32, 32) == (4, 4)
+    assert bb.mask_cell == 8 and bb.patch_size == 2 and bb.grid_size(32, 32) == (4, 4)
     x = torch.randn(2, 3, 32, 32)
     mask = torch.rand(2, 4, 4) > 0.5
     tokens = bb.prepare_tokens(x, mask)  # (2, 16, 16, 8): each cell covers 4 x 4 embedding positions
@@ -119,7 +124,7 @@ def test_window_attention_pads_before_the_shift_like_the_official_code(size):
 def test_shapes_at_224_and_local_crop_sizes():
     torch.manual_seed(0)
     bb = MaskedSwin(tiny_swin(img_size=224, patch=4, window=7, depths=(1, 1, 1, 1), dim=8)).eval()
-    assert bb.patch_size == 32 and bb.embed_dim == 64
+    assert bb.mask_cell == 32 and bb.patch_size == 4 and bb.embed_dim == 64
     x = torch.randn(2, 3, 224, 224)
     cls, patch = bb(x, torch.rand(2, 7, 7) > 0.5)
     assert cls.shape == (2, 64) and patch.shape == (2, 49, 64)

@@ -136,17 +136,15 @@ def test_plain_forward_still_moves_the_centers_after_the_loss():
 
 def test_patch_center_from_bottleneck_means_equals_the_mean_of_all_logits():
     model = _model()
-    model.defer_center_update = True
     batch = _batch()
-    model(batch=batch, epoch=1)
-    (_, cls_sum, _), (center, patch_sum, n_img) = model._pending_centers
-    assert center is model.patch_center_ema and n_img == 2 * B
+    targets = model(batch=batch, epoch=1, update_centers=False).targets
+    patch_sum, n_img = targets.patch_mean_logits.sum(0), targets.patch_mean_logits.shape[0]
+    assert n_img == 2 * B
     with torch.no_grad():  # the official way: every token's logits, then the per-image mean
         tok = model.teacher["backbone"](batch.global_crops)[1]
         logits = model.teacher["head"].patch_prototypes(model.teacher["head"].project(tok.reshape(-1, tok.shape[-1])))
         want = logits.reshape(2 * B, tok.shape[1], -1).mean(1).sum(0)
     torch.testing.assert_close(patch_sum, want, rtol=1e-5, atol=1e-6)
-    model._pending_centers = []
 
 
 def test_bf16_step_updates_and_skips():
@@ -191,3 +189,18 @@ def test_fp16_overflow_is_skipped_by_the_fused_optimizer_and_the_scale_backs_off
             assert torch.equal(v, sd1[k]), k  # the optimizer skipped the update
     assert all(v.sum() == 0 for (_, name), v in opt1.items() if name != "step")  # moments untouched
     assert all(v.item() == 0 for (_, name), v in opt1.items() if name == "step")  # step count undone
+
+
+def test_update_centers_after_a_forward_equals_the_plain_forward():
+    """What TrainStep does (forward without the update, then update_centers) moves the centers as a plain call."""
+    plain, split = _model(), _model()
+    plain(batch=_batch(), epoch=1)
+    c0 = split.cls_center.center.clone()
+    out = split(batch=_batch(), epoch=1, update_centers=False)
+    assert torch.equal(split.cls_center.center, c0) and "targets" not in out  # an attribute, not a key
+    split.update_centers(out.targets, torch.tensor(False))  # a skipped step leaves them
+    assert torch.equal(split.cls_center.center, c0)
+    split.update_centers(out.targets)
+    for name in ("cls_center.center", "patch_center_ema.center"):
+        assert torch.equal(split.state_dict()[name], plain.state_dict()[name]), name
+    assert not hasattr(split, "epoch") and not hasattr(split.mask_generator, "epoch")  # no epoch state

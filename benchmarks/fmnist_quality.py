@@ -38,7 +38,7 @@ def calibrate(preset: str, overrides: list[str], steps: int = 6) -> float:
         preset, [*overrides, "run.output_dir=/tmp/ibot-calibrate", "run.progress=false", "run.knn_at_end=false"]
     )
     tr = Trainer(cfg, log=lambda *a: None, resume="never")
-    it = iter(tr.batches(0))
+    it = iter(tr.data.batches(0))
     tr.train_step(next(it), 0)
     t = time.time()
     for i in range(1, steps + 1):

@@ -319,19 +319,19 @@ def loader_figures(
 
     tr.model.train()
     skip = max(1, num_workers)
-    _, _, _, batch = timed(tr.batches(0), lambda b, k: tr.train_step(b, k), skip)  # warm-up
-    loader_ips, loader_after, n_loader, _ = timed(tr.batches(1), lambda b, k: None, skip)
+    _, _, _, batch = timed(tr.data.batches(0), lambda b, k: tr.train_step(b, k), skip)  # warm-up
+    loader_ips, loader_after, n_loader, _ = timed(tr.data.batches(1), lambda b, k: None, skip)
     step_ips, _, _, _ = timed([batch] * step_repeats, lambda b, k: tr.train_step(b, k), 1)
     # the schedule position only sets lr / weight decay / temperature values, not the cost
-    e2e_ips, e2e_after, n_e2e, _ = timed(tr.batches(2), lambda b, k: tr.train_step(b, k), skip)
-    aug_ms = 1000 * time_device_half(tr.device_augment, tr.cfg, batch_size, device, 5)
+    e2e_ips, e2e_after, n_e2e, _ = timed(tr.data.batches(2), lambda b, k: tr.train_step(b, k), skip)
+    aug_ms = 1000 * time_device_half(tr.data.device_augment, tr.cfg, batch_size, device, 5)
     res = {
         "device": str(device),
         "num_workers": num_workers,
-        "n_images": len(tr.train_set),
+        "n_images": len(tr.data.train_set),
         "batch_size": batch_size,
         "precision": tr.precision,
-        "steps_per_epoch": tr.niter,
+        "steps_per_epoch": tr.data.niter,
         "loader_ips": loader_ips,
         "loader_after_fill_ips": loader_after,
         "step_ips": step_ips,
@@ -343,7 +343,7 @@ def loader_figures(
         "device_half_share_of_step": aug_ms / 1000 * step_ips,
         "timed_images": {"loader": n_loader, "end_to_end": n_e2e},
     }
-    tr.loader = None  # shuts the persistent workers down before the folder goes
+    tr.data.loader = None  # shuts the persistent workers down before the folder goes
     tmp.cleanup()
     return res
 

@@ -1,4 +1,9 @@
-"""The pretraining loop: orchestration only (data, schedules, optimizer, checkpoints, logs, k-NN).
+"""The pretraining loop: orchestration only; each part it runs has its own owner.
+
+Data: :class:`ibot.train.data.TrainingData`; schedules: :class:`ibot.train.schedules.Schedules`; one
+step: :class:`ibot.train.step.TrainStep`; parallelism: :func:`ibot.train.parallelize.parallelize`;
+checkpoints: :class:`ibot.train.checkpoint.Checkpointer`; collapse monitors: :mod:`ibot.train.monitors`;
+the k-NN report: :func:`ibot.eval.protocols.pretrain_knn`.
 
 The math lives in :mod:`ibot.methods` and :mod:`ibot.losses`. One process on CPU or GPU, or many
 under ``torchrun`` (DDP); no global state.
@@ -17,32 +22,23 @@ from pathlib import Path
 import torch
 
 from ibot import distributed as D
-from ibot.builders.data import (
-    batch_augment_from_config,
-    collate_from_config,
-    crop_flip_dataset_from_config,
-    dataset_from_config,
-    device_augment_from_config,
-    pil_transform_from_config,
-    resolve_pipeline,
-)
 from ibot.builders.model import build_model
 from ibot.builders.sources import CHECKPOINT
 from ibot.config import ConfigError, to_dict
-from ibot.data.datasets import DatasetError, slice_dataset
-from ibot.data.loader import Batch, EpochSampler, MultiCropDataset, TensorBatches, mix_seed
-from ibot.data.prefetch import DeviceBatches, batch_bytes, prefetch_factor
+from ibot.data.datasets import DatasetError
+from ibot.data.loader import Batch
 from ibot.device import resolve_precision, training_device
 from ibot.eval.protocols import pretrain_knn
 from ibot.io import remove_stale_temporaries
 from ibot.train import runlock
 from ibot.train.checkpoint import COUNTERS, Checkpointer
+from ibot.train.data import TrainingData
 from ibot.train.loggers import build_loggers
 from ibot.train.metrics import MetricsWriter, plot_curves
 from ibot.train.monitors import CollapseWarnings, collapse_monitors
 from ibot.train.parallelize import parallelize
 from ibot.train.schedules import Schedules
-from ibot.train.signals import SignalStopError, StopSignals, ignore_stop_signals
+from ibot.train.signals import SignalStopError, StopSignals
 from ibot.train.step import TrainStep
 
 SYNC_EVERY = 10  # under torchrun, ranks agree on stop / save decisions every this many steps
@@ -79,7 +75,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + D.rank())
         random.seed(cfg.run.seed + D.rank())
 
-        self._build_data()
+        self.data = TrainingData(cfg, self.device)
         self.model = self._build_model().to(self.device)
         par = parallelize(self.model, cfg, self.device, self.log)
         self.ddp, self.fsdp, self.pad_ratio = par.ddp, par.fsdp, par.pad_ratio
@@ -94,9 +90,9 @@ class Trainer:
             betas=tuple(o.betas),
         )
         self.optimizer, self.scaler = self.step_fn.optimizer, self.step_fn.scaler
-        self.schedules = Schedules.from_config(cfg, self.niter, D.world_size())
+        self.schedules = Schedules.from_config(cfg, self.data.niter, D.world_size())
         self.checkpointer = Checkpointer(
-            cfg, self.model, self.optimizer, self.scaler, self.schedules, self.niter, fsdp=self.fsdp, log=self.log
+            cfg, self.model, self.optimizer, self.scaler, self.schedules, self.data.niter, fsdp=self.fsdp, log=self.log
         )
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.bad_steps, self.skipped_images, self.seen_images, self.attempted_images = 0, 0, 0, 0
@@ -143,76 +139,6 @@ class Trainer:
         (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
         loggers = build_loggers(self.cfg.run.loggers, self.run_dir, to_dict(self.cfg), self.global_step)
         return MetricsWriter(self.run_dir, loggers, start_step=self.global_step)
-
-    def _build_data(self) -> None:
-        cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
-        self.train_set = dataset_from_config(cfg, train=True)
-        self.bank_set = self.train_set  # the k-NN memory bank is the whole training split
-        if d.limit:
-            self.train_set = slice_dataset(self.train_set, 0, d.limit)
-        n, b, w = len(self.train_set), cfg.optim.batch_size, D.world_size()
-        if n < b * w:
-            raise DatasetError(
-                f"the dataset has {n} images, fewer than one batch ({b} x {w} processes); "
-                "lower optim.batch_size or add images"
-            )
-        self.niter = n // (b * w)
-        self.pipeline = resolve_pipeline(d.pipeline, hasattr(self.train_set, "images"), self.device.type)
-        self.use_tensor = self.pipeline == "tensor"
-        if self.use_tensor and not hasattr(self.train_set, "images"):
-            raise DatasetError("data.pipeline=tensor needs an in-memory dataset; use data.pipeline=pil for folders")
-        if self.use_tensor and self.train_set.images.shape[1] != m.in_chans:
-            ch = self.train_set.images.shape[1]
-            raise DatasetError(f"the dataset has {ch} channel(s) but model.in_chans={m.in_chans}")
-        self.collate = collate_from_config(cfg)
-        self.device_augment, self.loader = None, None
-        if self.use_tensor:
-            self.augment = batch_augment_from_config(cfg)
-        elif self.pipeline == "gpu":
-            self.mc_dataset = crop_flip_dataset_from_config(cfg, self.train_set)
-            self.device_augment = device_augment_from_config(cfg)
-        else:
-            self.mc_dataset = MultiCropDataset(self.train_set, pil_transform_from_config(cfg), seed=cfg.run.seed)
-
-    def batches(self, epoch: int, start_step: int = 0):
-        """This rank's batches of ``epoch`` from ``start_step`` on (deterministic), on the training device."""
-        seed, rank = self.cfg.run.seed, D.rank()
-        if self.use_tensor:
-            sampler = EpochSampler(
-                len(self.train_set), self.cfg.optim.batch_size, seed, epoch, rank, D.world_size(), start_step
-            )
-            loader = TensorBatches(self.train_set.images, self.train_set.labels, sampler, self.augment, self.collate)
-        else:
-            loader = self._dataloader(epoch, start_step)
-        return DeviceBatches(
-            loader, self.device, self.device_augment, lambda step: mix_seed(seed, epoch, rank, step, 104729), start_step
-        )
-
-    def _dataloader(self, epoch: int, start_step: int):
-        """One DataLoader for the whole run (persistent workers); the epoch travels with the indices."""
-        if self.loader is None:
-            d, m, b = self.cfg.data, self.cfg.model, self.cfg.optim.batch_size
-            crops = [(d.global_crops_number, m.img_size), (d.local_crops_number, d.local_crop_size)]
-            size = batch_bytes(b, m.in_chans, crops, 1 if self.pipeline == "gpu" else 4)
-            seed, rank, world = self.cfg.run.seed, D.rank(), D.world_size()
-            sampler = EpochSampler(len(self.train_set), b, seed, epoch, rank, world, with_epoch=True)
-            self.loader = torch.utils.data.DataLoader(
-                self.mc_dataset,
-                batch_size=b,
-                sampler=sampler,
-                num_workers=d.num_workers,
-                collate_fn=self.collate,
-                pin_memory=self.device.type == "cuda",
-                drop_last=True,
-                persistent_workers=d.num_workers > 0,
-                prefetch_factor=prefetch_factor(d.num_workers, size),
-                # its own generator: iter() draws worker base seeds from it, not from the global RNG
-                # that drop path uses (a resumed run would otherwise draw different drop-path masks)
-                generator=torch.Generator().manual_seed(self.cfg.run.seed),
-                worker_init_fn=ignore_stop_signals if d.num_workers else None,  # the main process saves
-            )
-        self.loader.sampler.epoch, self.loader.sampler.start_batch = epoch, start_step
-        return self.loader
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
@@ -279,18 +205,19 @@ class Trainer:
     def _log_start(self) -> None:
         cfg = self.cfg
         self.log(
-            f"ibot: {cfg.method} on {cfg.data.dataset} ({len(self.train_set)} images), {cfg.model.arch} "
-            f"-> {self.run_dir} | {self.niter} steps/epoch x {cfg.optim.epochs} epochs, batch "
-            f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}, data.pipeline={self.pipeline}"
+            f"ibot: {cfg.method} on {cfg.data.dataset} ({len(self.data.train_set)} images), {cfg.model.arch} "
+            f"-> {self.run_dir} | {self.data.niter} steps/epoch x {cfg.optim.epochs} epochs, batch "
+            f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}, "
+            f"data.pipeline={self.data.pipeline}"
         )
-        if cfg.data.dataset in ("imagefolder", "folder") and getattr(self.train_set, "split", None):
-            self.log(f"data: training on {self.train_set.split}")
+        if cfg.data.dataset in ("imagefolder", "folder") and getattr(self.data.train_set, "split", None):
+            self.log(f"data: training on {self.data.train_set.split}")
         if self.global_step:
             self.log(f"resumed at epoch {self.epoch}, step {self.global_step}")
 
     def _start_loop(self) -> None:
         """The loop's state: where this invocation started, its clocks, and what it has to report."""
-        self._max_steps = self.cfg.run.max_steps or self.cfg.optim.epochs * self.niter
+        self._max_steps = self.cfg.run.max_steps or self.cfg.optim.epochs * self.data.niter
         self._result, self._stopped = {}, False  # _result: the periodic k-NN
         self._t_start = time.time()
         self.last_record, self._last_print = None, 0.0
@@ -309,12 +236,12 @@ class Trainer:
         while self.epoch < self.cfg.optim.epochs and not self._stopped:
             epoch = self.epoch
             self.model.train()
-            batches = self.batches(epoch, self.step_in_epoch)
+            batches = self.data.batches(epoch, self.step_in_epoch)
             self._bar = self._progress(epoch)
             self._t_last, self._n_last = time.time(), 0
             self._t_epoch = time.time()
             for batch in batches:
-                yield epoch * self.niter + self.step_in_epoch, batch
+                yield epoch * self.data.niter + self.step_in_epoch, batch
                 if self._stopped:
                     break
             self._end_epoch(epoch)
@@ -339,7 +266,7 @@ class Trainer:
     def _log_step(self, res, batch: Batch, it: int) -> None:
         """Every ``run.log_every`` steps and at the end of an epoch / the run: the metrics line, the
         progress (bar or text line) and a collapse warning (at most one per epoch)."""
-        last = self.step_in_epoch == self.niter or self.global_step >= self._max_steps
+        last = self.step_in_epoch == self.data.niter or self.global_step >= self._max_steps
         if res is None or not (self.global_step % self.cfg.run.log_every == 0 or last):
             return
         rec = self._record(res, self.epoch, it, self._n_last / max(time.time() - self._t_last, 1e-9) / batch.n_global)
@@ -348,7 +275,7 @@ class Trainer:
         if self.metrics:
             self.metrics.write(rec)
         if self._bar is None:  # no progress bar: a text line now and then
-            self._text_progress(rec, self.cfg.optim.epochs * self.niter, last)
+            self._text_progress(rec, self.cfg.optim.epochs * self.data.niter, last)
         else:
             self._bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", ips=f"{rec['images_per_s']:.0f}")
         warn = self._collapse_warnings.check(rec)
@@ -399,7 +326,7 @@ class Trainer:
         if self._bar is not None:
             self._bar.close()
         self.train_seconds += time.time() - self._t_epoch
-        if self.step_in_epoch < self.niter:
+        if self.step_in_epoch < self.data.niter:
             if self._stopped:
                 self.save_checkpoint()
             return
@@ -427,7 +354,7 @@ class Trainer:
         self._last_print = now
         self.log(
             f"epoch {rec['epoch'] + 1}/{self.cfg.optim.epochs} step {rec['step']}/{total} "
-            f"({self.step_in_epoch}/{self.niter} in epoch): loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+            f"({self.step_in_epoch}/{self.data.niter} in epoch): loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
             f"{rec['images_per_s']:.0f} img/s"
         )
 
@@ -469,7 +396,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(
-            total=self.niter,
+            total=self.data.niter,
             initial=self.step_in_epoch,
             desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}",
             unit="step",
@@ -539,7 +466,7 @@ class Trainer:
         extra["train_minutes"] = getattr(self, "train_seconds", 0.0) / 60
         backbone = self.model.teacher["backbone"]
         res = pretrain_knn(
-            backbone, cfg, self.bank_set, device=self.device, autocast=self._autocast(), log=self.log, extra=extra
+            backbone, cfg, self.data.bank_set, device=self.device, autocast=self._autocast(), log=self.log, extra=extra
         )
         if res is None:
             return None

@@ -327,7 +327,7 @@ def test_gpu_pipeline_trains_on_a_folder(tmp_path):
     over = ["data.dataset=imagefolder", f"data.path={tmp_path / 'data'}", "data.pipeline=gpu", "optim.epochs=1"]
     over += [f"run.output_dir={tmp_path / 'run'}", "run.progress=false", "run.knn_at_end=false"]
     tr = Trainer(build_config("smoke", over), log=lambda *a: None)
-    assert isinstance(tr.mc_dataset.dataset, DecodedImages)
+    assert isinstance(tr.data.mc_dataset.dataset, DecodedImages)
     tr.fit()
-    assert tr.global_step == tr.niter >= 1  # (a few images are held out for evaluation)
-    assert math.isfinite(tr.train_step(next(iter(tr.batches(0))), 0, 0).loss.item())
+    assert tr.global_step == tr.data.niter >= 1  # (a few images are held out for evaluation)
+    assert math.isfinite(tr.train_step(next(iter(tr.data.batches(0))), 0, 0).loss.item())

@@ -123,15 +123,15 @@ def _cfg(tmp_path, *overrides):
 
 def test_gpu_pipeline_trainer_batches_and_persistent_workers(tmp_path):
     tr = Trainer(_cfg(tmp_path / "w", "data.num_workers=1"), log=lambda *a: None)
-    b0 = list(tr.batches(0))
-    b1 = list(tr.batches(1, 1))
+    b0 = list(tr.data.batches(0))
+    b1 = list(tr.data.batches(1, 1))
     assert len(b0) == 4 and len(b1) == 3
     assert b0[0].global_crops.dtype == torch.float32 and b0[0].global_crops.shape == (32, 3, 32, 32)
     assert b0[0].local_crops.shape == (32, 3, 16, 16) and b0[0].masks.masks.shape == (32, 16)
-    assert tr.loader.persistent_workers and tr.loader.prefetch_factor == 4
-    raw = next(iter(tr.loader))  # what the workers send: uint8 crops (4x less than float32)
+    assert tr.data.loader.persistent_workers and tr.data.loader.prefetch_factor == 4
+    raw = next(iter(tr.data.loader))  # what the workers send: uint8 crops (4x less than float32)
     assert raw.global_crops.dtype == raw.local_crops.dtype == torch.uint8
-    ref = list(Trainer(_cfg(tmp_path / "r", "data.num_workers=0"), log=lambda *a: None).batches(1, 1))
+    ref = list(Trainer(_cfg(tmp_path / "r", "data.num_workers=0"), log=lambda *a: None).data.batches(1, 1))
     for a, b in zip(b1, ref, strict=True):  # same batches with or without (persistent) workers
         assert torch.equal(a.global_crops, b.global_crops) and torch.equal(a.local_crops, b.local_crops)
         assert torch.equal(a.masks.masks, b.masks.masks)

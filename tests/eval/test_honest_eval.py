@@ -82,8 +82,8 @@ def test_pretraining_knn_queries_are_disjoint_from_bank_and_training(tmp_path, c
     tr = Trainer(cfg)
     queries = dataset_from_config(cfg, train=False)
     query_files = {p for p, _ in queries.samples}
-    assert len(query_files) == 9 and not query_files & {p for p, _ in tr.train_set.samples}
-    assert tr.bank_set is tr.train_set  # the k-NN memory bank is the training split, without the queries
+    assert len(query_files) == 9 and not query_files & {p for p, _ in tr.data.train_set.samples}
+    assert tr.data.bank_set is tr.data.train_set  # the k-NN memory bank is the training split, without the queries
     result = tr.fit()
     assert (result["knn"]["n_train"], result["knn"]["n_test"]) == (21, 9)
     assert result["knn"]["split"].startswith("held-out 9 of 30")
@@ -157,7 +157,7 @@ def test_knn_split_val_on_a_folder_draws_every_class(tmp_path):
 def test_holdout_zero_trains_on_everything_and_skips_evaluation_with_the_reason(tmp_path):
     logs = []
     tr = Trainer(smoke_on(noise_folder(tmp_path / "imgs"), tmp_path / "run", "data.holdout=0"), log=logs.append)
-    assert len(tr.train_set) == 30
+    assert len(tr.data.train_set) == 30
     assert tr.fit()["knn"] is None
     skipped = [m for m in logs if m.startswith("k-NN skipped")]
     assert len(skipped) == 1 and "no val/ folder and data.holdout=0" in skipped[0]

@@ -98,7 +98,7 @@ def test_collapse_monitors_are_logged_and_warn(tmp_path):
     assert rows[-1]["feature_dim"] == 32 and rows[-1]["prototypes_used"] >= 1
     # the monitors of one step, recomputed from its output
     with torch.no_grad():
-        out = tr.model(batch=next(iter(tr.batches(0))), epoch=0)
+        out = tr.model(batch=next(iter(tr.data.batches(0))), epoch=0)
     mon = collapse_monitors(tr.model, out, 0)
     arg = out.teacher_logits.argmax(-1)  # (G, B)
     assert mon["feature_rank"] == pytest.approx(rankme(out.embedding))  # of the teacher CLS features

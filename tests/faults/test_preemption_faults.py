@@ -57,7 +57,7 @@ def test_signal_saves_and_the_resumed_run_is_exact(tmp_path, pipeline):
     ref = Trainer(_cfg(tmp_path / "ref", data, *ov), log=lambda *a: None)
     ref.fit()
     expected = _losses(tmp_path / "ref")
-    assert len(expected) == 2 * ref.niter and ref.niter >= 3
+    assert len(expected) == 2 * ref.data.niter and ref.data.niter >= 3
 
     tr = Trainer(_cfg(tmp_path / "cut", data, *ov), log=lambda *a: None)
     _signal_at(tr, 2, signal.SIGTERM)

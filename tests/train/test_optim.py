@@ -73,7 +73,7 @@ def test_trainer_builds_the_official_schedules(tmp_path):
         ],
     )
     tr = Trainer(cfg, log=lambda *a: None)
-    n = tr.niter  # 64 images / batch 16
+    n = tr.data.niter  # 64 images / batch 16
     assert n == 4
     np.testing.assert_allclose(tr.schedules.lr, ref_cosine_scheduler(2e-3 * 16 / 256, 1e-5, 3, n, 1), rtol=1e-12)
     np.testing.assert_allclose(tr.schedules.weight_decay, ref_cosine_scheduler(0.05, 0.3, 3, n), rtol=1e-12)

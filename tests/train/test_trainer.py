@@ -178,7 +178,7 @@ def test_kill_9_then_resume_continues(tmp_path):
 def test_tensor_and_pil_pipelines_shapes(tmp_path):
     for pipe in ("tensor", "pil"):
         tr = Trainer(smoke_cfg(tmp_path / pipe, f"data.pipeline={pipe}"), log=lambda *a: None)
-        b = next(iter(tr.batches(0)))
+        b = next(iter(tr.data.batches(0)))
         assert b.global_crops.shape == (32, 3, 32, 32) and b.local_crops.shape == (32, 3, 16, 16)
         assert b.masks.masks.shape == (32, 16)
         assert torch.isfinite(b.global_crops).all()

@@ -1,5 +1,7 @@
 """The mask grid of a backbone: one definition of the mask cell, shared by the backbones, the config
-and the collate (which makes the masks without building a model).
+and the collate (which makes the masks without building a model), and the per-token weights a mask
+gives the patch loss, shared by the collate (:class:`ibot.data.masking.MaskBatch`) and the official
+signature :class:`ibot.losses.iBOTLoss`.
 
 A ViT's mask cell is its patch: one mask position per patch token. A Swin's is the cell of a
 final-stage token, ``patch_size * 2 ** (stages - 1)`` pixels (official ``pred_size = patch_size * 8``
@@ -8,6 +10,8 @@ the patch-embedding grid, so the patch loss compares the cells the mask was draw
 """
 
 from __future__ import annotations
+
+import torch
 
 SWIN_STAGES = 4  # timm's Swin default (Swin-T/S/B/L)
 
@@ -30,3 +34,23 @@ def grid_size(height: int, width: int, cell: int, what: str = "the patch size", 
     if height % cell or width % cell:
         raise ValueError(f"image size {height}x{width} is not divisible by {what} {cell}{note}")
     return height // cell, width // cell
+
+
+def patch_loss_weights(masks: torch.Tensor, n_global: int) -> torch.Tensor:
+    """Official per-token weights of the patch loss, for every token (a property of the masks).
+
+    Each image's masked tokens are normalised by that image's mask count (at least 1); an image
+    with no masked token contributes 0 but still counts in the batch mean over B; the G views are
+    averaged. The loss takes these weights as input (:func:`ibot.losses.masked_patch_loss`).
+
+    Args:
+        masks: (G*B, N) bool, crop-major.
+        n_global: G.
+
+    Returns:
+        (G*B, N) fp32 weights, 0 where not masked.
+    """
+    m = masks.reshape(masks.shape[0], -1).float()
+    b = masks.shape[0] // n_global
+    count = m.sum(1, keepdim=True).clamp(min=1.0)
+    return m / (count * b * n_global)

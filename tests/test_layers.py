@@ -23,7 +23,7 @@ LAYERS = {
     "device": 0,
     "io": 0,
     "config": 0,
-    "grid": 0,  # the mask cell of an architecture: one pure definition for models, config and data
+    "grid": 0,  # the mask grid: the cell of an architecture and the loss weights of a mask
     # 1: building blocks over the config schema; siblings
     "data": 1,
     "models": 1,

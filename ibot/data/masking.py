@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ibot.grid import patch_loss_weights
+
 
 def block_mask(
     h: int,
@@ -193,26 +195,6 @@ def random_masks_torch(
     k = torch.floor(ratio * num_patches + 1e-9).long()
     ranks = torch.rand(n, num_patches, generator=generator).argsort(dim=1).argsort(dim=1)
     return ranks < k.unsqueeze(1)
-
-
-def patch_loss_weights(masks: torch.Tensor, n_global: int) -> torch.Tensor:
-    """Official per-token weights of the patch loss, for every token (a property of the masks).
-
-    Each image's masked tokens are normalised by that image's mask count (at least 1); an image
-    with no masked token contributes 0 but still counts in the batch mean over B; the G views are
-    averaged. The loss takes these weights as input (:func:`ibot.losses.masked_patch_loss`).
-
-    Args:
-        masks: (G*B, N) bool, crop-major.
-        n_global: G.
-
-    Returns:
-        (G*B, N) fp32 weights, 0 where not masked.
-    """
-    m = masks.reshape(masks.shape[0], -1).float()
-    b = masks.shape[0] // n_global
-    count = m.sum(1, keepdim=True).clamp(min=1.0)
-    return m / (count * b * n_global)
 
 
 @dataclass

@@ -38,7 +38,7 @@ def ibot_criterion(
         teacher_cls_probs: (G, B, K) teacher CLS targets (centered softmax or Sinkhorn-Knopp).
         student_patch: (M, K_p) student logits of the patch rows, or None (no patch term).
         teacher_patch_probs: (M, K_p) teacher targets of the same rows.
-        token_weight: (M,) per-row weight (:func:`ibot.data.masking.patch_loss_weights`: the
+        token_weight: (M,) per-row weight (:func:`ibot.grid.patch_loss_weights`: the
             official per-image mean over masked tokens, then the mean over images and views; 0 for
             rows that do not count).
         student_temp: student temperature.

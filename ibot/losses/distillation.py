@@ -56,7 +56,7 @@ def masked_patch_loss(
         student_logits: (M, K) student logits at masked positions.
         teacher_probs: (M, K) teacher targets at the same positions (same view).
         weight: (M,) per-token weight, an input: the masks own it
-            (:func:`ibot.data.masking.patch_loss_weights`, the official 1 / (mask count of the
+            (:func:`ibot.grid.patch_loss_weights`, the official 1 / (mask count of the
             token's image * B * G)).
         student_temp: student temperature.
 

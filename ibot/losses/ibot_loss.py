@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ibot.grid import patch_loss_weights
 from ibot.losses.criterion import ibot_criterion
 from ibot.losses.teacher import Center, teacher_temperature
 
@@ -101,7 +102,7 @@ class iBOTLoss(nn.Module):  # noqa: N801
             t_probs,
             s_patch.reshape(-1, k2),
             tp_probs.reshape(-1, k2),
-            _official_token_weights(masks, g).reshape(-1),
+            patch_loss_weights(masks, g).reshape(-1),
             student_temp=self.student_temp,
             cls_weight=self.lambda1,
             patch_weight=self.lambda2,
@@ -113,15 +114,6 @@ class iBOTLoss(nn.Module):  # noqa: N801
     def update_center(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:
         self.cls_center.update(teacher_cls.float().sum(0), teacher_cls.shape[0])
         self.patch_center.update(teacher_patch.float().mean(1).sum(0), teacher_patch.shape[0])
-
-
-def _official_token_weights(masks: torch.Tensor, n_global: int) -> torch.Tensor:
-    """(G*B, N) weights of the official patch-loss averaging: each image's mean over its masked tokens
-    (count at least 1), then the mean over the B images and the G views. The same numbers as
-    :func:`ibot.data.masking.patch_loss_weights` (the losses do not import the data side)."""
-    m = masks.float()
-    count = m.sum(1, keepdim=True).clamp(min=1.0)
-    return m / (count * (masks.shape[0] // n_global) * n_global)
 
 
 _INNER = {"center": "cls_center.center", "center2": "patch_center.center"}

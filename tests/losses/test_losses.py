@@ -3,18 +3,18 @@ import torch
 import torch.nn.functional as F
 from reference import ref_ibot_loss, ref_sinkhorn, ref_teacher_temp_schedule
 
-from ibot.data.masking import patch_loss_weights
+from ibot.grid import patch_loss_weights
 from ibot.losses import (
     Center,
     cls_distillation_loss,
     ibot_criterion,
+    ibot_loss,
     iBOTLoss,
     koleo_loss,
     masked_patch_loss,
     sinkhorn_knopp,
     teacher_temperature,
 )
-from ibot.losses.ibot_loss import _official_token_weights
 
 
 def _inputs(g, nl, b=4, n=9, k=16, kp=12, seed=0):
@@ -192,4 +192,6 @@ def test_criterion_returns_the_weighted_terms_and_their_sum():
 def test_official_loss_weights_are_the_masks_weights():
     masks = torch.rand(6, 9, generator=torch.Generator().manual_seed(0)) > 0.5
     masks[0] = False
-    assert torch.equal(_official_token_weights(masks, 2), patch_loss_weights(masks, 2))
+    # iBOTLoss (every token) and the collate (MaskBatch) weigh tokens with the same function
+    assert ibot_loss.patch_loss_weights is patch_loss_weights
+    assert torch.equal(ibot_loss.patch_loss_weights(masks, 2), patch_loss_weights(masks, 2))

@@ -128,5 +128,6 @@ class TrainStep:
                 del self.optimizer.found_inf
         good = bad == 0
         model.update_centers(out.targets, good)
+        out.targets = None  # the (M, K_p) patch logits and targets must not live on through the next step
         model.update_teacher(values.momentum, good)
         return StepResult(out, bad, flags)

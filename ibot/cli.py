@@ -112,7 +112,7 @@ class _Parser(argparse.ArgumentParser):
 def cmd_pretrain(args) -> int:
 
     from ibot.builders.sources import resolve_source
-    from ibot.config import build_config, flatten, parse_override, to_dict
+    from ibot.config import build_config, flatten, parse_override
     from ibot.train.checkpoint import resume_config
     from ibot.train.trainer import Trainer
 
@@ -127,13 +127,11 @@ def cmd_pretrain(args) -> int:
         cfg.run.output_dir = str(ckpt.parent)
         trainer = Trainer(cfg, resume=str(ckpt))
     else:
-        from ibot.data_setup import folder_overrides
+        from ibot.recipe import resolve_pretrain_config
 
-        user = dict(parse_override(o) for o in overrides)
-        found, message = folder_overrides(flatten(to_dict(build_config(preset or "fmnist_tiny"))), user)
-        if message:
-            print(message)
-        cfg = build_config(preset or "fmnist_tiny", {**found, **user})
+        cfg, lines = resolve_pretrain_config(preset, overrides)
+        for line in lines:
+            print(line)
         trainer = Trainer(cfg, resume="never" if args.fresh else "auto")
     result = trainer.fit()
     knn = result.get("knn")
@@ -328,12 +326,15 @@ def cmd_viz(args) -> int:
 def cmd_config(args) -> int:
     from omegaconf import OmegaConf
 
-    from ibot.config import PRESETS, build_config
+    from ibot.config import PRESETS
+    from ibot.recipe import resolve_pretrain_config
 
     preset, overrides = _split_overrides(args.overrides)
     if args.config:
         overrides = config_file_overrides(args.config) + overrides
-    cfg = build_config(preset, overrides)
+    cfg, lines = resolve_pretrain_config(preset, overrides)  # what `ibot pretrain` with these keys trains
+    for line in lines:
+        print(f"# {line}")
     if args.explain:
         from ibot.config_help import explain
 

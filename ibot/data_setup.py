@@ -39,10 +39,7 @@ def inspect_folder(path: str | Path) -> dict | None:
         kind = "folder"
     if not files:
         return None
-    try:
-        channels = 1 if load_image(files[0]).mode == "L" else 3
-    except Exception:  # noqa: BLE001 - an unreadable first file: assume colour
-        channels = 3
+    channels, side = _look(files)
     return {
         "dataset": kind,
         "root": str(root),
@@ -50,8 +47,58 @@ def inspect_folder(path: str | Path) -> dict | None:
         "n_images": len(files),
         "per_class": [len(v) for _, v in sorted(classes.items())] if kind == "imagefolder" else [],
         "has_val": (root / "val").is_dir(),
+        "n_val": len(_images(root / "val")) if (root / "val").is_dir() else 0,
         "channels": channels,
+        "median_side": side,
     }
+
+
+def _look(files: list[Path], sample: int = 64) -> tuple[int, int | None]:
+    """(channels of the first readable image, median short side of up to ``sample`` images spread over
+    the list); headers only, except the first image, which is decoded for its mode."""
+    from PIL import Image
+
+    channels, sides = 3, []
+    for i, path in enumerate(files[:: max(1, len(files) // sample)][:sample]):
+        try:
+            if i == 0:
+                channels = 1 if load_image(path).mode == "L" else 3
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except Exception:  # noqa: BLE001 - an unreadable file: the others decide
+            continue
+    return channels, sorted(sides)[len(sides) // 2] if sides else None
+
+
+DATASET_FILES = ("*-idx?-ubyte*", "data_batch_*", "cifar-*")  # built-in data sets' files, not an image folder
+
+
+def check_has_images(path: str | Path) -> None:
+    """A ``data.path`` with neither images nor a built-in data set's files is a one-line error."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"data folder {str(path)!r} does not exist; pass data.path=/path/to/images")
+    if inspect_folder(root) is None and not any(next(root.rglob(g), None) for g in DATASET_FILES):
+        raise DatasetError(
+            f"data.path={path} holds no images ({', '.join(IMG_EXTENSIONS)}); point it at a folder of images "
+            "(class sub-folders, or loose images)"
+        )
+
+
+def describe_folder(info: dict, holdout: float) -> str:
+    """What a folder holds and how it is split, in words (with the counts of each part)."""
+    if info["dataset"] != "imagefolder":
+        return f"a folder of {info['n_images']} unlabelled images (no class sub-folders: no k-NN evaluation)"
+    n, k = info["n_images"], len(info["classes"])
+    if info["has_val"]:
+        return f"ImageFolder with {k} classes: {n} training images in train/, {info['n_val']} in val/ for evaluation"
+    if holdout <= 0:
+        return f"ImageFolder with {k} classes, {n} images (no val/ and data.holdout=0: no evaluation)"
+    import torch
+
+    labels = torch.cat([torch.full((c,), i) for i, c in enumerate(info["per_class"])])
+    held = len(stratified_holdout(labels, holdout, seed=0)[1])
+    return f"ImageFolder with {k} classes, {n} images (no val/: {held} images, {holdout:.0%} of each class, held out)"
 
 
 def folder_overrides(preset: dict, user: dict) -> tuple[dict, str | None]:
@@ -63,12 +110,14 @@ def folder_overrides(preset: dict, user: dict) -> tuple[dict, str | None]:
 
     Returns:
         ``(overrides to add, message)``; ``({}, None)`` when nothing applies (no ``data.path``, an
-        explicit ``data.dataset``, or a folder without images).
+        explicit ``data.dataset``, or the files of a built-in data set such as Fashion-MNIST's).
+
+    Raises:
+        DatasetError: the folder does not exist, or holds neither images nor a built-in data set.
     """
     if not user.get("data.path") or "data.dataset" in user:
         return {}, None
-    if not Path(str(user["data.path"])).expanduser().is_dir():
-        raise DatasetError(f"data folder {user['data.path']!r} does not exist; pass data.path=/path/to/images")
+    check_has_images(user["data.path"])
     info = inspect_folder(user["data.path"])
     if info is None:
         return {}, None
@@ -79,29 +128,15 @@ def folder_overrides(preset: dict, user: dict) -> tuple[dict, str | None]:
         add["data.pipeline"] = "auto"  # the tensor pipeline is for in-memory datasets
     if preset.get("model.in_chans") != info["channels"] and "model.in_chans" not in user:
         add["model.in_chans"] = info["channels"]
-    n_train = info["n_images"]
     holdout = float(user.get("data.holdout", preset.get("data.holdout", 0.1)))
+    n_train = info["n_images"]
     if info["dataset"] == "imagefolder" and not info["has_val"] and holdout > 0:
         import torch
 
         labels = torch.cat([torch.full((n,), i) for i, n in enumerate(info["per_class"])])
-        kept, held = stratified_holdout(labels, holdout, seed=0)
-        n_train = len(kept)
+        n_train = len(stratified_holdout(labels, holdout, seed=0)[0])
     batch = int(user.get("optim.batch_size", preset.get("optim.batch_size", 1)))
     if "optim.batch_size" not in user and n_train < 8 * batch:
         add["optim.batch_size"] = batch = max(2, 1 << max(1, (n_train // 8).bit_length() - 1))
-    if info["dataset"] == "imagefolder":
-        split = (
-            "train/ + val/"
-            if info["has_val"]
-            else (
-                f"no val/: {len(held)} images ({holdout:.0%} of each class, seeded) held out for evaluation"
-                if holdout > 0
-                else "no val/ and data.holdout=0: no evaluation"
-            )
-        )
-        found = f"ImageFolder with {len(info['classes'])} classes, {info['n_images']} images ({split})"
-    else:
-        found = f"a folder of {info['n_images']} unlabelled images (no class sub-folders: no k-NN evaluation)"
     changes = ", ".join(f"{k}={v}" for k, v in add.items()) or "nothing to change"
-    return add, f"data.path={user['data.path']}: {found}; set {changes}"
+    return add, f"data.path={user['data.path']}: {describe_folder(info, holdout)}; set {changes}"

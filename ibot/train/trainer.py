@@ -205,7 +205,7 @@ class Trainer:
     def _log_start(self) -> None:
         cfg = self.cfg
         self.log(
-            f"ibot: {cfg.method} on {cfg.data.dataset} ({len(self.data.train_set)} images), {cfg.model.arch} "
+            f"ibot: {cfg.method} on {cfg.data.dataset} ({len(self.data.train_set)} images), {self._architecture()} "
             f"-> {self.run_dir} | {self.data.niter} steps/epoch x {cfg.optim.epochs} epochs, batch "
             f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}, "
             f"data.pipeline={self.data.pipeline}"
@@ -214,6 +214,14 @@ class Trainer:
             self.log(f"data: training on {self.data.train_set.split}")
         if self.global_step:
             self.log(f"resumed at epoch {self.epoch}, step {self.global_step}")
+
+    def _architecture(self) -> str:
+        """The backbone trained, in words (the timm name is only a template for custom widths)."""
+        bb, m = self.model.teacher["backbone"], self.cfg.model
+        if type(bb).__name__ != "MaskedViT":
+            return f"{m.arch} (patch {m.patch_size}, {m.img_size} px)"
+        shape = f"ViT {bb.embed_dim} wide x {len(bb.blocks)} blocks ({bb.num_heads} heads)"
+        return f"{shape}, patch {bb.patch_size}, {m.img_size} px"
 
     def _start_loop(self) -> None:
         """The loop's state: where this invocation started, its clocks, and what it has to report."""

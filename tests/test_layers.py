@@ -41,7 +41,8 @@ LAYERS = {
     "train": 5,
     "viz": 5,
     "lightning": 5,
-    "data_setup": 5,  # `data.path=DIR` alone: the preset fitted to a folder
+    "data_setup": 5,  # `data.path=DIR` alone: what a folder holds, the preset fitted to it
+    "recipe": 5,  # `data.path=DIR` without a preset: the recipe fitted to the folder and the machine
     "config_help": 5,  # `ibot config --explain`
     # 6: the command line
     "cli": 6,

@@ -1,10 +1,11 @@
 """``data.path=DIR`` alone: recognise what the folder holds and fit the config to it.
 
 ``ibot pretrain data.path=my_images`` should train on ``my_images``, not on the preset's dataset.
-When the user names a folder but no ``data.dataset``, :func:`folder_overrides` looks at the
-folder (class sub-folders: ``imagefolder``; loose images: ``folder``; no images, e.g. the IDX files
-of Fashion-MNIST: left to the preset) and returns the overrides that make the preset train on it,
-with one line saying what it found and what it changed.
+When the user names a folder but no ``data.dataset``, :func:`inspect_folder` looks at the
+folder (class sub-folders: ``imagefolder``; loose images: ``folder``; the files of a built-in data set
+such as Fashion-MNIST's IDX files: left to the preset; nothing of these: a one-line error). With a
+preset, :func:`folder_overrides` returns the overrides that make the preset train on it, with one
+line saying what it found and what it changed; without one, :mod:`ibot.recipe` fits the whole recipe.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ibot.data.datasets import IMG_EXTENSIONS, DatasetError, load_image, stratified_holdout
+from ibot.device import available_cores
 
 
 def _images(folder: Path) -> list[Path]:
@@ -128,6 +130,9 @@ def folder_overrides(preset: dict, user: dict) -> tuple[dict, str | None]:
         add["data.pipeline"] = "auto"  # the tensor pipeline is for in-memory datasets
     if preset.get("model.in_chans") != info["channels"] and "model.in_chans" not in user:
         add["model.in_chans"] = info["channels"]
+    cores = available_cores()
+    if "data.num_workers" not in user and preset.get("data.num_workers", 0) > cores:
+        add["data.num_workers"] = cores  # more workers than cores only slows the step (torch warns too)
     holdout = float(user.get("data.holdout", preset.get("data.holdout", 0.1)))
     n_train = info["n_images"]
     if info["dataset"] == "imagefolder" and not info["has_val"] and holdout > 0:

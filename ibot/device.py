@@ -40,6 +40,11 @@ def resolve_device(name: str | torch.device | None = "auto", option: str = "--de
     return dev
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a SLURM or container limit)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def training_device(name: str, distributed: bool = False) -> torch.device:
     """``run.device`` of a training process (:func:`resolve_device`); ``distributed`` on CUDA: this
     process's GPU (``LOCAL_RANK`` under torchrun), made the current device."""

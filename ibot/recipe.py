@@ -40,9 +40,10 @@ class Machine:
     def detect(cls, run_device: str = "auto") -> Machine:
         import torch
 
+        from ibot.device import available_cores
+
         cuda = run_device.startswith("cuda") or (run_device == "auto" and torch.cuda.is_available())
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return cls("cuda" if cuda else "cpu", cores, int(os.environ.get("WORLD_SIZE", 1)))
+        return cls("cuda" if cuda else "cpu", available_cores(), int(os.environ.get("WORLD_SIZE", 1)))
 
 
 @dataclass(frozen=True)

@@ -94,3 +94,15 @@ def test_in_memory_decodes_a_folder_for_the_in_memory_paths(tmp_path):
     assert mem.labels.tolist() == files.labels.tolist() and mem.classes == ["a", "b"]
     wide = [i for i, (p, _) in enumerate(files.samples) if p.endswith("wide.png")][0]
     assert mem.images[wide, :, 8, 8].tolist() == [10, 200, 30]  # resized by the shorter side, center-cropped
+
+
+def test_a_preset_asking_more_workers_than_cores_gets_the_cores(tmp_path, monkeypatch):
+    import ibot.data_setup as data_setup
+
+    monkeypatch.setattr(data_setup, "available_cores", lambda: 2)
+    for c in ("a", "b"):
+        _images(tmp_path / "imgs" / c, 20)
+    add, msg = folder_overrides(_preset("vit_small_in1k"), {"data.path": str(tmp_path / "imgs")})
+    assert add["data.num_workers"] == 2 and "data.num_workers=2" in msg  # the preset's 10 on 2 cores
+    add, _ = folder_overrides(_preset("vit_small_in1k"), {"data.path": str(tmp_path / "imgs"), "data.num_workers": 9})
+    assert "data.num_workers" not in add  # the user's own value is kept

@@ -51,7 +51,10 @@ def test_inspect_tells_imagefolder_flat_folder_and_no_images(tmp_path):
     assert inspect_folder(tmp_path / "idx") is None  # e.g. Fashion-MNIST files: the preset's dataset stays
 
 
-def test_overrides_fit_the_default_preset_to_the_folder(tmp_path):
+def test_overrides_fit_the_default_preset_to_the_folder(tmp_path, monkeypatch):
+    import ibot.data_setup as data_setup
+
+    monkeypatch.setattr(data_setup, "available_cores", lambda: 8)  # the preset's 4 workers fit
     for c in ("a", "b", "c"):
         _images(tmp_path / "imgs" / c, 100)
     add, msg = folder_overrides(_preset("fmnist_tiny"), {"data.path": str(tmp_path / "imgs")})

@@ -46,3 +46,22 @@ def test_gpu_check_torchrun_fsdp_smoke(tmp_path):
     res = gpu_check.check_torchrun(gpu_check.torch.device("cpu"))
     assert res["ok"], res
     assert res["backend"] == "gloo" and res["world_size"] == 1 and len(res["losses"]) == 2
+
+
+def test_gpu_check_no_sync_section_skips_on_cpu_and_its_steps_run(tmp_path, monkeypatch):
+    """(g) is skipped without CUDA; its loop (warm-up, then steps with the sync check on, then off)
+    runs the real trainer's steps, here on the CPU with the CUDA calls recorded."""
+    import gpu_check
+
+    from ibot.config import build_config
+    from ibot.train.trainer import Trainer
+
+    assert "skipped" in gpu_check.check_no_sync(gpu_check.torch.device("cpu"), True)
+    modes = []
+    monkeypatch.setattr(gpu_check.torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(gpu_check.torch.cuda, "synchronize", lambda device=None: None)
+    over = [f"run.output_dir={tmp_path}", "run.progress=false", "optim.batch_size=4", "loss.centering=sinkhorn"]
+    tr = Trainer(build_config("smoke", over), log=lambda *a: None)
+    res = gpu_check._steps_under_sync_error(tr, 3)
+    assert res["ok"] and res["steps"] == 3 and res["bad"] == 0, res
+    assert modes == ["error", 0]

@@ -7,12 +7,15 @@ step k is read; the non-finite skip and its streak stay on the device and still 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 
 import pytest
 import torch
 
 from ibot.config import build_config
+from ibot.data.prefetch import DeviceBatches
 from ibot.train.flags import DeviceFlags
 from ibot.train.trainer import Trainer, TrainingError
 
@@ -31,11 +34,12 @@ def _trainer(tmp_path, *ov):
     return Trainer(build_config("smoke", over), log=lambda *a: None)
 
 
-def _record_events(tr, monkeypatch) -> list:
+def _record_events(tr, monkeypatch, events: list | None = None) -> list:
     """``("queue", step index)`` when a step is handed to ``TrainStep`` and ``("read", global step)``
     at every host read of a tensor by the training loop's thread, except inside the loader's
     ``next`` (the loader and its threads read host-made tensors, not device values)."""
-    events, in_data, loop = [], [False], threading.get_ident()
+    events = [] if events is None else events
+    in_data, loop = [False], threading.get_ident()
     for name in READS:
         real = getattr(torch.Tensor, name)
 
@@ -78,6 +82,53 @@ def test_between_log_steps_the_loop_reads_nothing_from_the_device(tmp_path, monk
     assert [e for e in events[:first_read]] == [("queue", k) for k in range(4)]  # steps 0-3 queued unread
     assert [e for e in events if e[0] == "queue"] == [("queue", k) for k in range(8)]
     assert tr.last_record["step"] == 8  # the log steps still log
+
+
+class _CountingStreams:
+    """Stream operations for :class:`ibot.data.prefetch.DeviceBatches` on the CPU: each batch queued
+    on the (fake) side stream adds ``("batch queued", n)`` to ``events``."""
+
+    def __init__(self, events):
+        self.events, self.n = events, 0
+
+    def side(self):
+        return self
+
+    def current(self):
+        return self
+
+    def use(self, stream):
+        return contextlib.nullcontext()
+
+    def event(self):
+        self.events.append(("batch queued", self.n))
+        self.n += 1
+        return self
+
+    def record(self, *a):  # event.record(stream) and streams.record(tensor, stream)
+        pass
+
+    def wait_event(self, event):
+        pass
+
+
+def test_the_next_batch_is_queued_before_the_loop_reads_a_step(tmp_path, monkeypatch):
+    """The whole loop with the CUDA prefetch order (fake streams): when the host reads at log step
+    4 (steps 0-3 queued), batch 4 is already queued on the side stream."""
+    events = []
+    streams = _CountingStreams(events)
+    monkeypatch.setattr("ibot.train.data.DeviceBatches", functools.partial(DeviceBatches, streams=streams))
+    tr = _trainer(tmp_path, "run.log_every=4", "run.max_steps=8")
+    _record_events(tr, monkeypatch, events)
+    tr.fit()
+    reads = [i for i, e in enumerate(events) if e[0] == "read"]
+    assert {events[i][1] for i in reads} == {4, 8}
+    for i in reads:
+        step = events[i][1]  # steps 0 .. step-1 are queued; batch `step` must be on its way
+        queued = [n for kind, n in events[:i] if kind == "batch queued"]
+        assert step in queued or step == 8, (step, queued)  # 8: the last step, no batch after it
+    first = reads[0]
+    assert ("batch queued", 4) in events[:first] and ("queue", 3) in events[:first]
 
 
 def _poison(tr, bad_calls: set[int], snapshots: dict | None = None):
@@ -135,3 +186,41 @@ def test_device_flags_fold_streak_peak_count_and_vote():
     f.add(torch.tensor([1.0, 0.0]))
     r = f.read()  # the streak goes on across a read; the counts start again
     assert (r.streak, r.peak, r.bad, r.stop) == (2, 2, 1, False)
+
+
+def _vote_worker(rank, world, port, run, out_path):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    over = ["run.log_every=4", "run.time_limit_min=1000", "optim.batch_size=4", "run.knn_at_end=false"]
+    tr = Trainer(
+        build_config("smoke", [f"run.output_dir={run}", "run.progress=false", "optim.epochs=4", *over]),
+        log=lambda *a: None,
+        resume="never",
+    )
+    if rank == 1:  # only this rank's clock is over the limit, from the second step on
+        tr._over_time_limit = lambda: tr.global_step >= 1
+    tr.fit()
+    torch.save({"step": tr.global_step, "niter": tr.data.niter}, f"{out_path}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_one_ranks_time_limit_vote_stops_every_rank_at_the_same_read_step(tmp_path):
+    """The vote rides on the steps' all-reduced flags and is read at the next log step (4), on every rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "stop"
+    mp.spawn(_vote_worker, args=(2, port, str(tmp_path / "run"), str(out)), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert r0["niter"] > 4  # the stop is the vote's, not an epoch end
+    assert r0["step"] == r1["step"] == 4  # before: step 2, the step after the vote

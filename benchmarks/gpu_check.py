@@ -17,7 +17,12 @@ Sections:
   (d) loader-only / step-only / end-to-end images/s (``loader_figures`` of
       ``benchmarks/loader_throughput.py``; skipped with a line when that file is absent);
   (e) ``ibot knn`` throughput: feature extraction (bf16) and the neighbour search on the device;
-  (f) a 1-GPU ``torchrun`` smoke with NCCL and FSDP2 (gloo with ``--device cpu``).
+  (f) a 1-GPU ``torchrun`` smoke with NCCL and FSDP2 (gloo with ``--device cpu``);
+  (g) no host sync in the training loop: 10 steps (loader, side-stream copy, device half, ``TrainStep``,
+      the trainer's flag folding; no log step) under ``torch.cuda.set_sync_debug_mode("error")`` for
+      ``data.pipeline`` tensor / pil / gpu x ``loss.centering`` center / sinkhorn (skipped without CUDA).
+
+(d) also reports end-to-end over step-only images/s against its target (>= 0.9).
 
 Offline GPU machines: only torch, timm, safetensors, tqdm, tensorboard and matplotlib may be
 installed there. Bring the rest of ibot's dependencies as wheels, downloaded where pip works::
@@ -60,6 +65,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 BF16_TOL = 2e-2
+E2E_TARGET = 0.9  # (d): end-to-end images/s over step-only images/s
+SYNC_STEPS = 10  # (g): steps run under torch.cuda.set_sync_debug_mode("error")
 PARITY_TOL = 1e-4
 
 
@@ -356,9 +363,13 @@ def check_loader(device, quick: bool) -> dict:
     n_images = 32 if quick else 2048
     workers = 0 if quick else min(8, os.cpu_count() or 1)
     try:
-        return loader_figures(device, workers, n_images, **kw)
+        res = loader_figures(device, workers, n_images, **kw)
     except TypeError as err:
         return {"skipped": f"loader_figures has another signature ({err})"}
+    ratio = res.get("end_to_end_after_fill_over_step", res.get("end_to_end_over_step"))
+    if ratio is not None:  # the data path keeps the step fed: end-to-end >= 0.9 x step-only images/s
+        res.update(end_to_end_target=E2E_TARGET, end_to_end_ok=bool(ratio >= E2E_TARGET))
+    return res
 
 
 # ------------------------------------------------------------------ (e) k-NN
@@ -439,6 +450,66 @@ def check_torchrun(device) -> dict:
     return {"error": (res.stderr or res.stdout)[-800:], "ok": False}
 
 
+# ------------------------------------------------------------------ (g) no host sync in the loop
+def _image_folder(root: Path, n: int, size: int = 48) -> Path:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        px = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=gen).numpy()
+        Image.fromarray(px).save(root / f"c{i % 2}" / f"{i}.png")
+    return root
+
+
+def _steps_under_sync_error(tr, steps: int) -> dict:
+    """One warm-up step, then ``steps`` steps as ``Trainer.fit`` queues them between log steps
+    (next batch, ``train_step``), with any host synchronisation an error."""
+    tr.model.train()
+    batches = iter(tr.data.batches(0))
+    tr.train_step(next(batches), 0)  # optimizer state, cached constants, kernel selection
+    torch.cuda.synchronize(tr.device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in range(1, steps + 1):
+            tr.train_step(next(batches), k)
+    except RuntimeError as err:
+        return {"ok": False, "error": str(err).splitlines()[0][:300], "trace": traceback.format_exc()[-1500:]}
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize(tr.device)
+    return {"ok": True, "steps": steps, "bad": tr.flags.read().bad}
+
+
+def check_no_sync(device, quick: bool, steps: int = SYNC_STEPS) -> dict:
+    if device.type != "cuda":
+        return {"skipped": "needs CUDA (torch.cuda.set_sync_debug_mode)"}
+    import tempfile
+
+    from ibot.config import build_config
+    from ibot.train.trainer import Trainer
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _image_folder(Path(tmp) / "imgs", 4 * (steps + 2))
+        for pipeline in ("tensor", "pil", "gpu"):
+            data = ["data.dataset=synthetic", f"data.synthetic_size={4 * (steps + 2)}"]
+            if pipeline != "tensor":
+                data = ["data.dataset=imagefolder", f"data.path={folder}", "data.holdout=0"]
+            for centering in ("center", "sinkhorn"):
+                over = [*data, f"data.pipeline={pipeline}", f"loss.centering={centering}", "optim.batch_size=4"]
+                over += [f"run.output_dir={tmp}/{pipeline}-{centering}", "run.device=cuda", "run.progress=false"]
+                name = f"{pipeline} / {centering}"
+                try:
+                    tr = Trainer(build_config("smoke", over), log=lambda *a: None, resume="never")
+                    rows[name] = _steps_under_sync_error(tr, steps)
+                except Exception as err:
+                    rows[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+    return {"ok": all(r["ok"] for r in rows.values()), "runs": rows, "steps": steps}
+
+
 # ------------------------------------------------------------------ table
 def _fmt(v) -> str:
     if isinstance(v, float):
@@ -455,13 +526,14 @@ def table(results: dict) -> str:
         ("d_loader", "(d) loader / step / end-to-end"),
         ("e_knn", "(e) k-NN throughput"),
         ("f_torchrun", "(f) torchrun NCCL + FSDP2"),
+        ("g_no_sync", "(g) steps under set_sync_debug_mode('error')"),
     ]:
         sec = results.get(key, {})
         lines.append(title)
-        if key == "c_throughput" and "runs" in sec:
+        if key in ("c_throughput", "g_no_sync") and "runs" in sec:
             for name, row in sec["runs"].items():
-                lines.append(f"  {name:<24} " + "  ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
-            for name, r in sec["ratios"].items():
+                lines.append(f"  {name:<24} " + "  ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "trace"))
+            for name, r in sec.get("ratios", {}).items():
                 lines.append(f"  {name:<24} {r:.2f}x")
         else:
             items = sec.items() if isinstance(sec, dict) else [("value", sec)]
@@ -475,7 +547,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny model and sizes (the CPU smoke); default with cpu")
     p.add_argument("--official-src", default=os.environ.get("IBOT_OFFICIAL_SRC"), help="bytedance/ibot checkout")
     p.add_argument("--steps", type=int, help="timed steps per (c) runner (default 20; 2 with --quick)")
-    p.add_argument("--only", nargs="+", choices=list("abcdef"), help="run only these sections")
+    p.add_argument("--only", nargs="+", choices=list("abcdefg"), help="run only these sections")
     p.add_argument("--out", help="JSON path (default benchmarks/results/gpu-<date>.json; -quick on the CPU smoke)")
     p.add_argument("--fsdp-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -494,6 +566,7 @@ def main(argv=None) -> int:
         "d": ("d_loader", lambda: check_loader(device, quick)),
         "e": ("e_knn", lambda: check_knn(device, quick)),
         "f": ("f_torchrun", lambda: check_torchrun(device)),
+        "g": ("g_no_sync", lambda: check_no_sync(device, quick)),
     }
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = {"device_name": name, "torch": torch.__version__, "quick": quick, "date": _dt.date.today().isoformat()}

@@ -334,7 +334,8 @@ class iBOT(nn.Module):  # noqa: N801
         m = torch.where(apply, momentum, 1.0).to(t[0].dtype)
         w = torch.where(apply, 1.0 - momentum, 0.0).to(t[0].dtype)
         torch._foreach_mul_(t, m)
-        torch._foreach_add_(t, torch._foreach_mul(s, w))
+        # in place, no student-sized temporary: t += s * w (w a 0-d device tensor, broadcast)
+        torch._foreach_addcmul_(t, s, [w] * len(s))
 
     @torch.no_grad()
     def update_centers(self, targets: TeacherTargets | None, apply: torch.Tensor | None = None) -> None:

@@ -34,6 +34,7 @@ def test_gpu_check_sections_a_to_e_on_cpu(tmp_path, capsys):
     assert "skipped" in runs["official"]  # no official source here
     d = res["d_loader"]
     assert "skipped" in d or "end_to_end_ips" in d
+    assert "skipped" in d or (d["end_to_end_target"] == 0.9 and isinstance(d["end_to_end_ok"], bool))
     assert res["e_knn"]["images"] == 80 and res["e_knn"]["extract_images_per_s"] > 0
     table = capsys.readouterr().out
     for title in ("(a) CUDA vs CPU", "(b) bf16", "(c) ViT-S/16", "(d) loader", "(e) k-NN"):
@@ -46,3 +47,22 @@ def test_gpu_check_torchrun_fsdp_smoke(tmp_path):
     res = gpu_check.check_torchrun(gpu_check.torch.device("cpu"))
     assert res["ok"], res
     assert res["backend"] == "gloo" and res["world_size"] == 1 and len(res["losses"]) == 2
+
+
+def test_gpu_check_no_sync_section_skips_on_cpu_and_its_steps_run(tmp_path, monkeypatch):
+    """(g) is skipped without CUDA; its loop (warm-up, then steps with the sync check on, then off)
+    runs the real trainer's steps, here on the CPU with the CUDA calls recorded."""
+    import gpu_check
+
+    from ibot.config import build_config
+    from ibot.train.trainer import Trainer
+
+    assert "skipped" in gpu_check.check_no_sync(gpu_check.torch.device("cpu"), True)
+    modes = []
+    monkeypatch.setattr(gpu_check.torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(gpu_check.torch.cuda, "synchronize", lambda device=None: None)
+    over = [f"run.output_dir={tmp_path}", "run.progress=false", "optim.batch_size=4", "loss.centering=sinkhorn"]
+    tr = Trainer(build_config("smoke", over), log=lambda *a: None)
+    res = gpu_check._steps_under_sync_error(tr, 3)
+    assert res["ok"] and res["steps"] == 3 and res["bad"] == 0, res
+    assert modes == ["error", 0]

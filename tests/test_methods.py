@@ -3,8 +3,10 @@ import random
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from conftest import tiny_ibot
 from reference import ref_ibot_loss, ref_sinkhorn, ref_teacher_temp_schedule
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ibot import DINO, iBOT
 from ibot.data.masking import MaskBatch, MaskGenerator
@@ -136,6 +138,49 @@ def test_ema_update_is_exact():
     model.update_teacher(0.9)
     for n, p in model.teacher.named_parameters():
         torch.testing.assert_close(p, 0.9 * before_t[n] + 0.1 * student[n])
+
+
+class _Outputs(TorchDispatchMode):
+    """Records the size of every tensor an op returns in memory none of its inputs use (a new allocation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        used = _storages((args, kwargs))
+        self.sizes += [t.numel() for t in _tensors(out) if t.untyped_storage().data_ptr() not in used]
+        return out
+
+
+def _tensors(tree) -> list:
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _storages(tree) -> set:
+    return {t.untyped_storage().data_ptr() for t in _tensors(tree)}
+
+
+@pytest.mark.parametrize("apply", [True, False])
+def test_gated_ema_is_in_place_and_equals_the_formula(apply):
+    """Issue 25: the device-gated EMA (what the training step runs) made a student-sized temporary
+    (``_foreach_mul(student, w)``); it now updates the teacher in place with the same values."""
+    torch.manual_seed(0)
+    model = tiny_ibot()
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    before_t = {n: p.clone() for n, p in model.teacher.named_parameters()}
+    student = dict(model.student.named_parameters())
+    with _Outputs() as rec:
+        model.update_teacher(0.9, torch.tensor(apply))
+    assert rec.sizes and max(rec.sizes) <= 1, rec.sizes  # only the 0-d momentum / weight
+    for n, p in model.teacher.named_parameters():
+        if apply:  # one fused multiply-add: within fp32 rounding of the two-rounding formula
+            torch.testing.assert_close(p, 0.9 * before_t[n] + 0.1 * student[n], rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(p, before_t[n]), n  # a skipped step leaves the teacher bit for bit
 
 
 def test_same_seed_same_loss_and_self_sampled_masks():

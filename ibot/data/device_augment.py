@@ -139,6 +139,14 @@ class DecodedImages(torch.utils.data.Dataset):
         return item
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (host) on ``device`` without a host wait: on CUDA through pinned memory, ``non_blocking``
+    (a copy from pageable memory waits for the stream)."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 @dataclass
 class AugmentParams:
     """Per-row random parameters of one call (CPU tensors, n rows = crops of the batch).
@@ -184,6 +192,14 @@ class DeviceAugment:
         )
         self.gray_p = 0.0 if gray else spec.grayscale_p  # never for one channel
         self.sigma = spec.sigma_range
+        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # see normalizer
+
+    def normalizer(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, offset) with ``(x - mean) / std == offset + x * scale``, made once per device."""
+        if device not in self._norm:
+            scale = 1 / self.std
+            self._norm[device] = (to_device(scale, device), to_device(-self.mean * scale, device))
+        return self._norm[device]
 
     # ------------------------------------------------------------------ parameters (CPU)
     def sample(self, kinds: torch.Tensor, gen: torch.Generator) -> AugmentParams:
@@ -206,7 +222,7 @@ class DeviceAugment:
         """(n, C, H, W) uint8 -> (n, C, H, W) float32 normalised, with parameters ``p``."""
         dev = x.device
         x = x.float().div_(255.0)
-        to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
+        to = lambda t: to_device(t, dev)  # noqa: E731
         if bool((p.factor != torch.tensor([1.0, 1.0, 1.0, 0.0])).any()):
             x = self._jitter(x, p, to)
         if bool(p.gray.any()):
@@ -218,8 +234,8 @@ class DeviceAugment:
         if bool(p.solarize.any()):
             on = to(p.solarize).view(-1, 1, 1, 1) & (x >= 0.5)  # uint8 >= 128 after rounding
             x = torch.where(on, 1.0 - x, x)
-        scale = (1 / self.std).to(dev)
-        return torch.addcmul((-self.mean * scale).to(dev), x, scale)  # (x - mean) / std in one pass
+        scale, offset = self.normalizer(dev)
+        return torch.addcmul(offset, x, scale)  # (x - mean) / std in one pass
 
     def _jitter(self, x: torch.Tensor, p: AugmentParams, to) -> torch.Tensor:
         rows = torch.arange(x.shape[0])
@@ -328,7 +344,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float) -> tor
     radius = blur_radius(sigma_max)
     k = box_blur_kernels(sigma.clamp(max=sigma_max))
     k = F.pad(k, ((2 * radius + 1 - k.shape[1]) // 2,) * 2)
-    k = k.to(x.device, x.dtype, non_blocking=True).repeat_interleave(c, dim=0)  # (m*C, K): per channel
+    k = to_device(k.to(x.dtype), x.device).repeat_interleave(c, dim=0)  # (m*C, K): per channel
     y = x.reshape(1, m * c, h, w)
     y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), k.view(m * c, 1, 1, -1), groups=m * c)
     y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k.view(m * c, 1, -1, 1), groups=m * c)

@@ -1,8 +1,9 @@
 """Host -> device transfer of training batches, and the bound on what DataLoader workers keep in flight.
 
-* :class:`DeviceBatches`: iterates a loader's batches already on the training device. On CUDA the
-  next batch is copied (``non_blocking``, from pinned memory) and, for ``data.pipeline=gpu``,
-  augmented on a side stream while the current step runs; on the CPU it is a plain loop.
+* :class:`DeviceBatches`: iterates a loader's batches already on the training device. On CUDA,
+  batch k+1's copy (``non_blocking``, from pinned memory) and, for ``data.pipeline=gpu``, its
+  augmentation are queued on a side stream before batch k is handed out, so before the host waits
+  on anything of step k; step k's stream waits on batch k's event only. On the CPU it is a plain loop.
 * :func:`prefetch_factor`: the DataLoader ``prefetch_factor`` that keeps ``workers x prefetch``
   batches under a shared-memory budget.
 """
@@ -36,6 +37,29 @@ def _tensors(batch) -> list[torch.Tensor]:
     return [t for t in out if t is not None]
 
 
+class CudaStreams:
+    """The stream operations :class:`DeviceBatches` uses on CUDA (a test passes a recording fake)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def side(self):
+        return torch.cuda.Stream(self.device)
+
+    def current(self):
+        return torch.cuda.current_stream(self.device)
+
+    def use(self, stream):
+        return torch.cuda.stream(stream)
+
+    def event(self):
+        return torch.cuda.Event()
+
+    def record(self, tensor: torch.Tensor, stream) -> None:
+        if tensor.device.type == "cuda":
+            tensor.record_stream(stream)  # made on the side stream, used (and freed) on ``stream``
+
+
 class DeviceBatches:
     """Batches of ``loader`` on ``device``, optionally passed through ``augment(batch, generator)``.
 
@@ -45,6 +69,7 @@ class DeviceBatches:
         augment: the device half of ``data.pipeline=gpu`` (:class:`~ibot.data.device_augment.DeviceAugment`), or None.
         seed_of: step index in the epoch -> seed of that step's augmentation generator.
         start: the step index of the loader's first batch (a resumed epoch).
+        streams: the stream operations (default: :class:`CudaStreams` on a CUDA device, none on the CPU).
     """
 
     def __init__(
@@ -54,9 +79,11 @@ class DeviceBatches:
         augment: Callable | None = None,
         seed_of: Callable[[int], int] | None = None,
         start: int = 0,
+        streams=None,
     ) -> None:
         self.loader, self.device, self.augment = loader, torch.device(device), augment
         self.seed_of, self.start = seed_of or (lambda step: step), start
+        self.streams = streams if streams is not None or self.device.type != "cuda" else CudaStreams(self.device)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -68,29 +95,33 @@ class DeviceBatches:
         return batch
 
     def __iter__(self) -> Iterator:
-        if self.device.type != "cuda":
+        if self.streams is None:
             for k, batch in enumerate(self.loader):
                 yield self._prepare(batch, self.start + k)
             return
-        side = torch.cuda.Stream(self.device)
-        main = torch.cuda.current_stream(self.device)
+        s = self.streams
+        side, main = s.side(), s.current()
         it = iter(self.loader)
 
-        def load(step: int):
+        def queue(step: int):
+            """Batch ``step``'s copy and augmentation queued on the side stream, and its ready event."""
             batch = next(it, None)
             if batch is None:
                 return None
-            with torch.cuda.stream(side):
-                return self._prepare(batch, step)
+            with s.use(side):
+                batch = self._prepare(batch, step)
+                ready = s.event()
+                ready.record(side)
+            return batch, ready
 
         step = self.start
-        cur = load(step)
-        while cur is not None:
-            main.wait_stream(side)  # the step waits for its batch's copy and augmentation, nothing else
+        nxt = queue(step)
+        while nxt is not None:
+            cur, ready = nxt
+            # batch k+1 is queued before batch k is handed out, so before the host can wait on step k
+            nxt = queue(step + 1)
+            main.wait_event(ready)  # step k waits for its own batch's copy and augmentation only
             for t in _tensors(cur):
-                if t.device.type == "cuda":
-                    t.record_stream(main)  # made on the side stream, used (and freed) on the main one
+                s.record(t, main)
             yield cur
-            # the step on ``cur`` is queued (its backward and update still run): copy the next meanwhile
             step += 1
-            cur = load(step)

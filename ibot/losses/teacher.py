@@ -82,7 +82,7 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iterations: int = 3) -> 
     all_reduce_max(peak)
     q = torch.exp(scores - peak).t()  # (K, R)
     k = q.shape[0]
-    n = all_reduce_sum(torch.tensor([float(q.shape[1])], device=q.device))
+    n = all_reduce_sum(q.new_full((1,), float(q.shape[1])))  # a fill on the device, no host copy
     total = all_reduce_sum(q.sum().reshape(1))
     q = q / total.clamp(min=torch.finfo(torch.float32).tiny)
     for _ in range(n_iterations):

@@ -1,6 +1,6 @@
 """One optimisation step of iBOT / DINO: the code ``ibot pretrain`` and the benchmarks run.
 
-forward (autocast) -> finite flag -> backward -> clipping -> last-layer freeze -> AdamW -> centers -> EMA,
+zero grads -> forward (autocast) -> finite flag -> backward -> clipping -> last-layer freeze -> AdamW -> centers -> EMA,
 with the step's values of :class:`ibot.train.schedules.Schedules` (lr, weight decay, temperatures,
 freeze, momentum).
 
@@ -100,6 +100,8 @@ class TrainStep:
         """
         model = self.model
         self.set_hyperparameters(values.lr, values.weight_decay)
+        # the previous step's gradients are freed before this forward, not kept alive through it
+        self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():  # the centers move below, after the finite check
             out = self.module(batch=batch, temps=values.teacher_temps, update_centers=False)
         loss = out.loss
@@ -107,7 +109,6 @@ class TrainStep:
         flags = torch.stack([bad_here, bad_here.new_full((), 1.0 if stop_vote else 0.0)])
         D.all_reduce_max(flags)
         bad = flags[0]
-        self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             # a non-finite loss gives non-finite gradients: the scaler skips the step (and backs off)
             self.scaler.scale(loss).backward()

@@ -33,6 +33,7 @@ from ibot.io import remove_stale_temporaries
 from ibot.train import runlock
 from ibot.train.checkpoint import COUNTERS, Checkpointer
 from ibot.train.data import TrainingData
+from ibot.train.flags import DeviceFlags
 from ibot.train.loggers import build_loggers
 from ibot.train.metrics import MetricsWriter, plot_curves
 from ibot.train.monitors import CollapseWarnings, collapse_monitors
@@ -40,8 +41,6 @@ from ibot.train.parallelize import parallelize
 from ibot.train.schedules import Schedules
 from ibot.train.signals import SignalStopError, StopSignals
 from ibot.train.step import TrainStep
-
-SYNC_EVERY = 10  # under torchrun, ranks agree on stop / save decisions every this many steps
 
 NAN_ADVICE = (
     "the loss was not finite for {n} consecutive steps; the last good checkpoint is kept. Try: a lower optim.lr, "
@@ -96,6 +95,7 @@ class Trainer:
         )
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.bad_steps, self.skipped_images, self.seen_images, self.attempted_images = 0, 0, 0, 0
+        self.flags = DeviceFlags(self.device)  # the steps' flags (train_step), read by fit's loop
         self._lock = self._lock_run_folder()
         counters = self.checkpointer.resume(resume)
         if counters:
@@ -145,26 +145,32 @@ class Trainer:
         return self.step_fn.autocast()
 
     def train_step(self, batch: Batch, it: int, stop_vote: bool = False):
-        """One optimisation step at global step ``it``. Returns the model output, or None when skipped.
+        """Queue one optimisation step at global step ``it`` and return its :class:`ibot.train.step.StepResult`.
 
-        The step itself never waits for the device; its flags (non-finite loss, a rank's stop vote)
-        are read once here, after the whole step is queued.
+        Nothing is read back: the step's flags (non-finite loss, a rank's stop vote) are folded into
+        ``self.flags`` on the device; :meth:`_read_flags` reads them on log steps, saves, stops and
+        epoch ends, so the host queues the next steps while the device runs this one.
         """
         if self.pad_ratio is not None and batch.masks is not None:
             from ibot.train.compiled import pad_mask_batch
 
             batch.masks = pad_mask_batch(batch.masks, self.pad_ratio)  # host-side, before the copy
         res = self.step_fn(batch.to(self.device), self.schedules[it], stop_vote=stop_vote)
-        bad, stop = res.flags.tolist()
-        self.stop_voted = stop > 0
-        if bad:
-            self.bad_steps += 1
-            if self.bad_steps >= self.cfg.run.max_bad_steps:
-                raise TrainingError(NAN_ADVICE.format(n=self.bad_steps))
-            self.log(f"warning: non-finite loss at step {it}; step skipped ({self.bad_steps} in a row)")
-            return None
-        self.bad_steps = 0
-        return res.out
+        self.flags.add(res.flags)
+        return res
+
+    def _read_flags(self) -> None:
+        """Read the steps' flags since the last read (a host sync): stop after ``run.max_bad_steps``
+        consecutive non-finite steps, warn about skipped ones, and take the ranks' stop vote."""
+        r = self.flags.read()
+        self.bad_steps, self.stop_voted = r.streak, r.stop
+        if r.peak >= self.cfg.run.max_bad_steps:
+            raise TrainingError(NAN_ADVICE.format(n=r.peak))
+        if r.bad:
+            self.log(
+                f"warning: non-finite loss on {r.bad} step(s) up to step {self.global_step}; they were skipped "
+                f"({r.streak} in a row now)"
+            )
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
@@ -180,10 +186,14 @@ class Trainer:
                     # a batch whose every image was unreadable is counted above, with no step
                     res = self.train_step(batch, it, stop_vote=vote) if batch.batch_size else None
                     self._advance(batch)
-                    self._log_step(res, batch, it)
+                    # the host reads device values only here: log steps, saves, stops, epoch ends
+                    over_time = self._over_time_limit() and not D.is_dist()
                     signalled, save_by_time = self._stop_flags(signals)
-                    self._save_if_due(save_by_time)
-                    self._stopped = self._should_stop(signals, signalled)
+                    if self._at_read_step() or signalled or save_by_time or over_time:
+                        self._read_flags()
+                        self._log_step(res, batch, it)
+                        self._save_if_due(save_by_time)
+                    self._stopped = self._should_stop(signals, signalled, over_time)
                 result = {**self._result, "train_minutes": self.train_seconds / 60}
                 result["wall_minutes"] = (time.time() - self._t_start) / 60
             if signals.signum:
@@ -234,6 +244,7 @@ class Trainer:
         self._collapse_warnings = CollapseWarnings()
         self._last_save = time.time()
         self.stop_voted = False
+        self.flags = DeviceFlags(self.device)  # read on log steps, saves, stops, epoch ends
 
     def _steps(self):
         """``(global step index, batch)`` of every step from the current position on, epoch by epoch.
@@ -271,13 +282,27 @@ class Trainer:
         self._n_last += batch.batch_size * batch.n_global
         self.seen_images += batch.batch_size * D.world_size()
 
+    def _last_step(self) -> bool:
+        """Whether the step just taken ends the epoch or the run."""
+        return self.step_in_epoch == self.data.niter or self.global_step >= self._max_steps
+
+    def _at_read_step(self) -> bool:
+        """A step where every rank reads the flags: a log step, an epoch's or the run's last step, a
+        ``run.save_every_steps`` save (the same steps on every rank)."""
+        every = self.cfg.run.save_every_steps
+        log_due = self.global_step % self.cfg.run.log_every == 0 or self._last_step()
+        return log_due or bool(every and self.global_step % every == 0)
+
     def _log_step(self, res, batch: Batch, it: int) -> None:
         """Every ``run.log_every`` steps and at the end of an epoch / the run: the metrics line, the
-        progress (bar or text line) and a collapse warning (at most one per epoch)."""
-        last = self.step_in_epoch == self.data.niter or self.global_step >= self._max_steps
-        if res is None or not (self.global_step % self.cfg.run.log_every == 0 or last):
+        progress (bar or text line) and a collapse warning (at most one per epoch). Not after a
+        skipped step (the flags were just read)."""
+        last = self._last_step()
+        if res is None or self.bad_steps or not (self.global_step % self.cfg.run.log_every == 0 or last):
             return
-        rec = self._record(res, self.epoch, it, self._n_last / max(time.time() - self._t_last, 1e-9) / batch.n_global)
+        rec = self._record(
+            res.out, self.epoch, it, self._n_last / max(time.time() - self._t_last, 1e-9) / batch.n_global
+        )
         self._t_last, self._n_last = time.time(), 0
         self.last_record = rec
         if self.metrics:
@@ -293,14 +318,14 @@ class Trainer:
     def _stop_flags(self, signals: StopSignals) -> tuple[int, bool]:
         """(signal number or 0, time-based save due), the same on every rank.
 
-        One process reads a Python flag and the clock. Under torchrun the ranks all-reduce them every
-        ``SYNC_EVERY`` steps only, so every rank stops and saves at the same step. (The time limit
-        rides on the step's own flags, see :meth:`train_step`.)
+        One process reads a Python flag and the clock. Under torchrun the ranks all-reduce them on
+        read steps only (:meth:`_at_read_step`: log steps, saves, epoch ends), so every rank stops
+        and saves at the same step. (The time limit rides on the step's own flags, see :meth:`train_step`.)
         """
         every = self.cfg.run.save_every_minutes
         flags = [signals.signum or 0, bool(every) and time.time() - self._last_save > 60 * every]
         if D.is_dist():
-            if self.global_step % SYNC_EVERY:
+            if not self._at_read_step():
                 return 0, False
             t = D.all_reduce_max(torch.tensor([float(f) for f in flags], device=self.device))
             flags = [int(v) for v in t.tolist()]
@@ -312,13 +337,13 @@ class Trainer:
         if (save_due or save_by_time) and self.bad_steps == 0:  # never inside a streak of NaN losses
             self.save_checkpoint()
 
-    def _should_stop(self, signals: StopSignals, signalled: int) -> bool:
+    def _should_stop(self, signals: StopSignals, signalled: int, over_time: bool) -> bool:
         """Whether training stops after this step: ``run.max_steps``, the time limit, a signal (logged)."""
         stop = self.global_step >= self._max_steps
         if self.cfg.run.time_limit_min:
-            # one process: the clock after this step; several: any rank's vote taken before
-            # the step, all-reduced with the step's own flags (rank clocks differ; no extra sync)
-            if self.stop_voted if D.is_dist() else self._over_time_limit():
+            # one process: the clock after this step; several: any rank's vote taken before a step
+            # since the last read, all-reduced with the steps' own flags (rank clocks differ; no extra sync)
+            if self.stop_voted if D.is_dist() else over_time:
                 self.log(f"time limit of {self.cfg.run.time_limit_min} min reached at step {self.global_step}")
                 stop = True
         if signalled:

@@ -93,6 +93,22 @@ def test_a_step_never_synchronises_with_the_host():
     assert res.flags.tolist() == [0.0, 0.0]
 
 
+def test_gradients_of_the_previous_step_are_freed_before_the_forward():
+    """Issue 25: zero_grad ran after the forward, so the last step's gradients lived through it."""
+    model = _model()
+    seen = []
+
+    def forward(**kw):
+        seen.append([p.grad is None for p in model.trainable_parameters()])
+        return model(**kw)
+
+    step = TrainStep(model, forward, clip_grad=3.0)
+    for k in range(2):
+        step(_batch(k), step_values(model))
+    assert any(p.grad is not None for p in model.trainable_parameters())  # the step made gradients
+    assert all(seen[1]), "gradients of step 1 were alive during the forward of step 2"
+
+
 def test_non_finite_step_leaves_parameters_optimizer_centers_and_teacher_unchanged():
     """Issue 15 bug 1: the centers moved inside forward, before the finite check."""
     model = _model()

@@ -28,14 +28,15 @@ from ibot.config import ConfigError, to_dict
 from ibot.data.datasets import DatasetError
 from ibot.data.loader import Batch
 from ibot.device import resolve_precision, training_device
-from ibot.eval.protocols import pretrain_knn
+from ibot.eval.baselines import no_gain_warning, score_line
+from ibot.eval.protocols import pretrain_baselines, pretrain_knn
 from ibot.io import remove_stale_temporaries
 from ibot.train import runlock
 from ibot.train.checkpoint import COUNTERS, Checkpointer
 from ibot.train.data import TrainingData
 from ibot.train.loggers import build_loggers
 from ibot.train.metrics import MetricsWriter, plot_curves
-from ibot.train.monitors import CollapseWarnings, collapse_monitors
+from ibot.train.monitors import CollapseWarnings, collapse_monitors, collapse_warning
 from ibot.train.parallelize import parallelize
 from ibot.train.schedules import Schedules
 from ibot.train.signals import SignalStopError, StopSignals
@@ -190,6 +191,7 @@ class Trainer:
                 raise self._signal_stop(signals)
             if self.cfg.run.knn_at_end:
                 result["knn"] = self.evaluate_knn()
+                self.evaluate_baselines(result["knn"])
             result.update(self._summary(self._step0, self._images0))
             if D.is_main():
                 plot_curves(self.run_dir)
@@ -223,7 +225,7 @@ class Trainer:
         self.last_record, self._last_print = None, 0.0
         self._step0, self._images0 = self.global_step, self.seen_images
         self.train_seconds = 0.0  # excludes evaluation
-        self._collapse_warnings = CollapseWarnings()
+        self._collapse_warnings = CollapseWarnings(self.cfg)
         self._last_save = time.time()
         self.stop_voted = False
 
@@ -481,6 +483,28 @@ class Trainer:
             with open(self.run_dir / "knn.jsonl", "a") as f:
                 f.write(json.dumps(res) + "\n")
         return res
+
+    def evaluate_baselines(self, knn: dict | None) -> None:
+        """Raw pixels and the untrained model scored as the final k-NN (:func:`ibot.eval.protocols.pretrain_baselines`,
+        cached in ``RUN/baselines.json``), into ``knn["baselines"]`` and the metrics, logged beside the score;
+        then the end-of-run warnings: no gain over the untrained model (or far below pixels), a collapsed teacher."""
+        cfg = self.cfg
+        if not (knn and cfg.run.baselines):
+            return
+        folder = self.run_dir if D.is_main() else None
+        base = pretrain_baselines(
+            cfg, self.data.bank_set, device=self.device, autocast=self._autocast(), log=self.log, folder=folder
+        )
+        if not base:
+            return
+        knn["baselines"] = base
+        self.log(score_line("k-NN", knn["top1"], knn["n_test"], base) + f" (k={knn['k']}, {knn['n_test']} queries)")
+        if self.metrics:
+            rec = {f"knn_{name}_top1": b["top1"] for name, b in base.items()}
+            self.metrics.write({"step": self.global_step, "epoch": self.epoch, **rec})
+        for warn in (no_gain_warning(knn["top1"], base, cfg), collapse_warning(self.last_record or {}, cfg)):
+            if warn:
+                self.log(f"at the end of the run: {warn}")
 
 
 def _check_writable(folder: Path) -> None:

@@ -319,7 +319,7 @@ def pretrain_baselines(cfg, bank_set, *, device, autocast=None, log=print, folde
         )
         k = min(cfg.run.knn_k, len(bank))
         k = max(kk for kk in acc if kk <= k)
-        return {"k": k, "top1": acc[k][0], "top5": acc[k][1], "all": {str(kk): v for kk, v in acc.items()}}
+        return {"k": k, "top1": acc[k][0], "top5": acc[k][1], "all": {str(kk): list(v) for kk, v in acc.items()}}
 
     def untrained() -> dict:
         backbone, _ = untrained_backbone(to_dict(cfg))

@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ibot.builders.data import dataset_from_config
 from ibot.cli import main
 from ibot.config import build_config, to_dict
 from ibot.data.datasets import default_holdout, stratified_holdout, synthetic_dataset
 from ibot.data.transforms import norm_stats
 from ibot.eval.baselines import binomial_se, no_gain_warning, pixel_encoder, score_line, untrained_backbone
 from ibot.eval.knn import extract_features, knn_classify
-from ibot.eval.protocols import pretrain_split, run_knn
+from ibot.eval.protocols import _linear_probe, pretrain_split, run_knn, run_linear
 from ibot.train.trainer import Trainer
 
 
@@ -96,6 +97,27 @@ def test_knn_cli_reuses_cached_baselines_and_turns_them_off(run, capsys):
     assert "k-NN k=5 " in out and "| pixels 12.5% (" in out
     assert main(["knn", str(folder), "--ks", "5", "--no-progress", "--no-baselines"]) == 0
     assert "| untrained" not in capsys.readouterr().out
+
+
+def test_linear_baselines_run_the_same_probe_on_pixels(run):
+    folder, trainer = run[0], run[1]
+    res = run_linear(folder, epochs=2, n_last_blocks=1, log=lambda m: None)
+    base = res["baselines"]
+    assert set(base) == {"pixels", "untrained"} and base["pixels"]["n_val"] == res["n_val"]
+    train = trainer.data.bank_set
+    test = dataset_from_config(trainer.cfg, train=False)
+    kw = dict(image_size=trainer.cfg.model.img_size, in_chans=trainer.cfg.model.in_chans)
+    (tx, ty), (qx, qy) = extract_features(pixel_encoder, train, **kw), extract_features(pixel_encoder, test, **kw)
+    want = _linear_probe(tx, ty, qx, qy, 4, val_fraction=0.1, epochs=2, seed=0, progress=False)
+    assert base["pixels"] == want
+
+
+def test_an_export_gets_pixels_and_a_note_instead_of_the_untrained_model(run, tmp_path, capsys):
+    assert main(["export", str(run[0]), "--out", str(tmp_path / "export")]) == 0
+    notes = []
+    res = run_knn(tmp_path / "export", dataset="synthetic", ks=(5,), log=notes.append)
+    assert set(res["baselines"]) == {"pixels"}
+    assert any(n.startswith("baselines: untrained skipped (") and "no run config" in n for n in notes)
 
 
 def test_run_baselines_false_computes_none(tmp_path, capsys):

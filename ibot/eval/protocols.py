@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -123,11 +124,11 @@ def _pixels_skip(floats: int, what: str) -> str | None:
     return f"its {what} would take {gb:.1f} GB" if gb > PIXEL_GB else None
 
 
-def _eval_baselines(info, which, score, encoders, key, source, log, pixels_skip=None) -> dict:
+def _eval_baselines(info, which, score, encoders, key, source, log, pixel_floats: int) -> dict:
     """The pixels and untrained baselines of ``ibot knn`` / ``ibot linear``: ``score(features)`` of the
     features ``encoders["pixels"]()`` and ``encoders["untrained"](backbone)`` extract; cached in the
-    source's folder. ``pixels_skip``: why the pixels are not scored (memory), or None."""
-    scores = {"pixels": pixels_skip or (lambda: score(encoders["pixels"]()))}
+    source's folder. ``pixel_floats``: the fp32 values the pixels baseline holds (skipped when too many)."""
+    scores = {"pixels": _pixels_skip(pixel_floats, "features") or (lambda: score(encoders["pixels"]()))}
     if info.get("config"):
         key = {**key, "model": info["config"]["model"], "method": info["config"]["method"]}
         key["seed"], key["init_from"] = info["config"]["run"]["seed"], info["config"]["run"].get("init_from")
@@ -216,8 +217,8 @@ def run_knn(
         }
         bkey = {"protocol": "knn", "ks": list(ks), "T": temperature, "pool": pool, "img_size": size}
         bkey.update(device=device.type, data=[name, *ids], split=test.split)
-        skip = _pixels_skip((len(train) + len(test)) * info["in_chans"] * size**2, "features")
-        res["baselines"] = _eval_baselines(info, which, score, encoders, bkey, source, log, skip)
+        floats = (len(train) + len(test)) * info["in_chans"] * size**2
+        res["baselines"] = _eval_baselines(info, which, score, encoders, bkey, source, log, floats)
     return res
 
 
@@ -356,6 +357,12 @@ def _linear_probe(tr_x, tr_y, te_x, te_y, classes, *, val_fraction, epochs, seed
     }
 
 
+def _pixel_pair(train, test, **kw):
+    """The raw-pixel features of the linear probe's train and test splits."""
+    tr = extract_features(pixel_encoder, train, desc="pixels train features", **kw)
+    return tr, extract_features(pixel_encoder, test, desc="pixels test features", **kw)
+
+
 def run_linear(
     source,
     *,
@@ -398,11 +405,6 @@ def run_linear(
         tr = extract_linear_features(model, train, desc=f"{what} train features", **lkw)
         return tr, extract_linear_features(model, test, desc=f"{what} test features", **lkw)
 
-    def pixels():
-        pkw = dict(in_chans=info["in_chans"], **kw)
-        tr = extract_features(pixel_encoder, train, desc="pixels train features", **pkw)
-        return tr, extract_features(pixel_encoder, test, desc="pixels test features", **pkw)
-
     def score(feats) -> dict:
         (tr_x, tr_y), (te_x, te_y) = feats
         classes = len(getattr(train, "classes", []))
@@ -415,13 +417,15 @@ def run_linear(
     res.update(avgpool=avgpool, test_top1=probe.pop("top1"), test_top5=probe.pop("top5"), **probe)
     res.update(n_test=len(test), split=test.split)
     if baselines:
+        pixels = partial(_pixel_pair, train, test, in_chans=info["in_chans"], **kw)
         encoders = {"pixels": pixels, "untrained": lambda b: features(b.to(device).eval(), "untrained")}
         bkey = {"protocol": "linear", "n_last_blocks": n_last_blocks, "avgpool": avgpool, "epochs": epochs}
         bkey.update(val_fraction=val_fraction, probe_seed=seed, img_size=info["img_size"], device=device.type)
         bkey.update(data=[name, *ids], split=test.split)
-        dim, classes = info["in_chans"] * info["img_size"] ** 2, max(len(getattr(train, "classes", [])), 2)
-        skip = _pixels_skip((len(train) + len(test) + len(DEFAULT_LRS) * 3 * classes) * dim, "features and sweep")
-        res["baselines"] = _eval_baselines(info, which, score, encoders, bkey, source, log, skip)
+        # the features, and the sweep's weights, momenta and gradients (3 x lrs x pixels x classes)
+        rows = len(train) + len(test) + len(DEFAULT_LRS) * 3 * max(len(getattr(train, "classes", [])), 2)
+        floats = rows * info["in_chans"] * info["img_size"] ** 2
+        res["baselines"] = _eval_baselines(info, which, score, encoders, bkey, source, log, floats)
     return res
 
 

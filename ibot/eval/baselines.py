@@ -57,9 +57,12 @@ def untrained_backbone(config: dict, which: str = "teacher") -> tuple[torch.nn.M
 
 
 def binomial_se(top1: float, n: int) -> float:
-    """Standard error (percentage points) of an accuracy ``top1`` (percent) measured on ``n`` images."""
-    p = min(max(top1 / 100.0, 0.0), 1.0)
-    return 100.0 * math.sqrt(p * (1 - p) / max(n, 1))
+    """Standard error (percentage points) of an accuracy ``top1`` (percent) measured on ``n`` images:
+    ``sqrt(p (1 - p) / n)``, with ``p`` kept half an image from 0% and 100% (where it would claim
+    no uncertainty at all)."""
+    n = max(n, 1)
+    p = min(max(top1 / 100.0, 0.5 / n), 1 - 0.5 / n)
+    return 100.0 * math.sqrt(p * (1 - p) / n)
 
 
 def score_line(label: str, top1: float, n_test: int, baselines: dict | None) -> str:
@@ -82,6 +85,11 @@ def no_gain_warning(top1: float, baselines: dict | None, cfg) -> str | None:
     pixels = b.get("pixels", {}).get("top1")
     o = cfg.optim
     longer = f"optim.epochs={2 * o.epochs}" if o.epochs < 400 else "more images"
+    if untrained is not None and untrained >= 99.0:
+        return (
+            f"note: the untrained model already scores {untrained:.1f}% on this split, so the k-NN cannot show "
+            "what training added; evaluate on a harder labelled set (--dataset / --data of `ibot knn`)"
+        )
     if untrained is not None and top1 - untrained < 1.0:
         return (
             f"warning: nothing was learned: k-NN {top1:.1f}% is within 1 point of the untrained model's "

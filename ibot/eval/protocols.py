@@ -128,7 +128,7 @@ def _eval_baselines(info, which, score, encoders, key, source, log, pixel_floats
     """The pixels and untrained baselines of ``ibot knn`` / ``ibot linear``: ``score(features)`` of the
     features ``encoders["pixels"]()`` and ``encoders["untrained"](backbone)`` extract; cached in the
     source's folder. ``pixel_floats``: the fp32 values the pixels baseline holds (skipped when too many)."""
-    scores = {"pixels": _pixels_skip(pixel_floats, "features") or (lambda: score(encoders["pixels"]()))}
+    scores = {}
     if info.get("config"):
         key = {**key, "model": info["config"]["model"], "method": info["config"]["method"]}
         key["seed"], key["init_from"] = info["config"]["run"]["seed"], info["config"]["run"].get("init_from")
@@ -137,6 +137,7 @@ def _eval_baselines(info, which, score, encoders, key, source, log, pixel_floats
         scores["untrained"] = (
             f"{source} has no run config (exported or official weights): no untrained model to compare"
         )
+    scores["pixels"] = _pixels_skip(pixel_floats, "features") or (lambda: score(encoders["pixels"]()))
     return compute_baselines(scores, key, BaselineCache(_baseline_folder(source), log), log)
 
 

@@ -190,8 +190,7 @@ class Trainer:
             if signals.signum:
                 raise self._signal_stop(signals)
             if self.cfg.run.knn_at_end:
-                result["knn"] = self.evaluate_knn()
-                self.evaluate_baselines(result["knn"])
+                result["knn"] = self.evaluate_knn(baselines=self.cfg.run.baselines)
             result.update(self._summary(self._step0, self._images0))
             if D.is_main():
                 plot_curves(self.run_dir)
@@ -460,9 +459,10 @@ class Trainer:
             self._last_save = time.time()
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate_knn(self) -> dict | None:
+    def evaluate_knn(self, baselines: bool = False) -> dict | None:
         """k-NN of the teacher's CLS (:func:`ibot.eval.protocols.pretrain_knn`), logged and written to
-        ``knn.jsonl`` and the metrics."""
+        ``knn.jsonl`` and the metrics; ``baselines``: with the raw-pixel and untrained-model scores beside it
+        (:meth:`evaluate_baselines`)."""
         cfg = self.cfg
         extra = {"epoch": self.epoch, "step": self.global_step}
         extra["train_minutes"] = getattr(self, "train_seconds", 0.0) / 60
@@ -477,20 +477,21 @@ class Trainer:
             f"{res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['n_train']} bank / {res['n_test']} queries: "
             f"{res['split']}; epoch {self.epoch})"
         )
+        if baselines:
+            self.evaluate_baselines(res)
         if self.metrics:
             rec = {"step": self.global_step, "knn_top1": res["top1"], "knn_top5": res["top5"], "epoch": self.epoch}
+            rec.update({f"knn_{name}_top1": b["top1"] for name, b in res.get("baselines", {}).items()})
             self.metrics.write(rec)
             with open(self.run_dir / "knn.jsonl", "a") as f:
                 f.write(json.dumps(res) + "\n")
         return res
 
-    def evaluate_baselines(self, knn: dict | None) -> None:
-        """Raw pixels and the untrained model scored as the final k-NN (:func:`ibot.eval.protocols.pretrain_baselines`,
-        cached in ``RUN/baselines.json``), into ``knn["baselines"]`` and the metrics, logged beside the score;
-        then the end-of-run warnings: no gain over the untrained model (or far below pixels), a collapsed teacher."""
+    def evaluate_baselines(self, knn: dict) -> None:
+        """Raw pixels and the untrained model scored as ``knn`` (:func:`ibot.eval.protocols.pretrain_baselines`,
+        cached in ``RUN/baselines.json``), into ``knn["baselines"]``, logged beside its score; then the
+        end-of-run warnings: no gain over the untrained model (or far below pixels), a collapsed teacher."""
         cfg = self.cfg
-        if not (knn and cfg.run.baselines):
-            return
         folder = self.run_dir if D.is_main() else None
         base = pretrain_baselines(
             cfg, self.data.bank_set, device=self.device, autocast=self._autocast(), log=self.log, folder=folder
@@ -499,9 +500,6 @@ class Trainer:
             return
         knn["baselines"] = base
         self.log(score_line("k-NN", knn["top1"], knn["n_test"], base) + f" (k={knn['k']}, {knn['n_test']} queries)")
-        if self.metrics:
-            rec = {f"knn_{name}_top1": b["top1"] for name, b in base.items()}
-            self.metrics.write({"step": self.global_step, "epoch": self.epoch, **rec})
         for warn in (no_gain_warning(knn["top1"], base, cfg), collapse_warning(self.last_record or {}, cfg)):
             if warn:
                 self.log(f"at the end of the run: {warn}")

@@ -81,48 +81,67 @@ def _advice(cfg, *levers: str) -> str:
     return "try " + ", ".join(fit[k] for k in levers if fit[k]) + tried
 
 
-def collapse_warning(rec: dict, cfg=None) -> str | None:
-    """The warning (with what to try) a logged record of :func:`collapse_monitors` calls for, or None.
-
-    Silent in the first epoch, while the teacher is still forming. Few prototypes in use means at most
-    ``FEW_PROTOTYPES`` of those the step could use (``prototypes_possible``: min(prototypes, outputs)).
-    ``cfg``: the run's config, so the advice names levers it has not pulled yet, with their values.
-    """
+def collapse_kind(rec: dict) -> str | None:
+    """Which collapse a logged record of :func:`collapse_monitors` shows: "uniform", "rank" (few
+    directions), "one" (one prototype), "few" (at most ``FEW_PROTOTYPES`` of the prototypes the step could
+    use: ``prototypes_possible``, min(prototypes, outputs)), or None. None in the first epoch, while the
+    teacher is still forming."""
     if not rec or rec["epoch"] < 1:
         return None
     if rec["teacher_entropy"] > 0.97 * rec["teacher_entropy_max"]:
+        return "uniform"
+    if rec["feature_rank"] < 0.1 * rec["feature_dim"]:
+        return "rank"
+    possible = rec.get("prototypes_possible") or round(math.exp(rec["teacher_entropy_max"]))
+    if rec["prototypes_used"] <= 1:
+        return "one"
+    return "few" if rec["prototypes_used"] <= FEW_PROTOTYPES * possible else None
+
+
+def collapse_warning(rec: dict, cfg=None) -> str | None:
+    """The warning (with what to try) a logged record of :func:`collapse_monitors` calls for
+    (:func:`collapse_kind`), or None. ``cfg``: the run's config, so the advice names levers it has not
+    pulled yet, with their values."""
+    kind = collapse_kind(rec)
+    if kind == "uniform":
         return "warning: teacher outputs are nearly uniform (collapse to uniform): " + _advice(
             cfg, "lower_temp", "center"
         )
-    if rec["feature_rank"] < 0.1 * rec["feature_dim"]:
+    if kind == "rank":
         return (
             f"warning: the teacher's CLS features span few directions (RankMe {rec['feature_rank']:.1f} of "
             f"{rec['feature_dim']}; dimensional collapse, k-NN suffers): " + _advice(cfg, "koleo", "lr", "warmup")
         )
-    possible = rec.get("prototypes_possible") or round(math.exp(rec["teacher_entropy_max"]))
-    used = rec["prototypes_used"]
-    if used <= max(1, FEW_PROTOTYPES * possible):
+    if kind in ("one", "few"):
+        used = rec["prototypes_used"]
+        possible = rec.get("prototypes_possible") or round(math.exp(rec["teacher_entropy_max"]))
         return (
             f"warning: teacher outputs are one-hot on few prototypes ({used} of {possible} in use; collapse to "
-            f"{'one prototype' if used <= 1 else 'few prototypes'}): "
+            f"{'one prototype' if kind == 'one' else 'few prototypes'}): "
             + _advice(cfg, "higher_temp", "sinkhorn", "warmup", "lr")
         )
     return None
 
 
 class CollapseWarnings:
-    """:func:`collapse_warning` at most once per epoch: ``check(rec)`` returns the line to log, or None."""
+    """:func:`collapse_warning` at most once per epoch, and "few prototypes" (a partial collapse that
+    some runs that learn also show) once per run: ``check(rec)`` returns the line to log, or None."""
 
     def __init__(self, cfg=None) -> None:
         self.warned_epoch = -1
         self.cfg = cfg
+        self.said_few = False
 
     def check(self, rec: dict) -> str | None:
         warn = collapse_warning(rec, self.cfg)
         if not warn or self.warned_epoch == rec["epoch"]:
             return None
+        if collapse_kind(rec) == "few":
+            if self.said_few:
+                return None
+            self.said_few = True
         self.warned_epoch = rec["epoch"]
         return f"epoch {rec['epoch']}, step {rec['step']}: {warn}"
 
 
-__all__ = ["CollapseWarnings", "collapse_monitors", "collapse_warning", "rankme"]
+__all__ = ["CollapseWarnings", "collapse_kind", "collapse_monitors", "collapse_warning", "rankme"]

@@ -191,6 +191,7 @@ class Trainer:
                 raise self._signal_stop(signals)
             if self.cfg.run.knn_at_end:
                 result["knn"] = self.evaluate_knn(baselines=self.cfg.run.baselines)
+                self._end_of_run_warnings(result["knn"])
             result.update(self._summary(self._step0, self._images0))
             if D.is_main():
                 plot_curves(self.run_dir)
@@ -489,8 +490,7 @@ class Trainer:
 
     def evaluate_baselines(self, knn: dict) -> None:
         """Raw pixels and the untrained model scored as ``knn`` (:func:`ibot.eval.protocols.pretrain_baselines`,
-        cached in ``RUN/baselines.json``), into ``knn["baselines"]``, logged beside its score; then the
-        end-of-run warnings: no gain over the untrained model (or far below pixels), a collapsed teacher."""
+        cached in ``RUN/baselines.json``), into ``knn["baselines"]``, logged beside its score."""
         cfg = self.cfg
         folder = self.run_dir if D.is_main() else None
         base = pretrain_baselines(
@@ -500,7 +500,11 @@ class Trainer:
             return
         knn["baselines"] = base
         self.log(score_line("k-NN", knn["top1"], knn["n_test"], base) + f" (k={knn['k']}, {knn['n_test']} queries)")
-        for warn in (no_gain_warning(knn["top1"], base, cfg), collapse_warning(self.last_record or {}, cfg)):
+
+    def _end_of_run_warnings(self, knn: dict | None) -> None:
+        """Once, at the end: no gain over the untrained model (or far below pixels), a collapsed teacher."""
+        gain = no_gain_warning(knn["top1"], knn.get("baselines"), self.cfg) if knn else None
+        for warn in (gain, collapse_warning(self.last_record or {}, self.cfg)):
             if warn:
                 self.log(f"at the end of the run: {warn}")
 

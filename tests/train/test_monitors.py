@@ -51,3 +51,11 @@ def test_few_of_many_prototypes_warns_and_the_advice_reads_the_config():
     assert "try loss.koleo_weight=0.1" in collapse_warning(_rec(2, 9, **low_rank), default)
     koleo = collapse_warning(_rec(2, 9, **low_rank), build_config("smoke", ["loss.koleo_weight=2.0"]))
     assert "koleo_weight=0.1" not in koleo and "loss.koleo_weight is already 2" in koleo and "optim.lr" in koleo
+
+
+def test_few_prototypes_is_said_once_per_run_one_prototype_once_per_epoch():
+    warnings = CollapseWarnings()
+    few = {"prototypes_used": 5, "prototypes_possible": 128}
+    assert "5 of 128" in warnings.check(_rec(1, 10, **few))
+    assert warnings.check(_rec(2, 20, **few)) is None  # a partial collapse: once per run
+    assert "collapse to one prototype" in warnings.check(_rec(3, 30, prototypes_used=1))

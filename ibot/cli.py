@@ -136,9 +136,11 @@ def cmd_pretrain(args) -> int:
     result = trainer.fit()
     knn = result.get("knn")
     if knn:
+        from ibot.eval.baselines import score_line
+
         print(
-            f"RESULT k-NN top-1 {knn['top1']:.2f}% (k={knn['k']}) on {knn.get('split', 'the test split')} "
-            f"| run folder {cfg.run.output_dir}"
+            f"RESULT {score_line('k-NN top-1', knn['top1'], knn['n_test'], knn.get('baselines'))} (k={knn['k']}) "
+            f"on {knn.get('split', 'the test split')} | run folder {cfg.run.output_dir}"
         )
     return 0
 
@@ -149,7 +151,7 @@ def cmd_knn(args) -> int:
     res = run_knn(
         args.source,
         which=args.which,
-        dataset=args.dataset,
+        dataset=_eval_dataset(args),
         data_path=args.data,
         ks=tuple(args.ks),
         temperature=args.temperature,
@@ -164,6 +166,12 @@ def cmd_knn(args) -> int:
     print(f"k-NN queries: {res['split']}")
     for k, v in res["knn"].items():
         print(f"k-NN {res['which']} {res['pool']} k={k:>3}: top-1 {v['top1']:.2f}%  top-5 {v['top5']:.2f}%")
+    if res.get("baselines"):
+        from ibot.eval.baselines import score_line
+
+        k = "20" if "20" in res["knn"] else next(iter(res["knn"]))
+        base = {name: b[k] for name, b in res["baselines"].items()}
+        print(f"{score_line(f'k-NN k={k}', res['knn'][k]['top1'], res['n_test'], base)} ({res['n_test']} queries)")
     if args.json:
         print(json.dumps(res))
     return 0
@@ -172,8 +180,27 @@ def cmd_knn(args) -> int:
 def _eval_loop_args(args) -> dict:
     """The feature-extraction settings shared by ``knn`` and ``linear``."""
     return dict(
-        batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit, progress=not args.no_progress
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        limit=args.limit,
+        progress=not args.no_progress,
+        baselines=not args.no_baselines,
     )
+
+
+def _eval_dataset(args) -> str | None:
+    """``--dataset``, else what ``--data DIR`` holds when it is an image folder (class sub-folders:
+    imagefolder; loose images: folder, refused with the fix), else None (the run's dataset)."""
+    if args.dataset or not args.data:
+        return args.dataset
+    from ibot.data_setup import inspect_folder
+
+    found = inspect_folder(args.data)
+    if found is None:
+        return None
+    if found["dataset"] == "imagefolder":
+        print(f"--data {args.data}: an ImageFolder with {len(found['classes'])} classes", file=sys.stderr)
+    return found["dataset"]
 
 
 def cmd_linear(args) -> int:
@@ -182,7 +209,7 @@ def cmd_linear(args) -> int:
     res = run_linear(
         args.source,
         which=args.which,
-        dataset=args.dataset,
+        dataset=_eval_dataset(args),
         data_path=args.data,
         n_last_blocks=args.n_last_blocks,
         avgpool=args.avgpool,
@@ -196,10 +223,15 @@ def cmd_linear(args) -> int:
     )
     feats = f"last {res['n_last_blocks']} CLS" + (" + patch mean" if res["avgpool"] else "")
     print(
-        f"linear probe ({res['which']}, {feats}): lr {res['best_lr']:g} picked on {res['n_val']} validation "
-        f"images ({res['val_top1']:.2f}%); test top-1 {res['test_top1']:.2f}%  top-5 {res['test_top5']:.2f}% "
-        f"on {res['split']}"
+        f"linear probe ({res['which']}, {feats}): lr {res['best_lr']:.4g} (SGD base lr, scaled by batch/256; picked "
+        f"among {res['n_lrs']} on {res['n_val']} validation images, {res['val_top1']:.2f}%); test top-1 "
+        f"{res['test_top1']:.2f}%  top-5 {res['test_top5']:.2f}% on {res['split']}"
     )
+    if res.get("baselines"):
+        from ibot.eval.baselines import score_line
+
+        line = score_line("linear", res["test_top1"], res["n_test"], res["baselines"])
+        print(f"{line} ({res['n_test']} test images)")
     if args.json:
         print(json.dumps(res))
     return 0
@@ -401,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--num-workers", type=int, default=0, help="image-decoding workers for folders (default 0)")
         sp.add_argument("--limit", type=int, default=0, help="use N images spread over each split (default all)")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument(
+            "--no-baselines",
+            action="store_true",
+            help="do not also score raw pixels and the untrained model (cached in the run folder's baselines.json)",
+        )
 
     knn = sub.add_parser(
         "knn",

@@ -136,6 +136,7 @@ class RunConfig:
     knn_temperature: float = 0.07  # k-NN vote temperature (votes weighted by exp(sim / T))
     knn_train_limit: int = 0  # use at most N memory-bank images (0 = all)
     knn_split: str = "test"  # test | val (val: the last 10k training images are the queries, for tuning)
+    baselines: bool = True  # score raw pixels and the untrained model beside the final k-NN (RUN/baselines.json)
     max_steps: int = 0  # stop after N steps (0 = the whole schedule); schedules keep their length
     time_limit_min: float = 0  # stop training after this many minutes of training time (0 = none)
     max_bad_steps: int = 5  # consecutive non-finite losses before stopping

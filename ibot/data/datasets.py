@@ -212,6 +212,15 @@ def validation_split(dataset, queries: int = 10000):
     return bank, queries
 
 
+def default_holdout(n_images: int, *, share: float = 0.1, min_held: int = 200, max_share: float = 0.3) -> float:
+    """The ``data.holdout`` a folder of ``n_images`` labelled images calls for: ``share`` (10%) when that
+    holds out at least ``min_held`` images, else enough for ``min_held`` but at most ``max_share`` (30%),
+    so a small folder's score is not measured on a few dozen images (600 images: 0.3, 180 held out)."""
+    if n_images <= 0 or share * n_images >= min_held:
+        return share
+    return min(max_share, min_held / n_images)
+
+
 def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept, held-out) sorted indices: ``round(fraction * n_c)`` random images of each class c held out.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,10 +13,12 @@ import torch
 from ibot import distributed as D
 from ibot.builders.data import dataset_from_config
 from ibot.builders.sources import load_backbone
+from ibot.config import to_dict
 from ibot.data.datasets import DatasetError, build_dataset, spread_subset, validation_split
 from ibot.device import resolve_device
+from ibot.eval.baselines import BaselineCache, compute_baselines, pixel_encoder, untrained_backbone
 from ibot.eval.knn import extract_features, extract_features_distributed, knn_classify
-from ibot.eval.linear import extract_linear_features, linear_accuracy, train_linear_sweep
+from ibot.eval.linear import DEFAULT_LRS, extract_linear_features, linear_accuracy, train_linear_sweep
 
 
 def fingerprint(backbone: torch.nn.Module, *parts) -> str:
@@ -87,6 +90,73 @@ def resolve_data(info: dict, dataset: str | None, data_path: str | None):
     return build_dataset(name, path, train=True, **kw), build_dataset(name, path, train=False, **kw), name
 
 
+def _load(source, which, allow_unsafe, device, log):
+    backbone, info, report = load_backbone(source, which, allow_unsafe)
+    log(report)
+    return backbone.to(device).eval(), info
+
+
+def _encoder(backbone, pool: str):
+    """The features ``ibot knn --pool`` reads from a backbone: its CLS, patch mean, or both."""
+
+    def encode(x):
+        cls, patches = backbone(x)
+        if pool == "cls":
+            return cls
+        if pool == "patchmean":
+            return patches.mean(1)
+        return torch.cat([cls, patches.mean(1)], dim=-1)
+
+    return encode
+
+
+def _baseline_folder(source) -> Path | None:
+    """Where a source's baselines are cached: its run (or export) folder; None for a file."""
+    return Path(source) if Path(source).is_dir() else None
+
+
+PIXEL_GB = 4.0  # the raw-pixel baseline is skipped when it would take more memory than this
+
+
+def _pixels_skip(floats: int, what: str) -> str | None:
+    """Why the raw-pixel baseline is skipped (``floats`` fp32 values of ``what`` would not fit), or None."""
+    gb = floats * 4 / 2**30
+    return f"its {what} would take {gb:.1f} GB" if gb > PIXEL_GB else None
+
+
+def _eval_baselines(info, which, score, encoders, key, source, log, pixel_floats: int) -> dict:
+    """The pixels and untrained baselines of ``ibot knn`` / ``ibot linear``: ``score(features)`` of the
+    features ``encoders["pixels"]()`` and ``encoders["untrained"](backbone)`` extract; cached in the
+    source's folder. ``pixel_floats``: the fp32 values the pixels baseline holds (skipped when too many)."""
+    scores = {}
+    if info.get("config"):
+        key = {**key, "model": info["config"]["model"], "method": info["config"]["method"]}
+        key["seed"], key["init_from"] = info["config"]["run"]["seed"], info["config"]["run"].get("init_from")
+        scores["untrained"] = lambda: score(encoders["untrained"](untrained_backbone(info["config"], which)[0]))
+    else:
+        scores["untrained"] = (
+            f"{source} has no run config (exported or official weights): no untrained model to compare"
+        )
+    scores["pixels"] = _pixels_skip(pixel_floats, "features") or (lambda: score(encoders["pixels"]()))
+    return compute_baselines(scores, key, BaselineCache(_baseline_folder(source), log), log)
+
+
+def _check_knn_args(ks, temperature) -> None:
+    if not ks or min(ks) < 1:
+        raise EvalError(f"k-NN needs every k >= 1 (got --ks {' '.join(map(str, ks))})")
+    if temperature <= 0:
+        raise EvalError(f"--temperature must be > 0 (got {temperature})")
+
+
+def _knn_size(backbone, info, image_size) -> int:
+    """The evaluation image size: ``--img-size`` (a multiple of the model's cell) or the model's."""
+    size = image_size or info["img_size"]
+    cell = getattr(backbone, "mask_cell", None) or info["patch_size"] or 1  # a Swin: its final-stage cell
+    if size < 1 or size % cell:
+        raise EvalError(f"--img-size {size} is not a positive multiple of the model's patch size {cell}")
+    return size
+
+
 def run_knn(
     source,
     *,
@@ -105,87 +175,58 @@ def run_knn(
     num_workers=0,
     limit=0,
     progress=False,
+    baselines=True,
 ) -> dict:
     """k-NN of a backbone (run folder, checkpoint, export or official file) on a labelled dataset.
 
     The memory bank is the train split, the queries the held-out split (see :func:`resolve_data`);
     ``limit`` keeps N images spread over each; ``progress`` shows bars on stderr. ``device``: "auto"
     (CUDA when available), "cpu", "cuda", "cuda:N"; features are extracted there (bf16 autocast on
-    CUDA) and the neighbour search runs there too.
+    CUDA) and the neighbour search runs there too. ``baselines``: also score raw pixels and the
+    untrained model the same way (``baselines`` of the result; :mod:`ibot.eval.baselines`).
     """
-    if not ks or min(ks) < 1:
-        raise EvalError(f"k-NN needs every k >= 1 (got --ks {' '.join(map(str, ks))})")
-    if temperature <= 0:
-        raise EvalError(f"--temperature must be > 0 (got {temperature})")
+    _check_knn_args(ks, temperature)
     device = resolve_device(device)
-    backbone, info, report = load_backbone(source, which, allow_unsafe)
-    log(report)
-    backbone = backbone.to(device).eval()
-    size = image_size or info["img_size"]
-    cell = getattr(backbone, "mask_cell", None) or info["patch_size"] or 1  # a Swin: its final-stage cell
-    if size < 1 or size % cell:
-        raise EvalError(f"--img-size {size} is not a positive multiple of the model's patch size {cell}")
+    backbone, info = _load(source, which, allow_unsafe, device, log)
+    size = _knn_size(backbone, info, image_size)
     train, test, name = resolve_data(info, dataset, data_path)
     train, test = spread_subset(train, limit), spread_subset(test, limit)
     log(f"k-NN: memory bank {train.split}; queries {test.split}")
+    kw = dict(image_size=size, in_chans=info["in_chans"], device=device, batch_size=batch_size)
+    kw.update(num_workers=num_workers, progress=progress)
 
-    def encode(x):
-        cls, patches = backbone(x)
-        if pool == "cls":
-            return cls
-        if pool == "patchmean":
-            return patches.mean(1)
-        return torch.cat([cls, patches.mean(1)], dim=-1)
+    def features(encode, what="k-NN"):
+        bank = extract_features(encode, train, desc=f"{what} bank features", **kw)
+        return bank, extract_features(encode, test, desc=f"{what} query features", **kw)
+
+    def score(feats) -> dict:
+        (tr_f, tr_y), (te_f, te_y) = feats
+        c = len(getattr(train, "classes", [])) or None
+        acc = knn_classify(tr_f, tr_y, te_f, te_y, ks=ks, temperature=temperature, num_classes=c, device=device)
+        return {str(k): {"top1": a, "top5": b} for k, (a, b) in acc.items()}
 
     # bf16 features on CUDA are not the CPU's fp32 ones: the device type is part of the key
-    key = fingerprint(backbone, name, size, pool, device.type, _dataset_id(train), _dataset_id(test))
-
-    def compute():
-        kw = dict(image_size=size, in_chans=info["in_chans"], device=device, batch_size=batch_size)
-        kw.update(num_workers=num_workers, progress=progress)
-        return (
-            extract_features(encode, train, desc="k-NN bank features", **kw),
-            extract_features(encode, test, desc="k-NN query features", **kw),
-        )
-
-    (tr_f, tr_y), (te_f, te_y) = _cached(cache, key, compute, log)
-    acc = knn_classify(
-        tr_f,
-        tr_y,
-        te_f,
-        te_y,
-        ks=ks,
-        temperature=temperature,
-        num_classes=len(getattr(train, "classes", [])) or None,
-        device=device,
-    )
-    return {
-        "dataset": name,
-        "pool": pool,
-        "which": which,
-        "device": str(device),
-        "n_train": len(tr_y),
-        "n_test": len(te_y),
-        "split": test.split,
-        "knn": {str(k): {"top1": a, "top5": b} for k, (a, b) in acc.items()},
-    }
+    ids = (_dataset_id(train), _dataset_id(test))
+    key = fingerprint(backbone, name, size, pool, device.type, *ids)
+    feats = _cached(cache, key, lambda: features(_encoder(backbone, pool)), log)
+    res = {"dataset": name, "pool": pool, "which": which, "device": str(device)}
+    res.update(n_train=len(feats[0][1]), n_test=len(feats[1][1]), split=test.split, knn=score(feats))
+    if baselines:
+        encoders = {
+            "pixels": lambda: features(pixel_encoder, "pixels"),
+            "untrained": lambda b: features(_encoder(b.to(device).eval(), pool), "untrained"),
+        }
+        bkey = {"protocol": "knn", "ks": list(ks), "T": temperature, "pool": pool, "img_size": size}
+        bkey.update(device=device.type, data=[name, *ids], split=test.split)
+        floats = (len(train) + len(test)) * info["in_chans"] * size**2
+        res["baselines"] = _eval_baselines(info, which, score, encoders, bkey, source, log, floats)
+    return res
 
 
-def pretrain_knn(
-    backbone, cfg, bank_set, *, device, autocast=None, log=print, extra: dict | None = None
-) -> dict | None:
-    """k-NN of a pretraining run's backbone CLS (what ``ibot pretrain`` reports every ``run.knn_every``
-    epochs and at the end), on every rank under torchrun (features are extracted in rank shards).
-
-    The memory bank is ``bank_set`` (the training split; ``run.knn_split=val``: its held-out
-    validation part is the queries and the rest the bank), else the queries are the dataset's test
-    split; ``run.knn_train_limit`` keeps that many bank images spread over it. ``autocast``: the
-    context the features are extracted under (the run's precision). Returns ``k``, ``top1``,
-    ``top5``, ``n_train``, ``n_test``, ``extra`` (e.g. epoch and step), ``all`` (every k),
-    ``seconds`` and ``split`` on the main rank; None on the others, and when there is nothing
-    labelled to evaluate on (logged).
-    """
-    d, m = cfg.data, cfg.model
+def pretrain_split(cfg, bank_set, log=print):
+    """``(bank, queries, description)`` of a pretraining run's k-NN, or None (logged) when there is
+    nothing labelled to evaluate on; see :func:`pretrain_knn`."""
+    d = cfg.data
     bank = bank_set
     try:
         if d.dataset == "folder":
@@ -202,38 +243,125 @@ def pretrain_knn(
         return None
     if cfg.run.knn_train_limit:  # spread over the bank: a class-sorted folder keeps every class
         bank = spread_subset(bank, cfg.run.knn_train_limit)
-    backbone.eval()
-    t0 = time.time()
-    kw = dict(image_size=m.img_size, in_chans=m.in_chans, device=device, num_workers=d.num_workers)
+    return bank, test_set, split
+
+
+def _pretrain_accuracy(encode, cfg, bank, test_set, *, device, autocast, extract=extract_features_distributed):
+    """``(knn_classify result, n_train, n_test)`` of ``encode`` with the run's k-NN settings; None off the
+    main rank."""
+    m = cfg.model
+    kw = dict(image_size=m.img_size, in_chans=m.in_chans, device=device, num_workers=cfg.data.num_workers)
     kw["progress"] = cfg.run.progress and D.is_main()
     with autocast or nullcontext():
-        tr_f, tr_y = extract_features_distributed(backbone.forward_cls, bank, **kw, desc="k-NN bank features")
-        te_f, te_y = extract_features_distributed(backbone.forward_cls, test_set, **kw, desc="k-NN query features")
+        tr_f, tr_y = extract(encode, bank, **kw, desc="k-NN bank features")
+        te_f, te_y = extract(encode, test_set, **kw, desc="k-NN query features")
     if not D.is_main():
         return None
     ks = sorted({10, 20, 100, 200, cfg.run.knn_k})
-    acc = knn_classify(
-        tr_f,
-        tr_y,
-        te_f,
-        te_y,
-        ks=ks,
-        temperature=cfg.run.knn_temperature,
-        num_classes=len(getattr(bank, "classes", [])) or None,
-    )
-    k = min(cfg.run.knn_k, tr_f.shape[0])
+    c = len(getattr(bank, "classes", [])) or None
+    acc = knn_classify(tr_f, tr_y, te_f, te_y, ks=ks, temperature=cfg.run.knn_temperature, num_classes=c)
+    return acc, tr_f.shape[0], te_f.shape[0]
+
+
+def pretrain_knn(
+    backbone, cfg, bank_set, *, device, autocast=None, log=print, extra: dict | None = None
+) -> dict | None:
+    """k-NN of a pretraining run's backbone CLS (what ``ibot pretrain`` reports every ``run.knn_every``
+    epochs and at the end), on every rank under torchrun (features are extracted in rank shards).
+
+    The memory bank is ``bank_set`` (the training split; ``run.knn_split=val``: its held-out
+    validation part is the queries and the rest the bank), else the queries are the dataset's test
+    split; ``run.knn_train_limit`` keeps that many bank images spread over it. ``autocast``: the
+    context the features are extracted under (the run's precision). Returns ``k``, ``top1``,
+    ``top5``, ``n_train``, ``n_test``, ``extra`` (e.g. epoch and step), ``all`` (every k),
+    ``seconds`` and ``split`` on the main rank; None on the others, and when there is nothing
+    labelled to evaluate on (logged).
+    """
+    sets = pretrain_split(cfg, bank_set, log)
+    if sets is None:
+        return None
+    bank, test_set, split = sets
+    backbone.eval()
+    t0 = time.time()
+    out = _pretrain_accuracy(backbone.forward_cls, cfg, bank, test_set, device=device, autocast=autocast)
+    if out is None:
+        return None
+    acc, n_train, n_test = out
+    k = min(cfg.run.knn_k, n_train)
     top1, top5 = acc[k]
     return {
         "k": k,
         "top1": top1,
         "top5": top5,
-        "n_train": tr_f.shape[0],
-        "n_test": te_f.shape[0],
+        "n_train": n_train,
+        "n_test": n_test,
         **(extra or {}),
         "all": {str(kk): v for kk, v in acc.items()},
         "seconds": time.time() - t0,
         "split": split,
     }
+
+
+def pretrain_baselines(cfg, bank_set, *, device, autocast=None, log=print, folder=None) -> dict | None:
+    """Raw pixels and the untrained model (:mod:`ibot.eval.baselines`) scored as :func:`pretrain_knn`
+    scores the run (same bank, queries, k and temperature), on the main rank (None on the others and
+    when there is nothing to evaluate on); cached in ``folder/baselines.json``.
+    """
+    if not D.is_main():
+        return None
+    sets = pretrain_split(cfg, bank_set, lambda m: None)
+    if sets is None:
+        return None
+    bank, test_set, split = sets
+    m = cfg.model
+
+    def score(encode) -> dict:
+        acc, _, _ = _pretrain_accuracy(
+            encode, cfg, bank, test_set, device=device, autocast=autocast, extract=extract_features
+        )
+        k = min(cfg.run.knn_k, len(bank))
+        k = max(kk for kk in acc if kk <= k)
+        return {"k": k, "top1": acc[k][0], "top5": acc[k][1], "all": {str(kk): list(v) for kk, v in acc.items()}}
+
+    def untrained() -> dict:
+        backbone, _ = untrained_backbone(to_dict(cfg))
+        return score(backbone.to(device).eval().forward_cls)
+
+    why = _pixels_skip((len(bank) + len(test_set)) * m.in_chans * m.img_size**2, "features")
+    key = {"protocol": "knn", "pool": "cls", "ks": sorted({10, 20, 100, 200, cfg.run.knn_k}), "k": cfg.run.knn_k}
+    key.update(T=cfg.run.knn_temperature, img_size=m.img_size, device=device.type, split=split)
+    key.update(data=[_dataset_id(bank), _dataset_id(test_set)], model=to_dict(cfg)["model"], method=cfg.method)
+    key.update(seed=cfg.run.seed, init_from=cfg.run.init_from)
+    scores = {"untrained": untrained, "pixels": why or (lambda: score(pixel_encoder))}
+    return compute_baselines(scores, key, BaselineCache(folder, log), log)
+
+
+def _linear_probe(tr_x, tr_y, te_x, te_y, classes, *, val_fraction, epochs, seed, progress) -> dict:
+    """The lr sweep fitted on the train features minus a seeded validation split, picked on it, tested once."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(tr_x.shape[0], generator=gen)
+    n_val = max(1, int(round(val_fraction * tr_x.shape[0])))
+    val_idx, fit_idx = perm[:n_val], perm[n_val:]
+    c = classes or int(max(tr_y.max(), te_y.max())) + 1
+    best_lr, w, b, sweep = train_linear_sweep(
+        tr_x[fit_idx], tr_y[fit_idx], tr_x[val_idx], tr_y[val_idx], c, epochs=epochs, seed=seed, progress=progress
+    )
+    top1, top5 = linear_accuracy(w, b, te_x, te_y)
+    return {
+        "best_lr": best_lr,
+        "n_lrs": len(sweep),
+        "val_top1": sweep[best_lr],
+        "top1": top1,
+        "top5": top5,
+        "n_fit": len(fit_idx),
+        "n_val": n_val,
+    }
+
+
+def _pixel_pair(train, test, **kw):
+    """The raw-pixel features of the linear probe's train and test splits."""
+    tr = extract_features(pixel_encoder, train, desc="pixels train features", **kw)
+    return tr, extract_features(pixel_encoder, test, desc="pixels test features", **kw)
 
 
 def run_linear(
@@ -255,56 +383,51 @@ def run_linear(
     num_workers=0,
     limit=0,
     progress=False,
+    baselines=True,
 ) -> dict:
     """Linear probe: lr sweep trained on train minus a validation split, picked on it, tested once
     on the held-out split (see :func:`resolve_data`); ``limit`` keeps N images spread over each split.
 
     ``device`` as :func:`run_knn` (the features are extracted there; the small sweep runs on the CPU).
+    ``baselines``: the same probe of raw pixels and of the untrained model (see :func:`run_knn`).
     """
     device = resolve_device(device)
-    backbone, info, report = load_backbone(source, which, allow_unsafe)
-    log(report)
-    backbone = backbone.to(device).eval()
+    backbone, info = _load(source, which, allow_unsafe, device, log)
     train, test, name = resolve_data(info, dataset, data_path)
     train, test = spread_subset(train, limit), spread_subset(test, limit)
     log(f"linear probe: fitted on {train.split}; tested on {test.split}")
-    key = fingerprint(
-        backbone, "linear", name, n_last_blocks, avgpool, device.type, _dataset_id(train), _dataset_id(test)
-    )
+    ids = (_dataset_id(train), _dataset_id(test))
+    key = fingerprint(backbone, "linear", name, n_last_blocks, avgpool, device.type, *ids)
+    kw = dict(image_size=info["img_size"], device=device, batch_size=batch_size)
+    kw.update(num_workers=num_workers, progress=progress)
 
-    def compute():
-        kw = dict(image_size=info["img_size"], n_last_blocks=n_last_blocks, avgpool=avgpool, device=device)
-        kw.update(batch_size=batch_size, num_workers=num_workers, progress=progress)
-        return (
-            extract_linear_features(backbone, train, desc="linear train features", **kw),
-            extract_linear_features(backbone, test, desc="linear test features", **kw),
+    def features(model, what="linear"):
+        lkw = dict(n_last_blocks=n_last_blocks, avgpool=avgpool, **kw)
+        tr = extract_linear_features(model, train, desc=f"{what} train features", **lkw)
+        return tr, extract_linear_features(model, test, desc=f"{what} test features", **lkw)
+
+    def score(feats) -> dict:
+        (tr_x, tr_y), (te_x, te_y) = feats
+        classes = len(getattr(train, "classes", []))
+        return _linear_probe(
+            tr_x, tr_y, te_x, te_y, classes, val_fraction=val_fraction, epochs=epochs, seed=seed, progress=progress
         )
 
-    (tr_x, tr_y), (te_x, te_y) = _cached(cache, key, compute, log)
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(tr_x.shape[0], generator=gen)
-    n_val = max(1, int(round(val_fraction * tr_x.shape[0])))
-    val_idx, fit_idx = perm[:n_val], perm[n_val:]
-    c = len(getattr(train, "classes", [])) or int(max(tr_y.max(), te_y.max())) + 1
-    best_lr, w, b, sweep = train_linear_sweep(
-        tr_x[fit_idx], tr_y[fit_idx], tr_x[val_idx], tr_y[val_idx], c, epochs=epochs, seed=seed, progress=progress
-    )
-    top1, top5 = linear_accuracy(w, b, te_x, te_y)
-    return {
-        "dataset": name,
-        "which": which,
-        "device": str(device),
-        "n_last_blocks": n_last_blocks,
-        "avgpool": avgpool,
-        "best_lr": best_lr,
-        "val_top1": sweep[best_lr],
-        "test_top1": top1,
-        "test_top5": top5,
-        "n_fit": len(fit_idx),
-        "n_val": n_val,
-        "n_test": len(te_y),
-        "split": test.split,
-    }
+    probe = score(_cached(cache, key, lambda: features(backbone), log))
+    res = {"dataset": name, "which": which, "device": str(device), "n_last_blocks": n_last_blocks}
+    res.update(avgpool=avgpool, test_top1=probe.pop("top1"), test_top5=probe.pop("top5"), **probe)
+    res.update(n_test=len(test), split=test.split)
+    if baselines:
+        pixels = partial(_pixel_pair, train, test, in_chans=info["in_chans"], **kw)
+        encoders = {"pixels": pixels, "untrained": lambda b: features(b.to(device).eval(), "untrained")}
+        bkey = {"protocol": "linear", "n_last_blocks": n_last_blocks, "avgpool": avgpool, "epochs": epochs}
+        bkey.update(val_fraction=val_fraction, probe_seed=seed, img_size=info["img_size"], device=device.type)
+        bkey.update(data=[name, *ids], split=test.split)
+        # the features, and the sweep's weights, momenta and gradients (3 x lrs x pixels x classes)
+        rows = len(train) + len(test) + len(DEFAULT_LRS) * 3 * max(len(getattr(train, "classes", [])), 2)
+        floats = rows * info["in_chans"] * info["img_size"] ** 2
+        res["baselines"] = _eval_baselines(info, which, score, encoders, bkey, source, log, floats)
+    return res
 
 
-__all__ = ["fingerprint", "run_knn", "run_linear"]
+__all__ = ["fingerprint", "pretrain_baselines", "pretrain_knn", "pretrain_split", "run_knn", "run_linear"]

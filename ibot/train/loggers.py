@@ -40,8 +40,10 @@ GROUPS = {
     "skipped_images": "throughput/skipped_images",
     "knn_top1": "knn/top1",
     "knn_top5": "knn/top5",
+    "knn_untrained_top1": "knn/untrained_top1",  # the final k-NN's baselines (ibot.eval.baselines)
+    "knn_pixels_top1": "knn/pixels_top1",
 }
-NOT_TRACKED = ("step", "epoch", "time", "feature_dim", "teacher_entropy_max")
+NOT_TRACKED = ("step", "epoch", "time", "feature_dim", "teacher_entropy_max", "prototypes_possible")
 
 
 def tracked_scalars(record: dict) -> dict[str, float]:

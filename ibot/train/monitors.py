@@ -25,7 +25,8 @@ def collapse_monitors(model, out, teacher_temp: float) -> dict:
     """Collapse monitors of one training step, from the teacher's CLS logits ``out.teacher_logits``.
 
     ``teacher_entropy`` (near ``teacher_entropy_max`` = collapse to uniform), ``prototypes_used``
-    (near 1 = collapse to one prototype), ``view_agreement`` of the two global views, the center
+    (of ``prototypes_possible``, the most this step's outputs could use; few = collapse to few
+    prototypes), ``view_agreement`` of the two global views, the center
     norm, and the RankMe ``feature_rank`` of the teacher CLS features (of ``feature_dim``).
     """
     t = out.teacher_logits.float()  # (G, B, K)
@@ -39,6 +40,7 @@ def collapse_monitors(model, out, teacher_temp: float) -> dict:
         "teacher_entropy_max": math.log(t.shape[-1]),
         "prototypes_used": int(arg.unique().numel()),
         "prototypes_used_frac": arg.unique().numel() / t.shape[-1],
+        "prototypes_possible": min(t.shape[-1], arg.numel()),
         "center_norm": float(model.cls_center.center.norm()),
         "view_agreement": float(agree),
         "feature_rank": rankme(out.embedding.detach()),
@@ -46,43 +48,100 @@ def collapse_monitors(model, out, teacher_temp: float) -> dict:
     }
 
 
-def collapse_warning(rec: dict) -> str | None:
-    """The warning (with what to try) a logged record of :func:`collapse_monitors` calls for, or None.
+FEW_PROTOTYPES = 0.1  # warn when the teacher's argmax uses at most this share of the prototypes it could use
 
-    Silent in the first epoch, while the teacher is still forming.
-    """
-    if rec["epoch"] < 1:
+
+def _advice(cfg, *levers: str) -> str:
+    """``try: ...`` with the levers that fit ``cfg`` (its current values named); generic without a config."""
+    if cfg is None:
+        generic = {
+            "lower_temp": "a lower loss.teacher_temp",
+            "higher_temp": "a higher loss.teacher_temp",
+            "sinkhorn": "loss.centering=sinkhorn",
+            "warmup": "a longer optim.warmup_epochs",
+            "koleo": "loss.koleo_weight=0.1",
+            "lr": "a lower optim.lr",
+            "center": "less centering (loss.center_momentum closer to 1)",
+        }
+        return "try " + ", ".join(generic[k] for k in levers)
+    lo, o = cfg.loss, cfg.optim
+    t, w = lo.teacher_temp, o.warmup_epochs
+    fit = {
+        "lower_temp": f"a lower loss.teacher_temp (now {t:g}, e.g. {t * 0.6:.2g})",
+        "higher_temp": f"a higher loss.teacher_temp (now {t:g}, e.g. {min(t * 1.5, 0.1):.2g})" if t < 0.1 else None,
+        "sinkhorn": "loss.centering=sinkhorn" if lo.centering != "sinkhorn" else None,
+        "warmup": f"a longer optim.warmup_epochs (now {w:g}, e.g. {max(2 * w, 1):g})",
+        "koleo": "loss.koleo_weight=0.1" if lo.koleo_weight == 0 else None,
+        "lr": f"a lower optim.lr (now {o.lr:g}, e.g. {o.lr / 2:g})",
+        "center": f"less centering (loss.center_momentum now {lo.center_momentum:g}, e.g. 0.99)"
+        if lo.centering == "center" and lo.center_momentum < 0.99
+        else None,
+    }
+    tried = f" (loss.koleo_weight is already {lo.koleo_weight:g})" if "koleo" in levers and lo.koleo_weight else ""
+    return "try " + ", ".join(fit[k] for k in levers if fit[k]) + tried
+
+
+def collapse_kind(rec: dict) -> str | None:
+    """Which collapse a logged record of :func:`collapse_monitors` shows: "uniform", "rank" (few
+    directions), "one" (one prototype), "few" (at most ``FEW_PROTOTYPES`` of the prototypes the step could
+    use: ``prototypes_possible``, min(prototypes, outputs)), or None. None in the first epoch, while the
+    teacher is still forming."""
+    if not rec or rec["epoch"] < 1:
         return None
     if rec["teacher_entropy"] > 0.97 * rec["teacher_entropy_max"]:
-        return (
-            "warning: teacher outputs are nearly uniform (collapse to uniform): try a lower "
-            "loss.teacher_temp or less centering (loss.center_momentum closer to 1)"
-        )
+        return "uniform"
     if rec["feature_rank"] < 0.1 * rec["feature_dim"]:
+        return "rank"
+    possible = rec.get("prototypes_possible") or round(math.exp(rec["teacher_entropy_max"]))
+    if rec["prototypes_used"] <= 1:
+        return "one"
+    return "few" if rec["prototypes_used"] <= FEW_PROTOTYPES * possible else None
+
+
+def collapse_warning(rec: dict, cfg=None) -> str | None:
+    """The warning (with what to try) a logged record of :func:`collapse_monitors` calls for
+    (:func:`collapse_kind`), or None. ``cfg``: the run's config, so the advice names levers it has not
+    pulled yet, with their values."""
+    kind = collapse_kind(rec)
+    if kind == "uniform":
+        return "warning: teacher outputs are nearly uniform (collapse to uniform): " + _advice(
+            cfg, "lower_temp", "center"
+        )
+    if kind == "rank":
         return (
             f"warning: the teacher's CLS features span few directions (RankMe {rec['feature_rank']:.1f} of "
-            f"{rec['feature_dim']}; dimensional collapse, k-NN suffers): try loss.koleo_weight=0.1"
+            f"{rec['feature_dim']}; dimensional collapse, k-NN suffers): " + _advice(cfg, "koleo", "lr", "warmup")
         )
-    if rec["prototypes_used"] <= 1:
+    if kind in ("one", "few"):
+        used = rec["prototypes_used"]
+        possible = rec.get("prototypes_possible") or round(math.exp(rec["teacher_entropy_max"]))
         return (
-            "warning: teacher outputs are one-hot on few prototypes (collapse to one prototype): try a higher "
-            "loss.teacher_temp, loss.centering=sinkhorn, or a longer optim.warmup_epochs"
+            f"warning: teacher outputs are one-hot on few prototypes ({used} of {possible} in use; collapse to "
+            f"{'one prototype' if kind == 'one' else 'few prototypes'}): "
+            + _advice(cfg, "higher_temp", "sinkhorn", "warmup", "lr")
         )
     return None
 
 
 class CollapseWarnings:
-    """:func:`collapse_warning` at most once per epoch: ``check(rec)`` returns the line to log, or None."""
+    """:func:`collapse_warning` at most once per epoch, and "few prototypes" (a partial collapse that
+    some runs that learn also show) once per run: ``check(rec)`` returns the line to log, or None."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg=None) -> None:
         self.warned_epoch = -1
+        self.cfg = cfg
+        self.said_few = False
 
     def check(self, rec: dict) -> str | None:
-        warn = collapse_warning(rec)
+        warn = collapse_warning(rec, self.cfg)
         if not warn or self.warned_epoch == rec["epoch"]:
             return None
+        if collapse_kind(rec) == "few":
+            if self.said_few:
+                return None
+            self.said_few = True
         self.warned_epoch = rec["epoch"]
         return f"epoch {rec['epoch']}, step {rec['step']}: {warn}"
 
 
-__all__ = ["CollapseWarnings", "collapse_monitors", "collapse_warning", "rankme"]
+__all__ = ["CollapseWarnings", "collapse_kind", "collapse_monitors", "collapse_warning", "rankme"]

@@ -28,7 +28,8 @@ from ibot.config import ConfigError, to_dict
 from ibot.data.datasets import DatasetError
 from ibot.data.loader import Batch
 from ibot.device import resolve_precision, training_device
-from ibot.eval.protocols import pretrain_knn
+from ibot.eval.baselines import no_gain_warning, score_line
+from ibot.eval.protocols import pretrain_baselines, pretrain_knn
 from ibot.io import remove_stale_temporaries
 from ibot.train import runlock
 from ibot.train.checkpoint import COUNTERS, Checkpointer
@@ -36,7 +37,7 @@ from ibot.train.data import TrainingData
 from ibot.train.flags import DeviceFlags
 from ibot.train.loggers import build_loggers
 from ibot.train.metrics import MetricsWriter, plot_curves
-from ibot.train.monitors import CollapseWarnings, collapse_monitors
+from ibot.train.monitors import CollapseWarnings, collapse_monitors, collapse_warning
 from ibot.train.parallelize import parallelize
 from ibot.train.schedules import Schedules
 from ibot.train.signals import SignalStopError, StopSignals
@@ -199,7 +200,8 @@ class Trainer:
             if signals.signum:
                 raise self._signal_stop(signals)
             if self.cfg.run.knn_at_end:
-                result["knn"] = self.evaluate_knn()
+                result["knn"] = self.evaluate_knn(baselines=self.cfg.run.baselines)
+                self._end_of_run_warnings(result["knn"])
             result.update(self._summary(self._step0, self._images0))
             if D.is_main():
                 plot_curves(self.run_dir)
@@ -241,7 +243,7 @@ class Trainer:
         self.last_record, self._last_print = None, 0.0
         self._step0, self._images0 = self.global_step, self.seen_images
         self.train_seconds = 0.0  # excludes evaluation
-        self._collapse_warnings = CollapseWarnings()
+        self._collapse_warnings = CollapseWarnings(self.cfg)
         self._last_save = time.time()
         self.stop_voted = False
         self.flags = DeviceFlags(self.device)  # read on log steps, saves, stops, epoch ends
@@ -491,9 +493,10 @@ class Trainer:
             self._last_save = time.time()
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate_knn(self) -> dict | None:
+    def evaluate_knn(self, baselines: bool = False) -> dict | None:
         """k-NN of the teacher's CLS (:func:`ibot.eval.protocols.pretrain_knn`), logged and written to
-        ``knn.jsonl`` and the metrics."""
+        ``knn.jsonl`` and the metrics; ``baselines``: with the raw-pixel and untrained-model scores beside it
+        (:meth:`evaluate_baselines`)."""
         cfg = self.cfg
         extra = {"epoch": self.epoch, "step": self.global_step}
         extra["train_minutes"] = getattr(self, "train_seconds", 0.0) / 60
@@ -508,12 +511,35 @@ class Trainer:
             f"{res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['n_train']} bank / {res['n_test']} queries: "
             f"{res['split']}; epoch {self.epoch})"
         )
+        if baselines:
+            self.evaluate_baselines(res)
         if self.metrics:
             rec = {"step": self.global_step, "knn_top1": res["top1"], "knn_top5": res["top5"], "epoch": self.epoch}
+            rec.update({f"knn_{name}_top1": b["top1"] for name, b in res.get("baselines", {}).items()})
             self.metrics.write(rec)
             with open(self.run_dir / "knn.jsonl", "a") as f:
                 f.write(json.dumps(res) + "\n")
         return res
+
+    def evaluate_baselines(self, knn: dict) -> None:
+        """Raw pixels and the untrained model scored as ``knn`` (:func:`ibot.eval.protocols.pretrain_baselines`,
+        cached in ``RUN/baselines.json``), into ``knn["baselines"]``, logged beside its score."""
+        cfg = self.cfg
+        folder = self.run_dir if D.is_main() else None
+        base = pretrain_baselines(
+            cfg, self.data.bank_set, device=self.device, autocast=self._autocast(), log=self.log, folder=folder
+        )
+        if not base:
+            return
+        knn["baselines"] = base
+        self.log(score_line("k-NN", knn["top1"], knn["n_test"], base) + f" (k={knn['k']}, {knn['n_test']} queries)")
+
+    def _end_of_run_warnings(self, knn: dict | None) -> None:
+        """Once, at the end: no gain over the untrained model (or far below pixels), a collapsed teacher."""
+        gain = no_gain_warning(knn["top1"], knn.get("baselines"), self.cfg) if knn else None
+        for warn in (gain, collapse_warning(self.last_record or {}, self.cfg)):
+            if warn:
+                self.log(f"at the end of the run: {warn}")
 
 
 def _check_writable(folder: Path) -> None:

@@ -1,5 +1,8 @@
+import math
+
 import torch
 
+from ibot.config import build_config
 from ibot.train.monitors import CollapseWarnings, collapse_warning, rankme
 
 
@@ -29,3 +32,30 @@ def test_collapse_warnings_say_it_once_per_epoch():
     assert warnings.check(_rec(1, 11, **bad)) is None  # same epoch: once
     assert warnings.check(_rec(2, 20)) is None  # healthy
     assert warnings.check(_rec(2, 21, **bad)).startswith("epoch 2, step 21:")
+
+
+def test_few_of_many_prototypes_warns_and_the_advice_reads_the_config():
+    record = _rec(3, 90, prototypes_used=5, teacher_entropy_max=math.log(512), prototypes_possible=128)
+    assert "5 of 128 in use; collapse to few prototypes" in collapse_warning(record)
+    old = _rec(3, 90, prototypes_used=4, teacher_entropy_max=math.log(512))  # a record without the count
+    assert "4 of 512 in use" in collapse_warning(old)
+    assert collapse_warning(_rec(3, 90, prototypes_used=40, prototypes_possible=128)) is None
+    default = build_config("smoke")
+    tried = build_config(
+        "smoke", ["loss.centering=sinkhorn", "loss.teacher_temp=0.04", "optim.warmup_epochs=5", "optim.epochs=20"]
+    )
+    a, b = collapse_warning(record, default), collapse_warning(record, tried)
+    assert "loss.centering=sinkhorn" in a and "loss.centering=sinkhorn" not in b  # already set: not advised
+    assert "now 0.07, e.g. 0.1" in a and "now 0.04, e.g. 0.06" in b and "now 5, e.g. 10" in b
+    low_rank = {"feature_rank": 2.0, "feature_dim": 192}
+    assert "try loss.koleo_weight=0.1" in collapse_warning(_rec(2, 9, **low_rank), default)
+    koleo = collapse_warning(_rec(2, 9, **low_rank), build_config("smoke", ["loss.koleo_weight=2.0"]))
+    assert "koleo_weight=0.1" not in koleo and "loss.koleo_weight is already 2" in koleo and "optim.lr" in koleo
+
+
+def test_few_prototypes_is_said_once_per_run_one_prototype_once_per_epoch():
+    warnings = CollapseWarnings()
+    few = {"prototypes_used": 5, "prototypes_possible": 128}
+    assert "5 of 128" in warnings.check(_rec(1, 10, **few))
+    assert warnings.check(_rec(2, 20, **few)) is None  # a partial collapse: once per run
+    assert "collapse to one prototype" in warnings.check(_rec(3, 30, prototypes_used=1))

@@ -186,7 +186,9 @@ def _holdout_fits(info: dict, user: dict) -> tuple[list[Fit], int]:
     n = info["n_images"]
     if info["dataset"] != "imagefolder" or info["has_val"]:
         return [], n
-    share = float(user.get("data.holdout", min(0.3, max(0.1, MIN_HELD_OUT / n))))
+    from ibot.data.datasets import default_holdout
+
+    share = float(user.get("data.holdout", default_holdout(n, min_held=MIN_HELD_OUT)))
     held = round(share * n)
     se = 100 * math.sqrt(0.25 / max(held, 1))  # the binomial standard error at 50%, the worst case
     why = f"{n} images, no val/: {held} held out for evaluation (k-NN standard error up to {se:.1f} points)"

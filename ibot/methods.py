@@ -190,9 +190,9 @@ class iBOT(nn.Module):  # noqa: N801
         center_momentum: momentum of both centers.
         patch_center: "all" (official: center of every patch token) or "masked" (DINOv2).
         koleo_loss_weight: weight of the KoLeo regulariser on student global CLS features.
-        masked_im_modeling: mask the student's global crops (official ``--use_masked_im_modeling``).
-            None: only when there is a patch loss. ``True`` with ``patch_loss_weight=0`` is the official
-            ``--lambda2 0`` (the CLS loss sees masked student crops); ``False`` is DINO.
+        masked_im_modeling: mask the student's global crops (official ``--use_masked_im_modeling``,
+            default true). With ``patch_loss_weight=0`` it is the official ``--lambda2 0`` (the CLS
+            loss sees masked student crops); ``False`` (needs ``patch_loss_weight=0``) is DINO.
         mask_generator: the :class:`ibot.data.masking.MaskGenerator` of the masks this module samples
             when a call brings none (``ibot.builders.model.build_model`` passes the collate's); None
             builds one from ``mask_shape``, ``mask_ratio`` ... Masks that come with the call (from
@@ -236,7 +236,7 @@ class iBOT(nn.Module):  # noqa: N801
         center_momentum: float = 0.9,
         patch_center: str = "all",
         koleo_loss_weight: float = 0.0,
-        masked_im_modeling: bool | None = None,
+        masked_im_modeling: bool = True,
         mask_generator: MaskGenerator | None = None,
     ) -> None:
         super().__init__()
@@ -249,7 +249,7 @@ class iBOT(nn.Module):  # noqa: N801
                 f"shared_head needs n_cls_prototypes == n_patch_prototypes ({n_cls_prototypes} != {n_patch_prototypes})"
             )
         self.use_patch_loss = patch_loss_weight > 0
-        self.masked_im_modeling = self.use_patch_loss if masked_im_modeling is None else bool(masked_im_modeling)
+        self.masked_im_modeling = bool(masked_im_modeling)
         if self.use_patch_loss and not self.masked_im_modeling:
             raise ValueError(
                 "the patch loss needs masked student crops: masked_im_modeling=False needs patch_loss_weight=0"
@@ -607,6 +607,7 @@ class DINO(iBOT):
             n_prototypes,
             mask_ratio=0.0,
             patch_loss_weight=0.0,
+            masked_im_modeling=False,
             temperature_student=temperature_student,
             temperature_teacher_warmup=temperature_teacher_warmup,
             temperature_teacher=temperature_teacher,

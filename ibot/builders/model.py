@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from ibot.builders.data import mask_generator_from_config
+from ibot.config import student_masked
 from ibot.methods import DINO, iBOT
 
 
@@ -57,7 +58,7 @@ def build_model(cfg):
         temperature_teacher_patch=lo.teacher_patch_temp,
         center_momentum=lo.center_momentum,
         patch_center=lo.patch_center,
-        masked_im_modeling=mk.enabled,
+        masked_im_modeling=student_masked(cfg),
         mask_generator=mask_generator_from_config(cfg),
         **common,
     )

@@ -177,8 +177,9 @@ class Trainer:
                 for it, batch in self._steps():
                     self._count_images(batch)
                     vote = self._over_time_limit() and D.is_dist()  # rides on the step's all-reduced flags
-                    # a batch whose every image was unreadable is counted above, with no step
-                    res = self.train_step(batch, it, stop_vote=vote) if batch.batch_size else None
+                    # a batch whose every image was unreadable is counted above, with no step; under
+                    # torchrun every rank skips it together (none is left alone in the step's collectives)
+                    res = None if D.any_rank(batch.batch_size == 0) else self.train_step(batch, it, stop_vote=vote)
                     self._advance(batch)
                     self._log_step(res, batch, it)
                     signalled, save_by_time = self._stop_flags(signals)

@@ -8,6 +8,7 @@ memory (no fixed number of chunks, so any test-set size works).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +42,10 @@ class _Indexed(torch.utils.data.Dataset):
         return i, self.dataset[i]
 
 
-def _file_batches(dataset, size: int, in_chans: int, batch_size: int, num_workers: int, kept: list):
-    """Normalised image batches; appends ``(position, label)`` of every readable image to ``kept``
-    (unreadable ones, already reported with their path by the dataset, are left out)."""
+def _file_batches(dataset, size: int, in_chans: int, batch_size: int, num_workers: int, labels: list, positions=None):
+    """Normalised image batches; appends the label of every readable image to ``labels`` and, when
+    given, its position in ``dataset`` to ``positions`` (unreadable ones, already reported with their
+    path by the dataset, are left out)."""
     tf = eval_transform(size, in_chans)
 
     def collate(items):
@@ -57,7 +59,9 @@ def _file_batches(dataset, size: int, in_chans: int, batch_size: int, num_worker
     )
     for x, pos_y in loader:
         if x is not None:
-            kept.extend(pos_y)
+            labels.extend(y for _, y in pos_y)
+            if positions is not None:
+                positions.extend(i for i, _ in pos_y)
             yield x
 
 
@@ -87,22 +91,34 @@ def extract_features(
     limit: int = 0,
     progress: bool = False,
     desc: str = "features",
+    amp: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features (N, D) of ``encode(images)`` over a dataset, and its labels (N,).
 
     ``dataset`` is an in-memory :class:`~ibot.data.datasets.TensorImageDataset` (fast path) or
     any ``(PIL image, label)`` dataset; unreadable files (items ``None``) are left out, so N counts
     the readable images. ``limit`` keeps the first N images; ``progress`` shows a bar named ``desc``.
-    On CUDA the batches are encoded under bf16 autocast (:func:`ibot.device.inference_autocast`);
-    features are fp32.
+    ``amp``: on CUDA the batches are encoded under bf16 autocast (:func:`ibot.device.inference_autocast`);
+    False: under the caller's context only (a training run's precision, fp32 included). Features are fp32.
     """
-    kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, limit=limit, progress=progress, desc=desc)
+    kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, limit=limit, progress=progress)
+    kw.update(desc=desc, amp=amp)
     feats, labels, _ = _extract(encode, dataset, image_size, in_chans, **kw)
     return feats, labels
 
 
 def _extract(
-    encode, dataset, image_size, in_chans, device="cpu", batch_size=256, num_workers=0, limit=0, progress=False, desc=""
+    encode,
+    dataset,
+    image_size,
+    in_chans,
+    device="cpu",
+    batch_size=256,
+    num_workers=0,
+    limit=0,
+    progress=False,
+    desc="",
+    amp=True,
 ):
     """:func:`extract_features` and the dataset position (N,) of each row (readable images only)."""
     n = len(dataset) if not limit else min(limit, len(dataset))
@@ -111,18 +127,19 @@ def _extract(
         labels, positions = dataset.labels[:n], torch.arange(n)
     else:
         sub = torch.utils.data.Subset(dataset, range(n))
-        kept: list[tuple[int, int]] = []
-        batches = _file_batches(sub, image_size, in_chans, batch_size, num_workers, kept)
+        kept: list[int] = []
+        positions = []
+        batches = _file_batches(sub, image_size, in_chans, batch_size, num_workers, kept, positions)
         labels = None
     feats = []
     for x in progress_images(batches, n, desc, progress):
-        with inference_autocast(device):
+        with inference_autocast(device) if amp else nullcontext():
             f = encode(x.to(device, non_blocking=True))
         feats.append(F.normalize(f.float(), dim=-1).cpu())
     if labels is None:  # file datasets: the readable images
         if not feats:
             raise DatasetError(f"none of the {n} evaluation images could be read (see the warnings for their paths)")
-        positions, labels = torch.tensor(kept, dtype=torch.long).reshape(-1, 2).unbind(1)
+        positions, labels = torch.tensor(positions, dtype=torch.long), torch.tensor(kept, dtype=torch.long)
     return torch.cat(feats), labels.long(), positions
 
 

@@ -183,7 +183,10 @@ def pretrain_knn(
     context the features are extracted under (the run's precision). Returns ``k``, ``top1``,
     ``top5``, ``n_train``, ``n_test``, ``extra`` (e.g. epoch and step), ``all`` (every k),
     ``seconds`` and ``split`` on the main rank; None on the others, and when there is nothing
-    labelled to evaluate on (logged).
+    labelled to evaluate on (logged). With ``autocast`` the features are extracted under it only
+    (``run.precision=fp32``: fp32, not the bf16 of ``ibot knn``). Every rank runs the neighbour
+    search on its ``device`` (each holds every feature), so no rank waits in a collective while
+    the main rank searches on its CPU.
     """
     d, m = cfg.data, cfg.model
     bank = bank_set
@@ -206,11 +209,10 @@ def pretrain_knn(
     t0 = time.time()
     kw = dict(image_size=m.img_size, in_chans=m.in_chans, device=device, num_workers=d.num_workers)
     kw["progress"] = cfg.run.progress and D.is_main()
+    kw["amp"] = autocast is None  # a run's precision context alone decides (fp32 stays fp32)
     with autocast or nullcontext():
         tr_f, tr_y = extract_features_distributed(backbone.forward_cls, bank, **kw, desc="k-NN bank features")
         te_f, te_y = extract_features_distributed(backbone.forward_cls, test_set, **kw, desc="k-NN query features")
-    if not D.is_main():
-        return None
     ks = sorted({10, 20, 100, 200, cfg.run.knn_k})
     acc = knn_classify(
         tr_f,
@@ -220,7 +222,10 @@ def pretrain_knn(
         ks=ks,
         temperature=cfg.run.knn_temperature,
         num_classes=len(getattr(bank, "classes", [])) or None,
+        device=device,
     )
+    if not D.is_main():
+        return None
     k = min(cfg.run.knn_k, tr_f.shape[0])
     top1, top5 = acc[k]
     return {

@@ -106,7 +106,7 @@ class Trainer:
     def _build_model(self):
         """The config's model, with the ``run.init_from`` weights when given."""
         try:
-            model = build_model(self.cfg)
+            model = build_model(self.cfg, mask_generator=self.data.collate.mask_generator)  # the run's one
         except ValueError as err:  # the model settings do not fit the backbone: a config problem
             raise ConfigError(f"{err}; check the model.* and method keys") from err
         if self.cfg.run.init_from:

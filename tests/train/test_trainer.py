@@ -198,3 +198,11 @@ def test_override_values_parse_lists_bools_and_numbers():
     )
     assert list(cfg.mask.ratio) == [0.0, 0.3] and cfg.optim.lr == 2e-3 and cfg.model.shared_head is False
     assert cfg.model.embed_dim is None and cfg.run.output_dir == "runs/x"
+
+
+def test_a_run_has_one_mask_generator(tmp_path):
+    """Issue 25: the collate and the model each built a MaskGenerator from the config; the trainer's
+    model now holds the collate's (what the compile padding bound and the teacher temperatures read)."""
+    tr = Trainer(smoke_cfg(tmp_path), log=lambda *a: None)
+    assert tr.data.collate.mask_generator is not None
+    assert tr.model.mask_generator is tr.data.collate.mask_generator

@@ -64,7 +64,7 @@ class iBOTLightningModule(L.LightningModule):  # noqa: N801
     def _schedules(self) -> None:
         if self.niter is None:
             self.niter = self._steps_per_epoch()
-        self.schedules = Schedules.from_config(self.cfg, self.niter, self.trainer.world_size)
+        self.schedules = Schedules.from_config(self.cfg, self.niter, self.trainer.world_size, self.model.teacher_temps)
 
     def on_fit_start(self) -> None:
         self._schedules()

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ibot.data.loader import Batch
 from ibot.data.masking import MaskBatch, MaskGenerator, sample_masks
-from ibot.losses import Center, ibot_criterion, sinkhorn_knopp, teacher_temperature
+from ibot.losses import Center, TeacherTemperatures, ibot_criterion, sinkhorn_knopp
 from ibot.models.backbone import create_vit, make_teacher_backbone, wrap_backbone
 from ibot.models.head import iBOTHead
 
@@ -287,12 +287,6 @@ class iBOT(nn.Module):  # noqa: N801
         self.embed_dim = backbone.embed_dim
         self.image_size = image_size
         self.student_temp = temperature_student
-        self.cls_temps = (temperature_teacher_warmup, temperature_teacher, warmup_epochs_temperature_teacher)
-        self.patch_temps = (
-            temperature_teacher_patch_warmup,
-            temperature_teacher_patch,
-            warmup_epochs_temperature_teacher,
-        )
         self.ema_decay = (ema_decay_start, ema_decay_end)
         self.lambda1, self.lambda2, self.koleo_weight = cls_loss_weight, patch_loss_weight, koleo_loss_weight
         self.centering, self.sinkhorn_iterations, self.patch_center = centering, sinkhorn_iterations, patch_center
@@ -301,15 +295,22 @@ class iBOT(nn.Module):  # noqa: N801
         if mask_generator is None:
             mask_generator = MaskGenerator(mask_shape, mask_ratio, mask_ratio_var, mask_start_epoch, mask_probability)
         self.mask_generator = mask_generator  # only for calls that bring no masks
+        # the run's one teacher-temperature schedule (Schedules reads it; the patch warm-up starts with the masks)
+        self.teacher_temps = TeacherTemperatures(
+            temperature_teacher_warmup,
+            temperature_teacher,
+            temperature_teacher_patch_warmup,
+            temperature_teacher_patch,
+            warmup_epochs_temperature_teacher,
+            mask_generator.start_epoch,
+        )
         self._ema_pairs = self._pair_parameters()
 
     # ------------------------------------------------------------------ schedules and EMA
     def teacher_temperatures(self, epoch: int) -> tuple[float, float]:
         """(CLS, patch) teacher temperatures at ``epoch`` of the official per-epoch schedules (a pure
         function of ``epoch``; the patch warm-up starts at the mask start)."""
-        cls_t = teacher_temperature(epoch, *self.cls_temps)
-        patch_t = teacher_temperature(epoch, *self.patch_temps, start_epoch=self.mask_generator.start_epoch)
-        return cls_t, patch_t
+        return self.teacher_temps(epoch)
 
     def _pair_parameters(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         teacher = dict(self.teacher.named_parameters())

@@ -90,7 +90,7 @@ class Trainer:
             betas=tuple(o.betas),
         )
         self.optimizer, self.scaler = self.step_fn.optimizer, self.step_fn.scaler
-        self.schedules = Schedules.from_config(cfg, self.data.niter, D.world_size())
+        self.schedules = Schedules.from_config(cfg, self.data.niter, D.world_size(), self.model.teacher_temps)
         self.checkpointer = Checkpointer(
             cfg, self.model, self.optimizer, self.scaler, self.schedules, self.data.niter, fsdp=self.fsdp, log=self.log
         )

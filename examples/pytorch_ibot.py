@@ -63,9 +63,8 @@ def main(argv=None):
     # 0.04 -> 0.4, teacher momentum 0.996 -> 1, teacher temperatures warmed up over one epoch, the
     # prototypes frozen during epoch 0
     steps_per_epoch = len(loader)
-    schedules = Schedules(
-        args.epochs, steps_per_epoch, lr=args.lr * args.batch_size / 256, warmup_epochs=1, warmup_teacher_temp_epochs=1
-    )
+    lr = args.lr * args.batch_size / 256
+    schedules = Schedules(args.epochs, steps_per_epoch, lr=lr, warmup_epochs=1, teacher_temps=model.teacher_temps)
     optimizer = torch.optim.AdamW(param_groups(model.student))
     params = model.trainable_parameters()
 

@@ -54,15 +54,16 @@ class MaskConfig:
     start_epoch: int = 0  # official pred_start_epoch
     probability: float = 1.0  # fraction of images masked at all (DINOv2); 1.0 = official
     min_patches: int | None = None  # minimum block area; None = (min(h, w) // 3) ** 2
-    # mask the student's global crops (official --use_masked_im_modeling); null = only with a patch loss
-    # (loss.lambda2 > 0). true with loss.lambda2=0 is the official --lambda2 0; method=dino never masks
+    # mask the student's global crops (official --use_masked_im_modeling, on by default); null = the
+    # method's default: method=ibot masks, also with loss.lambda2=0 (the official --lambda2 0), method=dino
+    # never masks. false needs loss.lambda2=0 (DINO's inputs on iBOT's heads)
     enabled: bool | None = None
 
 
 @dataclass
 class LossConfig:
     lambda1: float = 1.0  # CLS loss weight
-    lambda2: float = 1.0  # patch loss weight (0: no patch loss; masks stay off unless mask.enabled=true)
+    lambda2: float = 1.0  # patch loss weight (0: no patch loss; the student stays masked unless mask.enabled=false)
     student_temp: float = 0.1  # student softmax temperature
     warmup_teacher_temp: float = 0.04  # CLS teacher temperature at epoch 0 (linear warm-up to teacher_temp)
     teacher_temp: float = 0.04  # CLS teacher temperature after the warm-up
@@ -369,7 +370,15 @@ def build_config(preset: str | None = None, overrides: list[str] | dict | None =
         except OmegaConfBaseException as err:
             raise ConfigError(f"bad value {value!r} for {key}: {err.msg.splitlines()[0]}") from err
     validate(cfg)
+    cfg.mask.enabled = student_masked(cfg)  # explicit in every saved config (see saved_config)
     return cfg
+
+
+def student_masked(cfg) -> bool:
+    """Whether the student's global crops are masked: ``mask.enabled``, or when null the method's
+    default: method=ibot masks (official ``--use_masked_im_modeling`` defaults to true, also with
+    ``--lambda2 0``), method=dino never does."""
+    return cfg.method == "ibot" if cfg.mask.enabled is None else bool(cfg.mask.enabled)
 
 
 def _range_problems(cfg) -> list[str]:
@@ -527,9 +536,7 @@ def validate(cfg) -> None:
     if o.warmup_epochs > o.epochs:
         problems.append(f"optim.warmup_epochs={o.warmup_epochs} > optim.epochs={o.epochs}")
     if cfg.method == "dino" and mk.enabled:
-        problems.append(
-            "method=dino never masks; for the official --lambda2 0 use method=ibot loss.lambda2=0 mask.enabled=true"
-        )
+        problems.append("method=dino never masks; for the official --lambda2 0 use method=ibot loss.lambda2=0")
     if cfg.method == "ibot" and lo.lambda2 > 0 and mk.enabled is False:
         problems.append(
             f"loss.lambda2={lo.lambda2} needs masked student crops; drop mask.enabled=false or set loss.lambda2=0"
@@ -567,7 +574,39 @@ def to_dict(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def unflatten(flat: dict) -> dict:
+    """``{"section.key": value}`` -> nested dict (the inverse of :func:`flatten`)."""
+    out: dict = {}
+    for key, value in flat.items():
+        *path, leaf = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def saved_config(d: dict) -> tuple[dict, list[str]]:
+    """A config a checkpoint saved (any ibot version) as this version reads it, and the keys it holds
+    that this version does not know (left out; the caller warns or refuses).
+
+    Configs saved before ``mask.enabled`` was resolved hold null there, which then meant "masked only
+    with a patch loss"; it is read with that meaning, so the saved model keeps its (absent) mask token.
+    """
+    known = set(_all_keys(OmegaConf.structured(Config)))
+    flat = flatten(d)
+    unknown = sorted(k for k in flat if k not in known)
+    kept = {k: v for k, v in flat.items() if k in known}
+    if kept.get("mask.enabled") is None:
+        kept["mask.enabled"] = kept.get("method", "ibot") == "ibot" and kept.get("loss.lambda2", 1.0) > 0
+    return unflatten(kept), unknown
+
+
 def from_dict(d: dict):
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), d)
+    """The config of a saved dict (:func:`saved_config`; keys this version does not know are an error)."""
+    kept, unknown = saved_config(d)
+    if unknown:
+        raise ConfigError(f"unknown config keys {', '.join(unknown)} (saved by a newer ibot?)")
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), kept)
     validate(cfg)
     return cfg

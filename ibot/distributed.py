@@ -37,6 +37,29 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_HOST_GROUP = None  # a gloo group for host-side decisions when the default group is NCCL
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (``flag`` itself in one process).
+
+    A host-side decision that never waits for the device: a one-integer all-reduce over gloo (the
+    default group when it is gloo, else a gloo group made at the first call, which every rank makes
+    at the same point because every rank calls this at the same points).
+    """
+    global _HOST_GROUP
+    if not is_dist():
+        return flag
+    group = None
+    if dist.get_backend() != "gloo":
+        if _HOST_GROUP is None:
+            _HOST_GROUP = dist.new_group(backend="gloo")
+        group = _HOST_GROUP
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 

@@ -64,7 +64,7 @@ class iBOTLightningModule(L.LightningModule):  # noqa: N801
     def _schedules(self) -> None:
         if self.niter is None:
             self.niter = self._steps_per_epoch()
-        self.schedules = Schedules.from_config(self.cfg, self.niter, self.trainer.world_size)
+        self.schedules = Schedules.from_config(self.cfg, self.niter, self.trainer.world_size, self.model.teacher_temps)
 
     def on_fit_start(self) -> None:
         self._schedules()
@@ -116,9 +116,11 @@ class iBOTLightningModule(L.LightningModule):  # noqa: N801
         if self._values().freeze_last_layer:
             drop_last_layer_grads(self.model.student)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # after the optimizer step Lightning's global_step already counts this step
-        self.model.update_teacher(self.schedules[max(self.global_step - 1, 0)].momentum)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step, then the teacher's EMA: once per optimizer step, not per micro-batch
+        (``accumulate_grad_batches``). Inside this hook ``global_step`` is still this step's index."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.model.update_teacher(self.schedules[min(self.global_step, len(self.schedules) - 1)].momentum)
 
 
 class KNNCallback(L.Callback):

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ibot.data.loader import Batch
 from ibot.data.masking import MaskBatch, MaskGenerator, sample_masks
-from ibot.losses import Center, ibot_criterion, sinkhorn_knopp, teacher_temperature
+from ibot.losses import Center, TeacherTemperatures, ibot_criterion, sinkhorn_knopp
 from ibot.models.backbone import create_vit, make_teacher_backbone, wrap_backbone
 from ibot.models.head import iBOTHead
 
@@ -190,9 +190,9 @@ class iBOT(nn.Module):  # noqa: N801
         center_momentum: momentum of both centers.
         patch_center: "all" (official: center of every patch token) or "masked" (DINOv2).
         koleo_loss_weight: weight of the KoLeo regulariser on student global CLS features.
-        masked_im_modeling: mask the student's global crops (official ``--use_masked_im_modeling``).
-            None: only when there is a patch loss. ``True`` with ``patch_loss_weight=0`` is the official
-            ``--lambda2 0`` (the CLS loss sees masked student crops); ``False`` is DINO.
+        masked_im_modeling: mask the student's global crops (official ``--use_masked_im_modeling``,
+            default true). With ``patch_loss_weight=0`` it is the official ``--lambda2 0`` (the CLS
+            loss sees masked student crops); ``False`` (needs ``patch_loss_weight=0``) is DINO.
         mask_generator: the :class:`ibot.data.masking.MaskGenerator` of the masks this module samples
             when a call brings none (``ibot.builders.model.build_model`` passes the collate's); None
             builds one from ``mask_shape``, ``mask_ratio`` ... Masks that come with the call (from
@@ -236,7 +236,7 @@ class iBOT(nn.Module):  # noqa: N801
         center_momentum: float = 0.9,
         patch_center: str = "all",
         koleo_loss_weight: float = 0.0,
-        masked_im_modeling: bool | None = None,
+        masked_im_modeling: bool = True,
         mask_generator: MaskGenerator | None = None,
     ) -> None:
         super().__init__()
@@ -249,7 +249,7 @@ class iBOT(nn.Module):  # noqa: N801
                 f"shared_head needs n_cls_prototypes == n_patch_prototypes ({n_cls_prototypes} != {n_patch_prototypes})"
             )
         self.use_patch_loss = patch_loss_weight > 0
-        self.masked_im_modeling = self.use_patch_loss if masked_im_modeling is None else bool(masked_im_modeling)
+        self.masked_im_modeling = bool(masked_im_modeling)
         if self.use_patch_loss and not self.masked_im_modeling:
             raise ValueError(
                 "the patch loss needs masked student crops: masked_im_modeling=False needs patch_loss_weight=0"
@@ -287,12 +287,6 @@ class iBOT(nn.Module):  # noqa: N801
         self.embed_dim = backbone.embed_dim
         self.image_size = image_size
         self.student_temp = temperature_student
-        self.cls_temps = (temperature_teacher_warmup, temperature_teacher, warmup_epochs_temperature_teacher)
-        self.patch_temps = (
-            temperature_teacher_patch_warmup,
-            temperature_teacher_patch,
-            warmup_epochs_temperature_teacher,
-        )
         self.ema_decay = (ema_decay_start, ema_decay_end)
         self.lambda1, self.lambda2, self.koleo_weight = cls_loss_weight, patch_loss_weight, koleo_loss_weight
         self.centering, self.sinkhorn_iterations, self.patch_center = centering, sinkhorn_iterations, patch_center
@@ -301,15 +295,22 @@ class iBOT(nn.Module):  # noqa: N801
         if mask_generator is None:
             mask_generator = MaskGenerator(mask_shape, mask_ratio, mask_ratio_var, mask_start_epoch, mask_probability)
         self.mask_generator = mask_generator  # only for calls that bring no masks
+        # the run's one teacher-temperature schedule (Schedules reads it; the patch warm-up starts with the masks)
+        self.teacher_temps = TeacherTemperatures(
+            temperature_teacher_warmup,
+            temperature_teacher,
+            temperature_teacher_patch_warmup,
+            temperature_teacher_patch,
+            warmup_epochs_temperature_teacher,
+            mask_generator.start_epoch,
+        )
         self._ema_pairs = self._pair_parameters()
 
     # ------------------------------------------------------------------ schedules and EMA
     def teacher_temperatures(self, epoch: int) -> tuple[float, float]:
         """(CLS, patch) teacher temperatures at ``epoch`` of the official per-epoch schedules (a pure
         function of ``epoch``; the patch warm-up starts at the mask start)."""
-        cls_t = teacher_temperature(epoch, *self.cls_temps)
-        patch_t = teacher_temperature(epoch, *self.patch_temps, start_epoch=self.mask_generator.start_epoch)
-        return cls_t, patch_t
+        return self.teacher_temps(epoch)
 
     def _pair_parameters(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         teacher = dict(self.teacher.named_parameters())
@@ -608,6 +609,7 @@ class DINO(iBOT):
             n_prototypes,
             mask_ratio=0.0,
             patch_loss_weight=0.0,
+            masked_im_modeling=False,
             temperature_student=temperature_student,
             temperature_teacher_warmup=temperature_teacher_warmup,
             temperature_teacher=temperature_teacher,

@@ -59,13 +59,40 @@ def test_missing_cuda_is_a_one_line_error(run, capsys):
     assert "use auto, cpu, cuda" in capsys.readouterr().err
 
 
-def test_knn_and_linear_report_the_device_they_ran_on(run, capsys):
-    assert main(["knn", str(run), "--device", "cpu", "--ks", "5", "--json"]) == 0
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_knn_and_linear_run_on_the_device_they_report(run, capsys, monkeypatch, device):
+    """The backbone's weights and every image batch it sees are on ``--device``, which the result names
+    (a spy on the backbone's forward, not only the echoed name)."""
+    import ibot.eval.protocols as protocols
+
+    seen = set()
+    load = protocols.load_backbone
+
+    def spied(*args, **kwargs):
+        backbone, info, report = load(*args, **kwargs)
+
+        def record(module, inputs):
+            seen.update({("input", x.device.type) for x in inputs if torch.is_tensor(x)})
+            seen.update({("weights", p.device.type) for p in module.parameters(recurse=False)})
+
+        for module in backbone.modules():  # every layer: linear features use intermediate blocks, not forward
+            if not list(module.children()):
+                module.register_forward_pre_hook(record)
+        return backbone, info, report
+
+    monkeypatch.setattr(protocols, "load_backbone", spied)
+    assert main(["knn", str(run), "--device", device, "--ks", "5", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["device"] == "cpu" and res["knn"]["5"]["top1"] > 0
-    assert main(["linear", str(run), "--device", "cpu", "--epochs", "1", "--n-last-blocks", "1", "--json"]) == 0
+    assert res["device"] == device and res["knn"]["5"]["top1"] > 0
+    assert seen == {("input", device), ("weights", device)}
+    seen.clear()
+    assert main(["linear", str(run), "--device", device, "--epochs", "1", "--n-last-blocks", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["device"] == "cpu" and res["n_last_blocks"] == 1
+    assert res["device"] == device and res["n_last_blocks"] == 1
+    assert seen == {("input", device), ("weights", device)}
 
 
 def test_finetune_runs_from_the_command_line(run, capsys):

@@ -28,22 +28,39 @@ def test_augmentation_probabilities_are_checked():
 
 
 def test_mask_enabled_switch_is_the_official_use_masked_im_modeling():
+    """Issue 25 item 12: official ``--use_masked_im_modeling`` defaults to true, so ``loss.lambda2=0`` alone
+    is the official ``--lambda2 0`` (the student stays masked); ``mask.enabled=false`` is DINO's inputs."""
     from ibot.builders.data import mask_generator_from_config
     from ibot.builders.model import build_model
 
-    official = build_config("smoke", ["loss.lambda2=0", "mask.enabled=true"])  # official --lambda2 0
+    official = build_config("smoke", ["loss.lambda2=0"])  # official --lambda2 0
+    assert official.mask.enabled is True  # resolved, so a saved config says what ran
     assert mask_generator_from_config(official) is not None
     model = build_model(official)
     assert model.masked_im_modeling and not model.use_patch_loss
     assert model.student["backbone"].masked_embed is not None
-    plain = build_config("smoke", ["loss.lambda2=0"])  # no patch loss, no masks (DINO's inputs)
+    plain = build_config("smoke", ["loss.lambda2=0", "mask.enabled=false"])  # no patch loss, no masks
     assert mask_generator_from_config(plain) is None and not build_model(plain).masked_im_modeling
     dino = build_config("smoke", ["method=dino"])
+    assert dino.mask.enabled is False
     assert mask_generator_from_config(dino) is None and not build_model(dino).masked_im_modeling
     with pytest.raises(ConfigError, match="method=dino never masks"):
         build_config("smoke", ["method=dino", "mask.enabled=true"])
     with pytest.raises(ConfigError, match="needs masked student crops"):
         build_config("smoke", ["mask.enabled=false"])
+
+
+def test_configs_saved_before_the_masking_default_keep_their_meaning():
+    """A checkpoint's config from before item 12 holds ``mask.enabled: null``, which meant masking only
+    with a patch loss: it is read so, and its model (no mask token) still loads."""
+    from ibot.config import from_dict, to_dict
+
+    old = to_dict(build_config("smoke", ["loss.lambda2=0", "mask.enabled=false"]))
+    old["mask"]["enabled"] = None
+    assert from_dict(old).mask.enabled is False
+    old["loss"]["lambda2"] = 1.0
+    assert from_dict(old).mask.enabled is True
+    assert from_dict(to_dict(build_config("smoke", ["loss.lambda2=0"]))).mask.enabled is True
 
 
 def test_teacher_warmup_longer_than_the_run_is_allowed():

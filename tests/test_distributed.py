@@ -285,3 +285,42 @@ def test_torchrun_dino_on_a_cnn_backbone(tmp_path):
 
     ckpt = load_safe(run / "checkpoint.pth")
     assert ckpt["world_size"] == 2 and ckpt["global_step"] == 2
+
+
+def _empty_batch_worker(rank, world, port, run, out_path):
+    """Rank 1 meets a batch of only unreadable images at step 1 (what the collate makes of it)."""
+    import datetime
+
+    from ibot.config import build_config
+    from ibot.train.trainer import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    over = [f"run.output_dir={run}", "run.progress=false", "optim.batch_size=8", "run.knn_at_end=false"]
+    tr = Trainer(build_config("smoke", [*over, "run.max_steps=3"]), log=lambda *a: None, resume="never")
+    batches, train_step, stepped = tr.data.batches, tr.train_step, []
+
+    def with_an_empty_batch(epoch, start):
+        for i, b in enumerate(batches(epoch, start)):
+            if rank == 1 and start + i == 1:
+                b = Batch(torch.empty(0), None, None, torch.empty(0, dtype=torch.long), b.n_global, b.n_local, 8)
+            yield b
+
+    tr.data.batches = with_an_empty_batch
+    tr.train_step = lambda batch, it, **kw: stepped.append(it) or train_step(batch, it, **kw)
+    tr.fit()
+    params = torch.cat([p.detach().reshape(-1) for p in tr.model.student.parameters()])
+    torch.save({"params": params, "stepped": stepped, "global_step": tr.global_step}, f"{out_path}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_rank_with_a_batch_of_only_unreadable_images_skips_the_step_with_every_rank(tmp_path):
+    """Issue 25 item 4: a rank that skipped alone left the others in the step's collectives (a hang or
+    mismatched collectives); every rank now skips that step together and stays in sync."""
+    out = tmp_path / "res"
+    mp.spawn(_empty_batch_worker, args=(2, _free_port(), str(tmp_path / "run"), str(out)), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert r0["stepped"] == r1["stepped"] == [0, 2] and r0["global_step"] == r1["global_step"] == 3
+    assert torch.equal(r0["params"], r1["params"])

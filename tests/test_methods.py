@@ -336,11 +336,12 @@ def test_head_norm_is_one_module_reused_after_every_hidden_layer_as_official():
 
 
 def test_masked_student_without_patch_loss_is_official_lambda2_zero():
-    """``masked_im_modeling=True, patch_loss_weight=0`` = official ``--lambda2 0``: the CLS loss sees masked crops."""
+    """``patch_loss_weight=0`` = official ``--lambda2 0`` by default (``--use_masked_im_modeling`` defaults
+    to true): the CLS loss sees masked crops; ``masked_im_modeling=False`` is DINO's inputs."""
     torch.manual_seed(0)
     g, loc, masks = _views(n_local=2)
-    official = tiny_ibot(drop_path_rate=0.0, patch_loss_weight=0.0, masked_im_modeling=True)
-    dino_like = tiny_ibot(drop_path_rate=0.0, patch_loss_weight=0.0)
+    official = tiny_ibot(drop_path_rate=0.0, patch_loss_weight=0.0)
+    dino_like = tiny_ibot(drop_path_rate=0.0, patch_loss_weight=0.0, masked_im_modeling=False)
     assert official.student["backbone"].masked_embed is not None
     assert dino_like.student["backbone"].masked_embed is None and not dino_like.masked_im_modeling
     with torch.no_grad():

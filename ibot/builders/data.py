@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ibot.config import mask_cell
+from ibot.config import mask_cell, student_masked
 from ibot.data.datasets import build_dataset
 from ibot.data.device_augment import CropFlip, DecodedImages, DeviceAugment
 from ibot.data.loader import EpochSampler, MultiCropCollate, MultiCropDataset
@@ -36,8 +36,7 @@ def dataset_from_config(cfg, train: bool = True):
 def mask_generator_from_config(cfg) -> MaskGenerator | None:
     """The run's one mask generator (the collate's, and the model's for calls without masks), or None
     when the student's crops are not masked."""
-    masked = cfg.loss.lambda2 > 0 if cfg.mask.enabled is None else cfg.mask.enabled
-    if cfg.method != "ibot" or not masked:
+    if cfg.method != "ibot" or not student_masked(cfg):
         return None
     mk = cfg.mask
     return MaskGenerator(mk.shape, list(mk.ratio), list(mk.ratio_var), mk.start_epoch, mk.probability, mk.min_patches)

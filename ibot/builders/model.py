@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 from ibot.builders.data import mask_generator_from_config
+from ibot.config import student_masked
 from ibot.methods import DINO, iBOT
 
 
-def build_model(cfg):
+def build_model(cfg, mask_generator=None):
     """The :class:`ibot.iBOT` / :class:`ibot.DINO` module a config describes.
 
-    An iBOT gets the run's one mask generator (:func:`ibot.builders.data.mask_generator_from_config`,
-    configured as the collate's), used only for calls that bring no masks.
+    An iBOT gets the run's one mask generator, used only for calls that bring no masks: ``mask_generator``
+    (a training run passes its collate's, so the run has one), else
+    :func:`ibot.builders.data.mask_generator_from_config`, configured as the collate's.
     """
     m, lo, mk = cfg.model, cfg.loss, cfg.mask
     enc = {"patch_size": m.patch_size, "in_chans": m.in_chans}
@@ -57,7 +59,7 @@ def build_model(cfg):
         temperature_teacher_patch=lo.teacher_patch_temp,
         center_momentum=lo.center_momentum,
         patch_center=lo.patch_center,
-        masked_im_modeling=mk.enabled,
-        mask_generator=mask_generator_from_config(cfg),
+        masked_im_modeling=student_masked(cfg),
+        mask_generator=mask_generator or mask_generator_from_config(cfg),
         **common,
     )

@@ -9,19 +9,22 @@ checkpoint becomes a model in :func:`model_from_checkpoint` only.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import torch
 
 from ibot.builders.model import build_model
-from ibot.config import from_dict
+from ibot.config import from_dict, saved_config, to_dict
 from ibot.data.transforms import norm_stats
 from ibot.export import load_export, timm_kwargs
 from ibot.io import CheckpointError, load_safe
 from ibot.models.backbone import wrap_backbone
 from ibot.models.head import iBOTHead
 from ibot.official import head_state_for, load_official
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pth"  # a run folder's newest training checkpoint
 EXPORT = "backbone.safetensors"  # an `ibot export` folder's weights
@@ -49,9 +52,18 @@ def is_ibot_checkpoint(ckpt) -> bool:
     return isinstance(ckpt, dict) and ckpt.get("format") == "ibot-1"
 
 
+def checkpoint_config(ckpt: dict):
+    """The config of a loaded ibot checkpoint, for evaluation / export / pictures: keys this version
+    does not know (a checkpoint of a newer ibot) are ignored with a one-line warning naming them."""
+    kept, unknown = saved_config(ckpt["config"])
+    if unknown:
+        log.warning("warning: ignoring checkpoint config keys this ibot version does not know: %s", ", ".join(unknown))
+    return from_dict(kept)
+
+
 def model_from_checkpoint(ckpt: dict):
     """``(model, config)`` of a loaded ibot checkpoint: the config's :func:`build_model` with its weights."""
-    cfg = from_dict(ckpt["config"])
+    cfg = checkpoint_config(ckpt)
     model = build_model(cfg)
     model.load_state_dict(ckpt["model"])
     return model, cfg
@@ -78,7 +90,7 @@ def load_backbone(source: str | Path, which: str = "teacher", allow_unsafe: bool
             "in_chans": cfg.model.in_chans,
             "mean": list(mean),
             "std": list(std),
-            "config": ckpt["config"],
+            "config": to_dict(cfg),
         }
         return backbone, info, f"{src}: ibot checkpoint ({which})"
     backbone, _, _, report = load_official(src, which, allow_unsafe, ckpt=ckpt)

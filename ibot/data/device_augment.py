@@ -267,6 +267,8 @@ class DeviceAugment:
         """A :class:`~ibot.data.loader.Batch` of uint8 crops -> the same batch with float crops."""
         from ibot.data.loader import Batch  # the loader imports this module's users, not the reverse
 
+        if batch.batch_size == 0:  # every image unreadable: nothing to augment (the trainer skips the step)
+            return batch
         if batch.global_crops.dtype != torch.uint8:
             raise TypeError(f"DeviceAugment takes uint8 crops, got {batch.global_crops.dtype}")
         kg, kl = self.kinds(batch.n_global, batch.n_local, batch.batch_size)

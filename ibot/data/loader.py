@@ -157,8 +157,10 @@ class MultiCropDataset(torch.utils.data.Dataset):
         img, label = item
         s = mix_seed(self.seed, epoch, i)
         state = random.getstate()
+        # only the CPU generator: torch.manual_seed would also reset the CUDA generators (drop path's,
+        # when the workers are the main process) to this image's seed
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+            torch.default_generator.manual_seed(s)
             random.seed(s)
             crops = self.transform(img)
         random.setstate(state)

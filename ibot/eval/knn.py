@@ -8,6 +8,7 @@ memory (no fixed number of chunks, so any test-set size works).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -28,21 +29,39 @@ def _tensor_batches(images: torch.Tensor, size: int, batch_size: int):
         yield (x - mean) / std
 
 
-def _file_batches(dataset, size: int, in_chans: int, batch_size: int, num_workers: int, labels: list):
-    """Normalised image batches; appends the label of every readable image to ``labels`` (unreadable ones,
-    already reported with their path by the dataset, are left out)."""
+class _Indexed(torch.utils.data.Dataset):
+    """``dataset[i]`` as ``(i, item)``: the position travels with the item through the loader."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return i, self.dataset[i]
+
+
+def _file_batches(dataset, size: int, in_chans: int, batch_size: int, num_workers: int, labels: list, positions=None):
+    """Normalised image batches; appends the label of every readable image to ``labels`` and, when
+    given, its position in ``dataset`` to ``positions`` (unreadable ones, already reported with their
+    path by the dataset, are left out)."""
     tf = eval_transform(size, in_chans)
 
     def collate(items):
-        items = [it for it in items if it is not None]
+        items = [(i, it) for i, it in items if it is not None]
         if not items:
             return None, []
-        return torch.stack([tf(img) for img, _ in items]), [int(y) for _, y in items]
+        return torch.stack([tf(img) for _, (img, _) in items]), [(i, int(y)) for i, (_, y) in items]
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    for x, y in loader:
+    loader = torch.utils.data.DataLoader(
+        _Indexed(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=collate
+    )
+    for x, pos_y in loader:
         if x is not None:
-            labels.extend(y)
+            labels.extend(y for _, y in pos_y)
+            if positions is not None:
+                positions.extend(i for i, _ in pos_y)
             yield x
 
 
@@ -72,34 +91,56 @@ def extract_features(
     limit: int = 0,
     progress: bool = False,
     desc: str = "features",
+    amp: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features (N, D) of ``encode(images)`` over a dataset, and its labels (N,).
 
     ``dataset`` is an in-memory :class:`~ibot.data.datasets.TensorImageDataset` (fast path) or
     any ``(PIL image, label)`` dataset; unreadable files (items ``None``) are left out, so N counts
     the readable images. ``limit`` keeps the first N images; ``progress`` shows a bar named ``desc``.
-    On CUDA the batches are encoded under bf16 autocast (:func:`ibot.device.inference_autocast`);
-    features are fp32.
+    ``amp``: on CUDA the batches are encoded under bf16 autocast (:func:`ibot.device.inference_autocast`);
+    False: under the caller's context only (a training run's precision, fp32 included). Features are fp32.
     """
+    kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, limit=limit, progress=progress)
+    kw.update(desc=desc, amp=amp)
+    feats, labels, _ = _extract(encode, dataset, image_size, in_chans, **kw)
+    return feats, labels
+
+
+def _extract(
+    encode,
+    dataset,
+    image_size,
+    in_chans,
+    device="cpu",
+    batch_size=256,
+    num_workers=0,
+    limit=0,
+    progress=False,
+    desc="",
+    amp=True,
+):
+    """:func:`extract_features` and the dataset position (N,) of each row (readable images only)."""
     n = len(dataset) if not limit else min(limit, len(dataset))
     if hasattr(dataset, "images"):
         batches = _tensor_batches(dataset.images[:n], image_size, batch_size)
-        labels = dataset.labels[:n]
+        labels, positions = dataset.labels[:n], torch.arange(n)
     else:
         sub = torch.utils.data.Subset(dataset, range(n))
         kept: list[int] = []
-        batches = _file_batches(sub, image_size, in_chans, batch_size, num_workers, kept)
+        positions = []
+        batches = _file_batches(sub, image_size, in_chans, batch_size, num_workers, kept, positions)
         labels = None
     feats = []
     for x in progress_images(batches, n, desc, progress):
-        with inference_autocast(device):
+        with inference_autocast(device) if amp else nullcontext():
             f = encode(x.to(device, non_blocking=True))
         feats.append(F.normalize(f.float(), dim=-1).cpu())
-    if labels is None:  # file datasets: the labels of the readable images
-        labels = torch.tensor(kept, dtype=torch.long)
+    if labels is None:  # file datasets: the readable images
         if not feats:
             raise DatasetError(f"none of the {n} evaluation images could be read (see the warnings for their paths)")
-    return torch.cat(feats), labels.long()
+        positions, labels = torch.tensor(positions, dtype=torch.long), torch.tensor(kept, dtype=torch.long)
+    return torch.cat(feats), labels.long(), positions
 
 
 def extract_features_distributed(encode, dataset, **kw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +149,8 @@ def extract_features_distributed(encode, dataset, **kw) -> tuple[torch.Tensor, t
 
     Every rank encodes the same number of images (the last shard overlaps the one before it), so
     ranks run the same number of forward passes, which FSDP2's collective all-gathers need. The
-    gathered features keep each image once, in dataset order.
+    gathered features keep each image once, in dataset order: rows are told apart by their image's
+    position in the dataset, so an unreadable image in the overlap cannot shift which rows are kept.
     """
     if not D.is_dist():
         return extract_features(encode, dataset, **kw)
@@ -117,16 +159,15 @@ def extract_features_distributed(encode, dataset, **kw) -> tuple[torch.Tensor, t
     n, w, r = len(dataset), D.world_size(), D.rank()
     per = -(-n // w)
     start = min(r * per, max(n - per, 0))
-    local = extract_features(encode, slice_dataset(dataset, start, start + per), **kw)
+    f, y, pos = _extract(encode, slice_dataset(dataset, start, start + per), **kw)
     parts = [None] * w
-    dist.all_gather_object(parts, local)
+    dist.all_gather_object(parts, (f, y, pos + start))
     feats, labels, covered = [], [], 0
-    for i, (f, y) in enumerate(parts):  # keep each image once, in dataset order
-        s = min(i * per, max(n - per, 0))
-        skip = max(covered - s, 0)
-        feats.append(f[skip:])
-        labels.append(y[skip:])
-        covered = max(covered, s + len(f))
+    for f, y, pos in parts:  # shards in rank order: keep the images past the ones already kept
+        keep = pos >= covered
+        feats.append(f[keep])
+        labels.append(y[keep])
+        covered = max(covered, int(pos.max()) + 1) if len(pos) else covered
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -252,14 +252,18 @@ def _pretrain_accuracy(encode, cfg, bank, test_set, *, device, autocast, extract
     m = cfg.model
     kw = dict(image_size=m.img_size, in_chans=m.in_chans, device=device, num_workers=cfg.data.num_workers)
     kw["progress"] = cfg.run.progress and D.is_main()
+    kw["amp"] = autocast is None  # a run's precision context alone decides (fp32 stays fp32)
     with autocast or nullcontext():
         tr_f, tr_y = extract(encode, bank, **kw, desc="k-NN bank features")
         te_f, te_y = extract(encode, test_set, **kw, desc="k-NN query features")
-    if not D.is_main():
-        return None
     ks = sorted({10, 20, 100, 200, cfg.run.knn_k})
     c = len(getattr(bank, "classes", [])) or None
-    acc = knn_classify(tr_f, tr_y, te_f, te_y, ks=ks, temperature=cfg.run.knn_temperature, num_classes=c)
+    # every rank searches on its own device (each holds every feature): none waits in a collective
+    # while the main rank searches
+    t = cfg.run.knn_temperature
+    acc = knn_classify(tr_f, tr_y, te_f, te_y, ks=ks, temperature=t, num_classes=c, device=device)
+    if not D.is_main():
+        return None
     return acc, tr_f.shape[0], te_f.shape[0]
 
 
@@ -272,10 +276,11 @@ def pretrain_knn(
     The memory bank is ``bank_set`` (the training split; ``run.knn_split=val``: its held-out
     validation part is the queries and the rest the bank), else the queries are the dataset's test
     split; ``run.knn_train_limit`` keeps that many bank images spread over it. ``autocast``: the
-    context the features are extracted under (the run's precision). Returns ``k``, ``top1``,
-    ``top5``, ``n_train``, ``n_test``, ``extra`` (e.g. epoch and step), ``all`` (every k),
-    ``seconds`` and ``split`` on the main rank; None on the others, and when there is nothing
-    labelled to evaluate on (logged).
+    context the features are extracted under, and the only one (``run.precision=fp32``: fp32, not the
+    bf16 of ``ibot knn``). Returns ``k``, ``top1``, ``top5``, ``n_train``, ``n_test``, ``extra`` (e.g.
+    epoch and step), ``all`` (every k), ``seconds`` and ``split`` on the main rank; None on the others,
+    and when there is nothing labelled to evaluate on (logged). Every rank runs the neighbour search
+    on its ``device``.
     """
     sets = pretrain_split(cfg, bank_set, log)
     if sets is None:

@@ -3,7 +3,7 @@
 from ibot.losses.criterion import ibot_criterion
 from ibot.losses.distillation import cls_distillation_loss, koleo_loss, masked_patch_loss
 from ibot.losses.ibot_loss import iBOTLoss
-from ibot.losses.teacher import Center, sinkhorn_knopp, teacher_temperature
+from ibot.losses.teacher import Center, TeacherTemperatures, sinkhorn_knopp, teacher_temperature
 
 __all__ = [
     "Center",
@@ -13,5 +13,6 @@ __all__ = [
     "koleo_loss",
     "masked_patch_loss",
     "sinkhorn_knopp",
+    "TeacherTemperatures",
     "teacher_temperature",
 ]

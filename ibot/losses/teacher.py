@@ -6,6 +6,8 @@ Shapes: R rows (samples or tokens), K prototypes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
@@ -26,6 +28,28 @@ def teacher_temperature(epoch: int, warmup_temp: float, temp: float, warmup_epoc
     if warmup_epochs == 1:
         return warmup_temp
     return warmup_temp + (temp - warmup_temp) * e / (warmup_epochs - 1)
+
+
+@dataclass(frozen=True)
+class TeacherTemperatures:
+    """The official per-epoch (CLS, patch) teacher temperatures: linear warm-ups over ``warmup_epochs``
+    (:func:`teacher_temperature`), the patch one starting at ``patch_start_epoch`` (the mask start).
+
+    One object holds a run's parameters: the model's (``iBOT.teacher_temps``), which the run's
+    :class:`ibot.train.schedules.Schedules` reads.
+    """
+
+    warmup_cls: float = 0.04
+    cls: float = 0.04
+    warmup_patch: float = 0.04
+    patch: float = 0.07
+    warmup_epochs: int = 30
+    patch_start_epoch: int = 0
+
+    def __call__(self, epoch: int) -> tuple[float, float]:
+        cls_t = teacher_temperature(epoch, self.warmup_cls, self.cls, self.warmup_epochs)
+        patch_t = teacher_temperature(epoch, self.warmup_patch, self.patch, self.warmup_epochs, self.patch_start_epoch)
+        return cls_t, patch_t
 
 
 class Center(nn.Module):

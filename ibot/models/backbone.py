@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import types
 
 import torch
 import torch.nn as nn
@@ -120,7 +121,23 @@ class MaskedViT(nn.Module):
         self.mask_cell: int = mask_cell("vit", self.patch_size)
         self.in_chans: int = vit.patch_embed.proj.in_channels
         self.masked_embed = nn.Parameter(torch.zeros(1, self.embed_dim)) if masked_im_modeling else None
-        self.efficient_drop_path = False  # DINOv2-style: compute residual branches on kept samples only
+        self.efficient_drop_path = False  # (also clears a copied student's block forwards)
+
+    @property
+    def efficient_drop_path(self) -> bool:
+        """DINOv2-style stochastic depth in training: each block's residual branches run on the samples
+        it keeps only (:func:`_subset_drop_path_block`). Set on the blocks' own forward, so a block
+        called through its module (activation checkpointing, per-block ``compile()``, hooks) runs it."""
+        return self._efficient_drop_path
+
+    @efficient_drop_path.setter
+    def efficient_drop_path(self, on: bool) -> None:
+        self._efficient_drop_path = bool(on)
+        for blk in self.vit.blocks:
+            if on:
+                blk.forward = types.MethodType(_efficient_block_forward, blk)
+            else:
+                blk.__dict__.pop("forward", None)
 
     @property
     def timm_model(self) -> nn.Module:
@@ -161,11 +178,8 @@ class MaskedViT(nn.Module):
         return self.vit.norm_pre(tokens)
 
     def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The transformer blocks, with activation checkpointing when the timm model has it enabled."""
-        if self.efficient_drop_path and self.training:
-            for blk in self.vit.blocks:
-                tokens = _subset_drop_path_block(blk, tokens)
-            return tokens
+        """The transformer blocks, with activation checkpointing when the timm model has it enabled
+        (each block through its module call: its per-block compile and efficient drop path apply)."""
         if getattr(self.vit, "grad_checkpointing", False) and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
@@ -229,6 +243,14 @@ def _subset_drop_path_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         res = ls(branch(norm(x[idx])))
         x = torch.index_add(x, 0, idx, res.to(x.dtype), alpha=b / keep)
     return x
+
+
+def _efficient_block_forward(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A block's forward with :attr:`MaskedViT.efficient_drop_path`: the kept-samples branches in
+    training, the block's own forward otherwise."""
+    if blk.training:
+        return _subset_drop_path_block(blk, x)
+    return type(blk).forward(blk, x)
 
 
 def _without_drop_path(module: nn.Module) -> nn.Module:

@@ -27,7 +27,7 @@ class PooledBackbone(nn.Module):
         if masked_im_modeling:
             raise ValueError(
                 f"iBOT's masked-patch loss needs a timm ViT with a class token (no register tokens) or a Swin, "
-                f"not {name}: use ibot.DINO (or patch_loss_weight=0) for this backbone"
+                f"not {name}: use ibot.DINO (or masked_im_modeling=False, patch_loss_weight=0) for this backbone"
             )
         if getattr(model, "num_classes", 0):
             raise ValueError(f"{name} has a classifier (num_classes={model.num_classes}); build it with num_classes=0")

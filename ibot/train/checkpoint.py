@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ibot import distributed as D
-from ibot.builders.sources import CHECKPOINT, resolve_source
-from ibot.config import flatten, from_dict, to_dict
+from ibot.builders.sources import CHECKPOINT, checkpoint_config, resolve_source
+from ibot.config import flatten, from_dict, saved_config, to_dict
 from ibot.io import CheckpointError, load_safe, previous_path, save_atomic
 from ibot.train.schedules import Schedules
 
@@ -163,14 +163,15 @@ class Checkpointer:
                 f"{path} lacks {', '.join(missing)} (not a complete `ibot pretrain` checkpoint); "
                 f"resume from another checkpoint or start from its weights with run.init_from={path}"
             )
-        old, new = flatten(ckpt["config"]), flatten(to_dict(self.cfg))
+        saved = resumable_config(path, ckpt["config"])
+        old, new = flatten(saved), flatten(to_dict(self.cfg))
         diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in STRUCTURAL_KEYS if old.get(k) != new.get(k)]
         if diff:
             raise CheckpointError(
                 f"checkpoint {path} was made with an incompatible config ({'; '.join(diff)}); "
                 "use the same settings or a new run.output_dir"
             )
-        self.check_schedules(path, ckpt)
+        self.check_schedules(path, ckpt, saved)
         try:
             if self.fsdp:
                 from ibot.train.fsdp import load_sharded_state
@@ -214,14 +215,15 @@ class Checkpointer:
             return step_in_epoch
         return min(step_in_epoch * old_total // new_total, self.niter)
 
-    def check_schedules(self, path, ckpt: dict) -> None:
-        """Refuse resuming with other lr / weight-decay / momentum schedules unless run.allow_schedule_change."""
-        old, new = flatten(ckpt["config"]), flatten(to_dict(self.cfg))
+    def check_schedules(self, path, ckpt: dict, saved: dict) -> None:
+        """Refuse resuming with other lr / weight-decay / momentum schedules unless run.allow_schedule_change
+        (``saved``: the checkpoint's config, :func:`resumable_config`)."""
+        old, new = flatten(saved), flatten(to_dict(self.cfg))
         changed = [k for k in SCHEDULE_KEYS if k in old and old[k] != new[k]]
         if not changed:
             return
         step = ckpt["global_step"]
-        was = Schedules.from_config(from_dict(ckpt["config"]), self.niter, ckpt.get("world_size", 1))[step]
+        was = Schedules.from_config(from_dict(saved), self.niter, ckpt.get("world_size", 1))[step]
         now = self.schedules[step]
         jump = (
             f"at step {step} the lr would go {was.lr:.3g} -> {now.lr:.3g} and the "
@@ -264,6 +266,23 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------- configs of checkpoints
+def resumable_config(path, config: dict) -> dict:
+    """A checkpoint's saved config as this version reads it (:func:`ibot.config.saved_config`).
+
+    Keys this version does not know refuse the resume in one line: resuming continues the same run,
+    and a key of a newer ibot may change what that run trains (a loss term, a schedule), so dropping it
+    would silently continue another run in the same folder. Evaluation and export ignore such keys
+    with a warning (:func:`ibot.builders.sources.checkpoint_config`).
+    """
+    kept, unknown = saved_config(config)
+    if unknown:
+        raise CheckpointError(
+            f"{path} was saved by a newer ibot (config keys this version does not know: {', '.join(unknown)}); "
+            f"resume it with that version, or start a new run from its weights with run.init_from={path}"
+        )
+    return kept
+
+
 def resume_config(path: Path) -> dict:
     """The saved config (nested dict) of the checkpoint to resume; of the previous one when it is corrupt."""
     if not path.exists() and not previous_path(path).is_file():
@@ -280,7 +299,7 @@ def resume_config(path: Path) -> dict:
         raise CheckpointError(
             f"{path} is not an ibot training checkpoint; to start from its weights use run.init_from={path}"
         )
-    return ckpt["config"]
+    return resumable_config(path, ckpt["config"])
 
 
 def config_from_checkpoint(path: str | Path):
@@ -288,7 +307,7 @@ def config_from_checkpoint(path: str | Path):
     ckpt = load_safe(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path} is not an ibot training checkpoint (it has no config)")
-    return from_dict(ckpt["config"])
+    return checkpoint_config(ckpt)
 
 
 __all__ = [
@@ -299,6 +318,7 @@ __all__ = [
     "Checkpointer",
     "config_from_checkpoint",
     "gather_rng_states",
+    "resumable_config",
     "resume_config",
     "rng_state",
     "set_rng_state",

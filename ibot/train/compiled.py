@@ -2,8 +2,11 @@
 
 The number of masked tokens changes every batch, which would make every shape downstream of the
 masked-token gather dynamic. :func:`pad_mask_batch` pads the gather index and the per-token loss
-weights to a fixed bound (the most tokens the mask generator can mask) with weight 0, DINOv2's
-trick: padded rows point at token 0 and add exactly 0 to the loss and the gradients. The step's
+weights with weight 0, DINOv2's trick: padded rows point at token 0 and add exactly 0 to the loss
+and the gradients. The padded size is the batch's count rounded up to one of ``PAD_LEVELS`` sizes
+(multiples of the bound, the most tokens the generator can mask, divided by ``PAD_LEVELS``): a few
+shapes, each compiled once (within dynamo's default cache of 8 graphs), instead of padding every
+batch to the bound (about 0.5 N rows per image against about 0.15 N used with the official ratios). The step's
 teacher temperatures enter as a tensor, so a new temperature does not recompile either.
 
 Used for ``run.compile=full``; ``run.compile=blocks`` (or ``true``) compiles each transformer
@@ -27,8 +30,19 @@ def mask_bound(n_images: int, n_tokens: int, max_ratio: float) -> int:
     return n_images * min(n_tokens, math.floor(max_ratio * n_tokens + 1e-9))
 
 
+PAD_LEVELS = 8  # padded sizes of run.compile_mode=full: bound / 8, 2 bound / 8, ..., bound
+
+
+def padded_size(m: int, bound: int, levels: int = PAD_LEVELS) -> int:
+    """``m`` masked tokens rounded up to the next of ``levels`` sizes: multiples of ``ceil(bound / levels)``,
+    at most ``bound``."""
+    step = max(1, -(-bound // levels))
+    return min(bound, max(step, -(-m // step) * step))
+
+
 def pad_mask_batch(mb: MaskBatch, max_ratio: float) -> MaskBatch:
-    """``mb`` with ``index`` and ``weight`` padded to :func:`mask_bound` (index 0, weight 0).
+    """``mb`` with ``index`` and ``weight`` padded (index 0, weight 0) to :func:`padded_size` of its
+    masked-token count under :func:`mask_bound`.
 
     Raises ValueError when the batch has more masked tokens than the bound (a generator that
     exceeds its own ratio).
@@ -38,7 +52,7 @@ def pad_mask_batch(mb: MaskBatch, max_ratio: float) -> MaskBatch:
     m = mb.index.numel()
     if m > bound:
         raise ValueError(f"{m} masked tokens exceed the padding bound {bound} (max ratio {max_ratio})")
-    pad = bound - m
+    pad = padded_size(m, bound) - m
     index = torch.cat([mb.index, mb.index.new_zeros(pad)])
     weight = torch.cat([mb.weight, mb.weight.new_zeros(pad)])
     return MaskBatch(mb.masks, index, weight, mb.n_global)
@@ -82,4 +96,4 @@ def compile_forward(model, module=None, backend=None, mode: str | None = None) -
     return CompiledForward(model, module, backend, mode)
 
 
-__all__ = ["CompiledForward", "compile_forward", "mask_bound", "pad_mask_batch"]
+__all__ = ["PAD_LEVELS", "CompiledForward", "compile_forward", "mask_bound", "pad_mask_batch", "padded_size"]

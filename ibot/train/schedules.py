@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ibot.losses.teacher import teacher_temperature
+from ibot.losses.teacher import TeacherTemperatures
 
 
 def cosine_scheduler(
@@ -77,6 +77,9 @@ class Schedules:
         warmup_teacher_patch_temp, teacher_patch_temp: patch teacher temperature, warmed up over the same
             epochs, starting at ``patch_start_epoch`` (official ``pred_start_epoch``).
         freeze_last_layer: epochs during which the prototypes get no gradient.
+        teacher_temps: the run's :class:`ibot.losses.TeacherTemperatures` (the model's
+            ``teacher_temps``, so a run holds its temperature parameters once); given, it replaces the
+            six temperature arguments above.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class Schedules:
         warmup_teacher_temp_epochs: int = 30,
         patch_start_epoch: int = 0,
         freeze_last_layer: int = 1,
+        teacher_temps: TeacherTemperatures | None = None,
     ) -> None:
         if epochs < 1 or niter_per_epoch < 1:
             raise ValueError(f"schedules need at least one epoch and one step per epoch ({epochs} x {niter_per_epoch})")
@@ -104,14 +108,22 @@ class Schedules:
         self.lr = cosine_scheduler(lr, min_lr, epochs, niter_per_epoch, warmup_epochs=warmup_epochs)
         self.weight_decay = cosine_scheduler(weight_decay, weight_decay_end, epochs, niter_per_epoch)
         self.momentum = cosine_scheduler(momentum_teacher, 1.0, epochs, niter_per_epoch)
-        self._cls_temp = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
-        self._patch_temp = (warmup_teacher_patch_temp, teacher_patch_temp, warmup_teacher_temp_epochs)
-        self.patch_start_epoch = int(patch_start_epoch)
+        self.teacher_temps = teacher_temps or TeacherTemperatures(
+            warmup_teacher_temp,
+            teacher_temp,
+            warmup_teacher_patch_temp,
+            teacher_patch_temp,
+            warmup_teacher_temp_epochs,
+            int(patch_start_epoch),
+        )
         self.freeze_last_layer = int(freeze_last_layer)
 
     @classmethod
-    def from_config(cls, cfg, niter_per_epoch: int, world_size: int = 1) -> Schedules:
-        """The schedules of a config: ``optim.lr`` is for a total batch of 256 (linear scaling rule)."""
+    def from_config(
+        cls, cfg, niter_per_epoch: int, world_size: int = 1, teacher_temps: TeacherTemperatures | None = None
+    ) -> Schedules:
+        """The schedules of a config: ``optim.lr`` is for a total batch of 256 (linear scaling rule);
+        ``teacher_temps``: the run model's (else made from the config's ``loss.*`` temperatures)."""
         o, lo = cfg.optim, cfg.loss
         return cls(
             o.epochs,
@@ -129,6 +141,7 @@ class Schedules:
             warmup_teacher_temp_epochs=lo.warmup_teacher_temp_epochs,
             patch_start_epoch=cfg.mask.start_epoch,
             freeze_last_layer=o.freeze_last_layer,
+            teacher_temps=teacher_temps,
         )
 
     def __len__(self) -> int:
@@ -139,14 +152,15 @@ class Schedules:
         step = int(step)
         i = min(max(step, 0), len(self) - 1)
         epoch = step // self.niter_per_epoch
+        teacher_temp, teacher_patch_temp = self.teacher_temps(epoch)
         return StepValues(
             step=step,
             epoch=epoch,
             lr=float(self.lr[i]),
             weight_decay=float(self.weight_decay[i]),
             momentum=float(self.momentum[i]),
-            teacher_temp=teacher_temperature(epoch, *self._cls_temp),
-            teacher_patch_temp=teacher_temperature(epoch, *self._patch_temp, start_epoch=self.patch_start_epoch),
+            teacher_temp=teacher_temp,
+            teacher_patch_temp=teacher_patch_temp,
             freeze_last_layer=epoch < self.freeze_last_layer,
         )
 

@@ -90,7 +90,7 @@ class Trainer:
             betas=tuple(o.betas),
         )
         self.optimizer, self.scaler = self.step_fn.optimizer, self.step_fn.scaler
-        self.schedules = Schedules.from_config(cfg, self.data.niter, D.world_size())
+        self.schedules = Schedules.from_config(cfg, self.data.niter, D.world_size(), self.model.teacher_temps)
         self.checkpointer = Checkpointer(
             cfg, self.model, self.optimizer, self.scaler, self.schedules, self.data.niter, fsdp=self.fsdp, log=self.log
         )
@@ -107,7 +107,7 @@ class Trainer:
     def _build_model(self):
         """The config's model, with the ``run.init_from`` weights when given."""
         try:
-            model = build_model(self.cfg)
+            model = build_model(self.cfg, mask_generator=self.data.collate.mask_generator)  # the run's one
         except ValueError as err:  # the model settings do not fit the backbone: a config problem
             raise ConfigError(f"{err}; check the model.* and method keys") from err
         if self.cfg.run.init_from:
@@ -184,8 +184,9 @@ class Trainer:
                 for it, batch in self._steps():
                     self._count_images(batch)
                     vote = self._over_time_limit() and D.is_dist()  # rides on the step's all-reduced flags
-                    # a batch whose every image was unreadable is counted above, with no step
-                    res = self.train_step(batch, it, stop_vote=vote) if batch.batch_size else None
+                    # a batch whose every image was unreadable is counted above, with no step; under
+                    # torchrun every rank skips it together (none is left alone in the step's collectives)
+                    res = None if D.any_rank(batch.batch_size == 0) else self.train_step(batch, it, stop_vote=vote)
                     self._advance(batch)
                     # the host reads device values only here: log steps, saves, stops, epoch ends
                     over_time = self._over_time_limit() and not D.is_dist()

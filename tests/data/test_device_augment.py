@@ -331,3 +331,14 @@ def test_gpu_pipeline_trains_on_a_folder(tmp_path):
     tr.fit()
     assert tr.global_step == tr.data.niter >= 1  # (a few images are held out for evaluation)
     assert math.isfinite(tr.train_step(next(iter(tr.data.batches(0))), 0, 0).loss.item())
+
+
+def test_a_batch_of_only_unreadable_images_passes_through_unchanged():
+    """Issue 25 item 4: the collate's empty batch (every image unreadable) used to reach the uint8 check
+    and raise TypeError on the gpu pipeline; it is passed on for the trainer to skip."""
+    from ibot.data.loader import MultiCropCollate
+
+    empty = MultiCropCollate(2, 3, 4, None)([None, None])
+    assert empty.batch_size == 0 and empty.n_skipped == 2
+    out = DeviceAugment(AugmentSpec(local_crops_number=3))(empty, torch.Generator().manual_seed(0))
+    assert out.batch_size == 0 and out.n_skipped == 2

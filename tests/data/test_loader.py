@@ -60,3 +60,21 @@ def test_the_collate_takes_the_epoch_from_the_samples():
     sampler = EpochSampler(8, 2, seed=0, epoch=0, with_epoch=True)
     sampler.set_epoch(3)
     assert {e for e, _ in sampler} == {3}
+
+
+def test_per_image_seeding_leaves_the_cuda_generators_alone(monkeypatch):
+    """Issue 25 item 9: with the workers in the main process (num_workers=0) on CUDA, seeding each image
+    with ``torch.manual_seed`` also reset the CUDA generators (drop path's) to the image's seed. The
+    crops are seeded on the CPU generator only (forked around it, so the caller's CPU stream goes on)."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    ds = synthetic_dataset(8, 32)
+    mc = MultiCropDataset(ds, MultiCropTransform(AugmentSpec(2, 32, (0.4, 1.0), 0)), seed=0)
+    torch.manual_seed(123)
+    reseeded.clear()
+    expected_next = torch.get_rng_state()
+    first = mc[3]
+    assert reseeded == []  # no CUDA generator touched
+    assert torch.equal(torch.get_rng_state(), expected_next)  # the CPU stream restored
+    assert all(torch.equal(a, b) for a, b in zip(first[0], mc[3][0], strict=True))  # still seeded per image

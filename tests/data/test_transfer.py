@@ -21,11 +21,15 @@ def _batch(b=4, dtype=torch.uint8):
 
 
 def test_batch_pin_memory_pins_every_tensor(monkeypatch):
-    pinned = []
+    """The plumbing only (a CPU-only build cannot pin; ``test_batch_pin_memory_cuda`` pins for real):
+    the DataLoader's pinning thread calls ``Batch.pin_memory``, which pins every tensor and keeps the
+    pinned copies (a fake ``Tensor.pin_memory`` returns marked clones)."""
+    pinned = {}
 
-    def fake_pin(self, *args, **kwargs):  # CPU-only builds cannot pin: record the calls instead
-        pinned.append(self.shape)
-        return self.clone()
+    def fake_pin(self, *args, **kwargs):
+        copy = self.clone()
+        pinned[id(copy)] = copy
+        return copy
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
     b = _batch()
@@ -34,14 +38,19 @@ def test_batch_pin_memory_pins_every_tensor(monkeypatch):
     assert isinstance(out, Batch) and out is not b
     assert (out.n_global, out.n_local, out.batch_size) == (2, 3, 4)
     assert torch.equal(out.global_crops, b.global_crops) and torch.equal(out.masks.index, b.masks.index)
-    shapes = [b.global_crops.shape, b.local_crops.shape, b.labels.shape, b.masks.masks.shape]
-    assert all(s in pinned for s in shapes)
+    tensors = [out.global_crops, out.local_crops, out.labels, out.masks.masks]
+    assert all(id(t) in pinned for t in tensors)  # the batch holds the pinned copies, not the originals
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batch_pin_memory_cuda():
-    out = _batch().pin_memory()
+    b = _batch()
+    out = b.pin_memory()
     assert out.global_crops.is_pinned() and out.local_crops.is_pinned() and out.masks.masks.is_pinned()
+    assert out.labels.is_pinned() and not b.global_crops.is_pinned()
+    moved = out.to(torch.device("cuda"), non_blocking=True)  # the copy the pinned pages allow
+    torch.cuda.synchronize()
+    assert torch.equal(moved.global_crops.cpu(), b.global_crops) and torch.equal(moved.masks.masks.cpu(), b.masks.masks)
 
 
 def test_prefetch_factor_keeps_batches_in_flight_under_the_budget():

@@ -117,6 +117,27 @@ def test_checkpoint_missing_keys(run, cli):
         cli.fails("pretrain", "--resume", path, needles=[f"lacks {key}"])
 
 
+def test_checkpoint_of_a_newer_version_with_unknown_config_keys(run, cli, caplog):
+    """Issue 25 item 13: evaluation loads it with one warning line naming the ignored keys (it used to
+    print an omegaconf ConfigKeyError traceback); resuming refuses in one line (see resumable_config)."""
+    ckpt = load_safe(run / "checkpoint.pth")
+    ckpt["config"]["model"]["future_option"] = 3
+    ckpt["config"]["future_section"] = {"x": 1}
+    path = run.parent / "newer.pth"
+    torch.save(ckpt, path)
+    with caplog.at_level("WARNING", logger="ibot"):
+        code, out, err = cli("knn", path, "--ks", "5")  # (the cli fixture fails on any traceback)
+    assert code == 0, err
+    warned = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert warned == [
+        "warning: ignoring checkpoint config keys this ibot version does not know: future_section.x, "
+        "model.future_option"
+    ], err
+    assert "top-1" in out
+    needles = ["newer ibot", "future_section.x, model.future_option", "run.init_from"]
+    cli.fails("pretrain", "--resume", path, needles=needles)
+
+
 def test_checkpoint_path_is_a_folder(tmp_path, cli):
     (tmp_path / "d.pth").mkdir()
     cli.fails("knn", tmp_path / "d.pth", needles=["has no checkpoint.pth"])

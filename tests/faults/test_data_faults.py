@@ -60,6 +60,37 @@ def test_folder_of_only_unreadable_images(tmp_path, cli):
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
 
 
+class _FirstImagesOnly:
+    """A dataset whose images after the first ``n`` read are unreadable (``None``, as a bad file)."""
+
+    def __init__(self, dataset, n):
+        self.dataset, self.n, self.reads = dataset, n, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.dataset[i] if self.reads <= self.n else None
+
+
+@pytest.mark.parametrize("pipeline", ["pil", "gpu"])
+def test_batches_of_only_unreadable_images_are_skipped_on_every_pipeline(tmp_path, pipeline):
+    """Issue 25 item 4: the gpu pipeline crashed (internal TypeError in DeviceAugment) where pil skipped."""
+    _split_folder(tmp_path / "imgs", n=16, bad_train=0, bad_val=0)
+    over = ["data.dataset=imagefolder", f"data.path={tmp_path / 'imgs'}", f"data.pipeline={pipeline}"]
+    over += [f"run.output_dir={tmp_path / 'run'}", "run.progress=false", "run.knn_at_end=false"]
+    cfg = build_config("smoke", [*over, "optim.batch_size=4", "optim.epochs=1", "data.max_skip_fraction=1"])
+    tr = Trainer(cfg, log=lambda *a: None)
+    tr.data.mc_dataset.dataset = _FirstImagesOnly(tr.data.mc_dataset.dataset, 4)  # batch 1 readable, then none
+    steps = []
+    train_step = tr.train_step
+    tr.train_step = lambda batch, it, **kw: steps.append(it) or train_step(batch, it, **kw)
+    tr.fit()
+    assert tr.data.niter == 4 and tr.global_step == 4 and steps == [0]
+    assert (tr.attempted_images, tr.skipped_images) == (16, 12)
+
+
 def test_data_path_is_a_file(tmp_path, cli):
     (tmp_path / "images.zip").write_bytes(b"PK")
     cli.fails(

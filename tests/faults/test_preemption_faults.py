@@ -134,3 +134,61 @@ def test_cli_process_stopped_by_signal(tmp_path, sig, code):
     assert lines[-1].startswith(f"ibot: stopped by {name} at step ") and "--resume" in lines[-1], lines
     step = int(lines[-1].split(" at step ")[1].split()[0])
     assert load_safe(run / "checkpoint.pth")["global_step"] == step >= 2
+
+
+def _torchrun(run, *ov):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd += ["-m", "ibot", "pretrain", "preset=smoke", f"run.output_dir={run}", "run.progress=false"]
+    cmd += ["optim.batch_size=8", "optim.epochs=50", "run.knn_at_end=false", "run.threads=1", *ov]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def _processes_naming(text):
+    """Pids of live processes whose command line holds ``text``."""
+    pids = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(d))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_to_the_torchrun_agent_saves_once_and_the_rerun_is_exact(tmp_path):
+    """SIGTERM to the ``torchrun`` agent (what a scheduler sends) mid-epoch: its 2 gloo workers agree on
+    one step boundary, save one checkpoint there and exit, no process is left, and the resumed run's
+    losses equal an uninterrupted run's bit for bit."""
+    run = tmp_path / "run"
+    agent = _torchrun(run)
+    try:
+        _wait_for_steps(run, 2, agent)  # 4 steps per epoch: the ranks agree to stop at step 10 (mid-epoch 3)
+        agent.send_signal(signal.SIGTERM)
+        _, err = agent.communicate(timeout=120)
+    finally:
+        os.killpg(agent.pid, signal.SIGKILL) if agent.poll() is None else None
+    # the only traceback is the agent's own (torch's SignalException), none from ibot's workers
+    assert err.count("Traceback") == 1 and err.rstrip().endswith("got signal: 15"), err[-3000:]
+    stopped = {ln for ln in err.splitlines() if ln.startswith("ibot: stopped by SIGTERM at step ")}
+    assert len(stopped) == 1, err[-3000:]  # every rank reports the same step boundary
+    step = int(stopped.pop().split(" at step ")[1].split()[0])
+    ckpt = load_safe(run / "checkpoint.pth")
+    assert ckpt["global_step"] == step and step % 4 and len(ckpt["rng_per_rank"]) == 2  # mid-epoch, both ranks
+    assert sorted(_losses(run)) == list(range(1, step + 1))  # no step after the checkpoint
+    assert _processes_naming(str(run)) == []  # agent and workers are gone
+    rerun = _torchrun(run, f"run.max_steps={step + 2}")  # auto-resume
+    ref = _torchrun(tmp_path / "ref", f"run.max_steps={step + 2}")
+    for proc in (rerun, ref):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    assert _losses(run) == _losses(tmp_path / "ref")  # 0 steps lost, bitwise equal

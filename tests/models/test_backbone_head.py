@@ -126,3 +126,41 @@ def test_efficient_drop_path_and_checkpointing_keep_semantics():
     dp.efficient_drop_path = True
     y = dp(x)[0]
     assert torch.isfinite(y).all() and not torch.allclose(y, dp(x)[0])  # random subsets
+
+
+def test_efficient_drop_path_composes_with_checkpointing_and_per_block_compile(monkeypatch):
+    """Issue 25 item 5: model.efficient_drop_path=true called the blocks' parts directly, so
+    run.grad_checkpointing checkpointed 0 of 2 blocks and per-block compile never ran. Each block now
+    runs through its module call, with the efficient drop path as its forward."""
+    import torch.utils.checkpoint as ckpt_mod
+
+    from ibot.builders.model import build_model
+    from ibot.config import build_config
+    from ibot.models.backbone import _subset_drop_path_block
+    from ibot.train.parallelize import parallelize
+
+    cfg = build_config(
+        "smoke", ["model.efficient_drop_path=true", "run.grad_checkpointing=true", "model.drop_path=0.5"]
+    )
+    model = build_model(cfg)
+    parallelize(model, cfg, torch.device("cpu"))
+    bb = model.student["backbone"].train()
+    assert bb.efficient_drop_path and bb.timm_model.grad_checkpointing
+    checkpointed, compiled, real = [], [], ckpt_mod.checkpoint
+    monkeypatch.setattr(ckpt_mod, "checkpoint", lambda fn, *a, **k: checkpointed.append(fn) or real(fn, *a, **k))
+    for blk in bb.blocks:  # what blk.compile() installs, with a spy instead of torch.compile
+        blk._compiled_call_impl = lambda *a, _blk=blk, **k: compiled.append(_blk) or _blk._call_impl(*a, **k)
+    tokens = bb.prepare_tokens(torch.randn(4, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size))
+    torch.manual_seed(0)
+    out = bb.run_blocks(tokens)
+    assert checkpointed == list(bb.blocks) and compiled == list(bb.blocks)  # 2 of 2 each
+    torch.manual_seed(0)
+    ref = tokens
+    for blk in bb.blocks:
+        ref = _subset_drop_path_block(blk, ref)
+    torch.testing.assert_close(out, ref)  # still the kept-samples drop path
+    out.sum().backward()  # the checkpoint's recomputation draws the same kept samples
+    assert bb.blocks[0].attn.qkv.weight.grad is not None
+    bb.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(bb.run_blocks(tokens), bb.vit.blocks(tokens))  # eval: the plain blocks

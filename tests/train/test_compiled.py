@@ -6,7 +6,7 @@ import torch
 from conftest import step_values
 from test_step import _batch, _model
 
-from ibot.train.compiled import compile_forward, mask_bound, pad_mask_batch
+from ibot.train.compiled import PAD_LEVELS, compile_forward, mask_bound, pad_mask_batch, padded_size
 from ibot.train.step import TrainStep
 
 
@@ -15,7 +15,8 @@ def test_padding_keeps_loss_and_gradients():
     batch = _batch(0)
     padded = _batch(0)
     padded.masks = pad_mask_batch(padded.masks, 0.5)  # the test masks: ratio up to 0.3 + 0.2
-    assert padded.masks.index.numel() == mask_bound(2 * 4, 16, 0.5) > batch.masks.index.numel()
+    m = batch.masks.index.numel()
+    assert padded.masks.index.numel() == padded_size(m, mask_bound(2 * 4, 16, 0.5)) > m
     a = model(batch=batch, epoch=1, update_centers=False)
     a.loss.backward()
     ga = [p.grad.clone() for p in model.trainable_parameters()]
@@ -27,6 +28,27 @@ def test_padding_keeps_loss_and_gradients():
         torch.testing.assert_close(p.grad, x, rtol=1e-5, atol=1e-7)
     for name in ("cls_logits", "patch_mean_logits"):  # what the centers move with
         torch.testing.assert_close(getattr(b.targets, name).sum(0), getattr(a.targets, name).sum(0))
+
+
+def test_masks_are_padded_to_a_few_tight_sizes_not_to_the_bound():
+    """Issue 25 item 10: every batch was padded to max_ratio (about 0.5 N rows per image against about
+    0.15 N used with the official ratios); now to the count rounded up to one of PAD_LEVELS sizes."""
+    import random
+
+    from ibot.data.masking import MaskBatch, MaskGenerator
+
+    gen = MaskGenerator("block", [0.0, 0.3], [0.0, 0.2])  # the official ViT-S recipe
+    n_img, n_tok = 2 * 64, 14 * 14
+    bound = mask_bound(n_img, n_tok, gen.max_ratio)
+    used, padded = [], []
+    for seed in range(20):
+        mb = MaskBatch.from_masks(gen(n_img, 14, 14, random.Random(seed)), 2)
+        used.append(mb.index.numel())
+        padded.append(pad_mask_batch(mb, gen.max_ratio).index.numel())
+    assert all(u <= p <= u + bound / PAD_LEVELS + 1 for u, p in zip(used, padded, strict=True))
+    assert len(set(padded)) <= 2 and max(padded) <= 0.5 * bound  # about 0.15 N of 0.5 N: a few sizes
+    assert {padded_size(m, 64) for m in range(65)} == {8, 16, 24, 32, 40, 48, 56, 64}
+    assert padded_size(0, 64) == 8 and padded_size(9, 64) == 16 and padded_size(3, 5) == 3
 
 
 def test_padding_refuses_a_batch_over_the_bound():
@@ -51,16 +73,17 @@ def test_whole_forward_is_one_graph_across_mask_counts_and_epochs():
     ref_step = TrainStep(ref, clip_grad=3.0)
     for s in (step, ref_step):
         s.set_hyperparameters(1e-3, 0.04)
-    counts = set()
+    counts, sizes = set(), set()
     for i, epoch in enumerate([0, 0, 1, 2]):  # the warm-up changes the temperatures every epoch
         batch = _batch(i)
         counts.add(batch.masks.index.numel())
         want = ref_step(batch, step_values(ref, epoch))
         batch.masks = pad_mask_batch(batch.masks, 0.5)
+        sizes.add(batch.masks.index.numel())
         got = step(batch, step_values(model, epoch))
         torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
-    assert len(counts) > 1  # the mask counts differed
-    assert len(graphs) == 1  # one graph, no recompiles, no breaks (fullgraph=True would raise)
+    assert len(counts) > len(sizes)  # the mask counts differed more than the padded sizes
+    assert len(graphs) == len(sizes)  # one graph per padded size, no breaks (fullgraph=True would raise)
     torch.testing.assert_close(model.cls_center.center, ref.cls_center.center, rtol=1e-5, atol=1e-7)
 
 

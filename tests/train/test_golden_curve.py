@@ -19,7 +19,17 @@ import pytest
 import torch
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "golden_smoke.json"
-OVERRIDES = ["optim.epochs=8", "run.max_steps=30", "run.knn_at_end=false", "run.progress=false", "run.threads=1"]
+# run.device / run.precision pinned: on a CUDA machine "auto" means CUDA and bf16, which cannot
+# reproduce a CPU fp32 curve (issue 25 item 11)
+OVERRIDES = [
+    "optim.epochs=8",
+    "run.max_steps=30",
+    "run.knn_at_end=false",
+    "run.progress=false",
+    "run.threads=1",
+    "run.device=cpu",
+    "run.precision=fp32",
+]
 KEYS = ("loss", "loss_cls", "loss_patch")
 
 
@@ -34,6 +44,13 @@ def run_curve(out_dir) -> list[dict]:
         torch.set_num_threads(threads)
     rows = [json.loads(x) for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     return [{"step": r["step"], **{k: r[k] for k in KEYS}} for r in rows if "loss" in r]
+
+
+def test_golden_curve_is_pinned_to_the_cpu_in_fp32():
+    from ibot.config import build_config
+
+    run = build_config("smoke", OVERRIDES).run
+    assert (run.device, run.precision) == ("cpu", "fp32")
 
 
 def test_golden_loss_curve(tmp_path):

@@ -198,3 +198,13 @@ def test_override_values_parse_lists_bools_and_numbers():
     )
     assert list(cfg.mask.ratio) == [0.0, 0.3] and cfg.optim.lr == 2e-3 and cfg.model.shared_head is False
     assert cfg.model.embed_dim is None and cfg.run.output_dir == "runs/x"
+
+
+def test_a_run_has_one_mask_generator_and_one_teacher_temperature_schedule(tmp_path):
+    """Issue 25: the collate and the model each built a MaskGenerator from the config, and Schedules and
+    the model each held the teacher-temperature parameters; a run now holds one of each."""
+    tr = Trainer(smoke_cfg(tmp_path, "mask.start_epoch=1"), log=lambda *a: None)
+    assert tr.data.collate.mask_generator is not None
+    assert tr.model.mask_generator is tr.data.collate.mask_generator
+    assert tr.schedules.teacher_temps is tr.model.teacher_temps
+    assert tr.model.teacher_temps.patch_start_epoch == tr.model.mask_generator.start_epoch == 1

@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--pretrain-epochs", type=int, default=20)
     p.add_argument("--variant", action="append", default=[], help="extra `ibot finetune` arguments to compare")
     args = p.parse_args()
+    print("$ python " + shlex.join(["benchmarks/finetune_small_folder.py", *sys.argv[1:]]), flush=True)
     out = Path(args.out)
     folder = make_folder(out / "images", tuple(args.classes), args.per_class, args.size)
     run = out / "run"

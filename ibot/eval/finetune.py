@@ -2,7 +2,9 @@
 
 Layer-wise lr decay (``layer_decay ** (depth + 1 - layer_id)``; patch embedding, class token and
 position embedding are layer 0), drop-path, label smoothing and mixup / cutmix from timm, AdamW
-with a cosine schedule and linear warm-up. Presets carry the official per-size defaults.
+with a cosine schedule and linear warm-up. Presets carry the official per-size defaults; the batch,
+epochs, warm-up, lr and mixup / cutmix / smoothing are then fitted to the number of training images
+(:func:`fit_recipe`: the official values at ImageNet scale, enough steps and no mixup on a small folder).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from ibot.device import inference_autocast
 from ibot.eval.knn import _tensor_batches
 
 # official evaluation/README.md per-model settings (epochs, drop_path, layer_decay); lr 4e-3, wd 0.05,
-# mixup 0.8, cutmix 1.0, label smoothing 0.1, warm-up 20 epochs (5 for ViT-L)
+# mixup 0.8, cutmix 1.0, label smoothing 0.1, warm-up 20 epochs (5 for ViT-L). fit_recipe keeps them at
+# ImageNet scale; the epochs are a minimum there.
 FINETUNE_PRESETS = {
     "vit_small": {"epochs": 200, "drop_path": 0.1, "layer_decay": 0.75, "warmup_epochs": 20},
     "vit_base": {"epochs": 100, "drop_path": 0.2, "layer_decay": 0.65, "warmup_epochs": 20},

@@ -62,7 +62,16 @@ def _stripes(n: int, seed: int) -> TensorImageDataset:
     return TensorImageDataset(img.unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), y, ["horizontal", "vertical"])
 
 
-def test_a_small_set_learns_with_the_fitted_recipe_and_not_with_imagenet_defaults():
+@pytest.fixture
+def one_thread():
+    """300 steps of a 2-block ViT: ~7 s on one thread; two threads on a busy 2-core machine took 25x longer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_small_set_learns_with_the_fitted_recipe_and_not_with_imagenet_defaults(one_thread):
     from ibot.eval.finetune import finetune
 
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -21,9 +22,12 @@ from pathlib import Path
 FMNIST = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
 
-def make_folder(root: Path, classes=(5, 7), per_class: int = 300, size: int = 56, seed: int = 0) -> Path:
-    """``per_class`` random Fashion-MNIST training images of each class, upscaled (bicubic) to ``size``
-    px and written as grayscale PNGs to ``root/<class name>/<i>.png``; an existing folder is kept."""
+def make_folder(
+    root: Path, classes=(5, 7), per_class: int = 300, size: int = 56, seed: int = 0, train: bool = True
+) -> Path:
+    """``per_class`` random Fashion-MNIST images (training split, or test split for ``train=False``) of each
+    class, upscaled (bicubic) to ``size`` px and written as grayscale PNGs to ``root/<class name>/<i>.png``;
+    an existing folder is kept."""
     import torch
     from PIL import Image
 
@@ -31,7 +35,7 @@ def make_folder(root: Path, classes=(5, 7), per_class: int = 300, size: int = 56
 
     if root.is_dir() and any(root.iterdir()):
         return root
-    ds = build_dataset("fashion_mnist", None, train=True, image_size=28, in_chans=1)
+    ds = build_dataset("fashion_mnist", None, train=train, image_size=28, in_chans=1)
     gen = torch.Generator().manual_seed(seed)
     for c in classes:
         idx = torch.nonzero(ds.labels == c).flatten()
@@ -60,6 +64,13 @@ def main() -> None:
     p.add_argument("--size", type=int, default=56)
     p.add_argument("--pretrain-epochs", type=int, default=20)
     p.add_argument("--variant", action="append", default=[], help="extra `ibot finetune` arguments to compare")
+    p.add_argument(
+        "--val-per-class",
+        type=int,
+        default=0,
+        help="also evaluate on a val/ folder of N Fashion-MNIST test images per class (a tighter estimate than "
+        "the 10%% held out; training then uses all --per-class images)",
+    )
     args = p.parse_args()
     print("$ python " + shlex.join(["benchmarks/finetune_small_folder.py", *sys.argv[1:]]), flush=True)
     out = Path(args.out)
@@ -81,10 +92,18 @@ def main() -> None:
             check=True,
         )
         print(f"pretrain: {time.time() - t0:.0f} s", flush=True)
-    print(ibot("linear", str(run), "--device", "cpu", "--no-progress"), flush=True)
+    data = []
+    if args.val_per_class:  # the same training images plus val/ from the test split
+        with_val = out / "images_with_val"
+        for c in args.classes:
+            if not (with_val / FMNIST[c]).exists():
+                shutil.copytree(folder / FMNIST[c], with_val / FMNIST[c])
+        make_folder(with_val / "val", tuple(args.classes), args.val_per_class, args.size, train=False)
+        data = ["--dataset", "imagefolder", "--data", str(with_val)]
+    print(ibot("linear", str(run), "--device", "cpu", "--no-progress", *data), flush=True)
     for extra in ["", *args.variant]:
         print(f"finetune {extra}".strip() + ":", flush=True)
-        print(ibot("finetune", str(run), "--device", "cpu", *shlex.split(extra)), flush=True)
+        print(ibot("finetune", str(run), "--device", "cpu", *data, *shlex.split(extra)), flush=True)
 
 
 if __name__ == "__main__":

@@ -93,11 +93,11 @@ def main() -> None:
         )
         print(f"pretrain: {time.time() - t0:.0f} s", flush=True)
     data = []
-    if args.val_per_class:  # the same training images plus val/ from the test split
+    if args.val_per_class:  # train/ (the same images) and val/ (from the test split)
         with_val = out / "images_with_val"
         for c in args.classes:
-            if not (with_val / FMNIST[c]).exists():
-                shutil.copytree(folder / FMNIST[c], with_val / FMNIST[c])
+            if not (with_val / "train" / FMNIST[c]).exists():
+                shutil.copytree(folder / FMNIST[c], with_val / "train" / FMNIST[c])
         make_folder(with_val / "val", tuple(args.classes), args.val_per_class, args.size, train=False)
         data = ["--dataset", "imagefolder", "--data", str(with_val)]
     print(ibot("linear", str(run), "--device", "cpu", "--no-progress", *data), flush=True)

@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   ibot knn runs/fmnist_tiny                             # k-NN of a run's teacher
   ibot linear runs/fmnist_tiny                          # linear probe
   ibot finetune runs/fmnist_tiny --epochs 3             # fine-tune with a linear head
+  ibot finetune RUN --dataset imagefolder --data DIR    # a folder of class sub-folders (settings fitted to its size)
   ibot export runs/fmnist_tiny --out exported/          # timm-loadable safetensors
   ibot config preset=fmnist_tiny                        # print the resolved config
   ibot config --explain                                 # every key with its meaning

@@ -141,4 +141,21 @@ def test_finetune_on_an_image_folder_decodes_it_and_tests_on_held_out_images(run
     assert main([*argv, "--epochs", "1", "--batch-size", "8", "--json"]) == 0
     out = capsys.readouterr()
     assert "decoding 18 + 2 images into memory" in out.err  # 10% of each class held out, never trained on
+    assert "finetune: batch 8, 1 epochs x 2 steps" in out.err  # what was fitted and why, in one line
+    line = out.out.strip().splitlines()[0]
+    assert "on held-out 2 of 20 images of" in line  # the split it tested on
+    assert line.endswith("(mixup off, cutmix off, smoothing 0.1: 18 training images)")
     assert json.loads(out.out.strip().splitlines()[-1])["epochs"] == 1
+    assert main([*argv, "--epochs", "1", "--mixup", "0.8", "--cutmix", "1", "--smoothing", "0"]) == 0
+    assert "(mixup 0.8, cutmix 1, smoothing off: 18 training images)" in capsys.readouterr().out
+
+
+def test_finetune_help_names_folders_and_the_switches(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ImageFolder" in text and "one sub-folder per class" in text and "held out of each class" in text
+    assert all(f"--{k}" in text for k in ("mixup", "cutmix", "smoothing"))
+    with pytest.raises(SystemExit, match="2"):  # a one-line usage error
+        main(["finetune", "R", "--smoothing", "1.5"])
+    assert "--smoothing: 1.5 is not in [0, 1)" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ibot.data.datasets import IMG_EXTENSIONS, DatasetError, load_image, stratified_holdout
+from ibot.data.shards import ShardDataset, is_shard_path
 
 
 def _images(folder: Path) -> list[Path]:
@@ -67,6 +68,8 @@ def folder_overrides(preset: dict, user: dict) -> tuple[dict, str | None]:
     """
     if not user.get("data.path") or "data.dataset" in user:
         return {}, None
+    if is_shard_path(user["data.path"]):
+        return shard_overrides(preset, user)
     if not Path(str(user["data.path"])).expanduser().is_dir():
         raise DatasetError(f"data folder {user['data.path']!r} does not exist; pass data.path=/path/to/images")
     info = inspect_folder(user["data.path"])
@@ -103,5 +106,24 @@ def folder_overrides(preset: dict, user: dict) -> tuple[dict, str | None]:
         found = f"ImageFolder with {len(info['classes'])} classes, {info['n_images']} images ({split})"
     else:
         found = f"a folder of {info['n_images']} unlabelled images (no class sub-folders: no k-NN evaluation)"
+    changes = ", ".join(f"{k}={v}" for k, v in add.items()) or "nothing to change"
+    return add, f"data.path={user['data.path']}: {found}; set {changes}"
+
+
+def shard_overrides(preset: dict, user: dict) -> tuple[dict, str]:
+    """:func:`folder_overrides` for WebDataset shards (a folder of ``.tar`` files or a brace pattern)."""
+    ds = ShardDataset(user["data.path"])
+    add: dict = {"data.dataset": "wds"} if preset.get("data.dataset") != "wds" else {}
+    if preset.get("data.pipeline") == "tensor" and "data.pipeline" not in user:
+        add["data.pipeline"] = "auto"  # the tensor pipeline is for in-memory datasets
+    first = next((item for item in (ds[i] for i in range(min(len(ds), 8))) if item is not None), None)
+    channels = 1 if first is not None and first[0].mode == "L" else 3
+    if preset.get("model.in_chans") != channels and "model.in_chans" not in user:
+        add["model.in_chans"] = channels
+    batch = int(user.get("optim.batch_size", preset.get("optim.batch_size", 1)))
+    if "optim.batch_size" not in user and len(ds) < 8 * batch:
+        add["optim.batch_size"] = max(2, 1 << max(1, (len(ds) // 8).bit_length() - 1))
+    labels = f"{len(ds.classes)} classes" if ds.classes else "no labels (no k-NN evaluation)"
+    found = f"{len(ds.shards)} WebDataset shard(s), {len(ds)} samples, {labels}"
     changes = ", ".join(f"{k}={v}" for k, v in add.items()) or "nothing to change"
     return add, f"data.path={user['data.path']}: {found}; set {changes}"

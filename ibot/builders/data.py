@@ -30,6 +30,7 @@ def dataset_from_config(cfg, train: bool = True):
         in_chans=m.in_chans,
         seed=cfg.run.seed,
         holdout=d.holdout,
+        val_path=d.val_path,
     )
 
 

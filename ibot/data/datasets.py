@@ -339,7 +339,7 @@ def synthetic_dataset(n: int = 256, size: int = 32, in_chans: int = 3, n_classes
     return TensorImageDataset(torch.stack(imgs), labels, [f"class{c}" for c in range(n_classes)])
 
 
-DATASETS = ("imagefolder", "folder", "fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic")
+DATASETS = ("imagefolder", "folder", "fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic", "wds")
 
 
 def build_dataset(
@@ -352,13 +352,22 @@ def build_dataset(
     in_chans: int = 3,
     seed: int = 0,
     holdout: float = 0.1,
+    val_path: str | None = None,
 ):
     """Dataset by name (see ``DATASETS``). ``path`` is the folder for image datasets, or where to look first.
 
     ``holdout``: for an ``imagefolder`` without ``val/``, the share of each class held out of the
     training split (``train=True`` returns the rest, ``train=False`` the held-out images; the draw
     is :func:`stratified_holdout` with a fixed seed, so it depends only on the folder).
+    ``wds``: WebDataset shards (:mod:`ibot.data.shards`); ``val_path`` names the evaluation shards, else
+    ``holdout`` is the share of keys (hashed) held out.
     """
+    if name == "wds":
+        from ibot.data.shards import shard_dataset
+
+        if not path:
+            raise DatasetError("data.dataset=wds needs data.path=DIR (a folder of .tar shards) or a pattern")
+        return shard_dataset(path, train, val_path=val_path, holdout=holdout)
     if name in ("fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic"):
         if name == "synthetic":
             ds = synthetic_dataset(

@@ -117,27 +117,31 @@ def _is_image(ext: str) -> bool:
 
 
 def _members(path: Path) -> tuple[list[tuple[str, dict]], bool]:
-    """The consecutive key groups of a shard ``[(key, {ext: (offset, size)})]`` and whether it is truncated
-    (a member's data runs past the end, or the end-of-archive blocks are missing; its last group is dropped)."""
-    size, groups, truncated = path.stat().st_size, [], False
+    """The consecutive key groups of a shard ``[(key, {ext: (offset, size)})]`` and whether it is truncated.
+
+    Truncated: a member's data runs past the end (its sample is dropped), or the end-of-archive blocks
+    are missing (the last sample is dropped: members of it may lie past the cut).
+    """
+    size, groups, cut = path.stat().st_size, [], None
     try:
         with tarfile.open(path, "r:") as tf:
             for m in tf:
+                key, ext = split_key(m.name)
                 if m.offset_data + m.size > size:
-                    truncated = True
+                    cut = key
                     break
                 if not m.isfile():
                     continue
-                key, ext = split_key(m.name)
                 if not groups or groups[-1][0] != key:
                     groups.append((key, {}))
                 groups[-1][1].setdefault(ext, (m.offset_data, m.size))
-            truncated = truncated or size < tf.offset + 2 * tarfile.BLOCKSIZE
+            if cut is None and size < tf.offset + 2 * tarfile.BLOCKSIZE:
+                cut = groups[-1][0] if groups else ""
     except (tarfile.TarError, EOFError, OSError):
-        truncated = True
-    if truncated and groups:
-        groups.pop()  # it may miss members past the cut
-    return groups, truncated
+        cut = groups[-1][0] if groups else ""
+    if cut is not None and groups and groups[-1][0] == cut:
+        groups.pop()
+    return groups, cut is not None
 
 
 def scan_shard(path: Path) -> dict:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ibot.data.datasets import IMG_EXTENSIONS, DatasetError, load_image, stratified_holdout
+from ibot.data.datasets import IMG_EXTENSIONS, DatasetError, image_files, load_image, stratified_holdout
 from ibot.data.shards import ShardDataset, is_shard_path
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+def _images(folder: Path) -> list[str]:
+    return image_files(folder)  # scanned once, cached
 
 
 def inspect_folder(path: str | Path) -> dict | None:

@@ -262,7 +262,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def select(self, indices, split: str) -> ShardDataset:
         """A copy holding only the samples at ``indices`` (in that order), described by ``split``."""
         part = copy.copy(self)
-        idx = [int(i) for i in indices]
+        idx = torch.as_tensor(indices, dtype=torch.long).tolist()
         part.samples, part.keys = [self.samples[i] for i in idx], [self.keys[i] for i in idx]
         part.labels = self.labels[torch.as_tensor(idx, dtype=torch.long)]
         part.split, part._fds = split, {}

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # data.dataset's allowed values; tests/test_config.py checks they are the names ibot.data.datasets builds
-DATASET_NAMES = ("imagefolder", "folder", "fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic", "wds")
+DATASET_NAMES = ("imagefolder", "folder", "fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic", "wds", "hf")
 
 
 @dataclass
@@ -78,9 +78,11 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "imagefolder"  # imagefolder | folder | fashion_mnist | mnist | cifar10 | cifar100 | synthetic | wds
+    dataset: str = "imagefolder"  # imagefolder | folder | fashion_mnist | mnist | cifar10/100 | synthetic | wds | hf
     path: str | None = None  # image folder, .tar shards (wds: DIR or DIR/x-{000..127}.tar), or where downloads live
-    val_path: str | None = None  # wds: the evaluation shards (default: data.holdout of the keys, hashed, held out)
+    val_path: str | None = None  # wds/hf: the evaluation data (default: data.holdout of the keys, hashed, held out)
+    image_key: str | None = None  # hf: the image column (default: the first Image column)
+    label_key: str | None = None  # hf: the label column (default: the first ClassLabel column)
     # auto | pil | tensor (vectorised augmentation of in-memory datasets) | gpu (workers crop and flip,
     # the device jitters, blurs, solarizes, normalises); auto: tensor in memory, else gpu on CUDA, else pil
     pipeline: str = "auto"
@@ -95,8 +97,7 @@ class DataConfig:
     num_workers: int = 4  # DataLoader worker processes per training process
     synthetic_size: int = 256  # images of data.dataset=synthetic
     limit: int = 0  # use only the first N training images (0 = all)
-    holdout: float = 0.1  # share held out of training to evaluate on (0 = none): imagefolder without val/ (per
-    # class), wds without val_path (of the keys, hashed)
+    holdout: float = 0.1  # share held out to evaluate on (0 = none): imagefolder w/o val/ per class, wds/hf by key hash
     max_skip_fraction: float = 0.05  # stop when more unreadable images than this were skipped
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ibot.data.datasets import IMG_EXTENSIONS, DatasetError, image_files, load_image, stratified_holdout
+from ibot.data.hf import HFImageDataset, is_hf_path
 from ibot.data.shards import ShardDataset, is_shard_path
 
 
@@ -68,8 +69,8 @@ def folder_overrides(preset: dict, user: dict) -> tuple[dict, str | None]:
     """
     if not user.get("data.path") or "data.dataset" in user:
         return {}, None
-    if is_shard_path(user["data.path"]):
-        return shard_overrides(preset, user)
+    if is_shard_path(user["data.path"]) or is_hf_path(user["data.path"]):
+        return indexed_overrides(preset, user)
     if not Path(str(user["data.path"])).expanduser().is_dir():
         raise DatasetError(f"data folder {user['data.path']!r} does not exist; pass data.path=/path/to/images")
     info = inspect_folder(user["data.path"])
@@ -110,10 +111,18 @@ def folder_overrides(preset: dict, user: dict) -> tuple[dict, str | None]:
     return add, f"data.path={user['data.path']}: {found}; set {changes}"
 
 
-def shard_overrides(preset: dict, user: dict) -> tuple[dict, str]:
-    """:func:`folder_overrides` for WebDataset shards (a folder of ``.tar`` files or a brace pattern)."""
-    ds = ShardDataset(user["data.path"])
-    add: dict = {"data.dataset": "wds"} if preset.get("data.dataset") != "wds" else {}
+def indexed_overrides(preset: dict, user: dict) -> tuple[dict, str]:
+    """:func:`folder_overrides` for WebDataset shards (a folder of ``.tar`` files or a brace pattern) and
+    Hugging Face datasets on disk (``save_to_disk`` or Parquet folders)."""
+    path = user["data.path"]
+    kind = "wds" if is_shard_path(path) else "hf"
+    if kind == "wds":
+        ds = ShardDataset(path)
+        found = f"{len(ds.shards)} WebDataset shard(s), {len(ds)} samples"
+    else:
+        ds = HFImageDataset(path, image_key=user.get("data.image_key"), label_key=user.get("data.label_key"))
+        found = f"a Hugging Face dataset of {len(ds)} rows (image column {ds.image_key!r}, labels {ds.label_key!r})"
+    add: dict = {"data.dataset": kind} if preset.get("data.dataset") != kind else {}
     if preset.get("data.pipeline") == "tensor" and "data.pipeline" not in user:
         add["data.pipeline"] = "auto"  # the tensor pipeline is for in-memory datasets
     first = next((item for item in (ds[i] for i in range(min(len(ds), 8))) if item is not None), None)
@@ -123,7 +132,6 @@ def shard_overrides(preset: dict, user: dict) -> tuple[dict, str]:
     batch = int(user.get("optim.batch_size", preset.get("optim.batch_size", 1)))
     if "optim.batch_size" not in user and len(ds) < 8 * batch:
         add["optim.batch_size"] = max(2, 1 << max(1, (len(ds) // 8).bit_length() - 1))
-    labels = f"{len(ds.classes)} classes" if ds.classes else "no labels (no k-NN evaluation)"
-    found = f"{len(ds.shards)} WebDataset shard(s), {len(ds)} samples, {labels}"
+    found += f", {len(ds.classes)} classes" if ds.classes else ", no labels (no k-NN evaluation)"
     changes = ", ".join(f"{k}={v}" for k, v in add.items()) or "nothing to change"
     return add, f"data.path={user['data.path']}: {found}; set {changes}"

@@ -31,6 +31,8 @@ def dataset_from_config(cfg, train: bool = True):
         seed=cfg.run.seed,
         holdout=d.holdout,
         val_path=d.val_path,
+        image_key=d.image_key,
+        label_key=d.label_key,
     )
 
 

@@ -392,7 +392,7 @@ def synthetic_dataset(n: int = 256, size: int = 32, in_chans: int = 3, n_classes
     return TensorImageDataset(torch.stack(imgs), labels, [f"class{c}" for c in range(n_classes)])
 
 
-DATASETS = ("imagefolder", "folder", "fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic", "wds")
+DATASETS = ("imagefolder", "folder", "fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic", "wds", "hf")
 
 
 def build_dataset(
@@ -406,6 +406,8 @@ def build_dataset(
     seed: int = 0,
     holdout: float = 0.1,
     val_path: str | None = None,
+    image_key: str | None = None,
+    label_key: str | None = None,
 ):
     """Dataset by name (see ``DATASETS``). ``path`` is the folder for image datasets, or where to look first.
 
@@ -413,8 +415,15 @@ def build_dataset(
     training split (``train=True`` returns the rest, ``train=False`` the held-out images; the draw
     is :func:`stratified_holdout` with a fixed seed, so it depends only on the folder).
     ``wds``: WebDataset shards (:mod:`ibot.data.shards`); ``val_path`` names the evaluation shards, else
-    ``holdout`` is the share of keys (hashed) held out.
+    ``holdout`` is the share of keys (hashed) held out. ``hf``: a Hugging Face dataset on disk
+    (:mod:`ibot.data.hf`; ``image_key`` / ``label_key`` name its columns), split as ``wds``.
     """
+    if name == "hf":
+        from ibot.data.hf import hf_dataset
+
+        if not path:
+            raise DatasetError("data.dataset=hf needs data.path=DIR (a save_to_disk folder or a folder of .parquet)")
+        return hf_dataset(path, train, val_path=val_path, holdout=holdout, image_key=image_key, label_key=label_key)
     if name == "wds":
         from ibot.data.shards import shard_dataset
 

@@ -117,7 +117,7 @@ class DecodedImages(torch.utils.data.Dataset):
     @staticmethod
     def supports(dataset) -> bool:
         base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
-        return hasattr(base, "samples") and hasattr(base, "root")
+        return hasattr(base, "read_bytes") or (hasattr(base, "samples") and hasattr(base, "root"))
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.base)

@@ -312,22 +312,30 @@ def shard_dataset(path: str | Path, train: bool, *, val_path: str | None = None,
         ds = ShardDataset(val_path)
         ds.split = f"data.val_path {val_path} ({len(ds)} samples)"
         return ds
-    full = ShardDataset(path)
-    if val_path or (holdout <= 0 and train):
-        full.split = f"all {len(full)} samples of {path}" + ("" if val_path else " (no held-out split)")
+    return hashed_split(ShardDataset(path), train, holdout, str(path), has_val=bool(val_path))
+
+
+def hashed_split(full, train: bool, holdout: float, where: str, has_val: bool = False):
+    """The training part (``train``) or the held-out part of ``full`` (a dataset with ``keys``, ``classes``
+    and ``select``): the samples whose :func:`key_share` is below ``holdout`` are held out. With
+    ``has_val`` (a separate evaluation set) or ``holdout=0`` nothing is held out."""
+    if has_val or (holdout <= 0 and train):
+        full.split = f"all {len(full)} samples of {where}" + ("" if has_val else " (no held-out split)")
         return full
     if holdout <= 0:
         raise DatasetError(
-            f"shards {path} have no data.val_path and data.holdout=0, so there is nothing held out to evaluate on; "
-            "set data.val_path=VAL_SHARDS or data.holdout=0.1"
+            f"{where} has no data.val_path and data.holdout=0, so there is nothing held out to evaluate on; "
+            "set data.val_path=VAL_DATA or data.holdout=0.1"
         )
     held_mask = [key_share(k) < holdout for k in full.keys]
     held = [i for i, h in enumerate(held_mask) if h]
     kept = [i for i, h in enumerate(held_mask) if not h]
     if not train:
         if not full.classes:
-            raise DatasetError(f"shards {path} have no labels (cls or json members): nothing to evaluate k-NN on")
+            raise DatasetError(f"{where} has no labels: nothing to evaluate k-NN on (set data.label_key or add labels)")
+        if not held:
+            raise DatasetError(f"data.holdout={holdout} holds out none of the {len(full)} samples of {where}; raise it")
         return full.select(
-            held, f"held-out {len(held)} of {len(full)} samples of {path} ({holdout:.0%} of keys, hashed)"
+            held, f"held-out {len(held)} of {len(full)} samples of {where} ({holdout:.0%} of keys, hashed)"
         )
-    return full.select(kept, f"{len(kept)} of {len(full)} samples of {path} ({len(held)} held out for evaluation)")
+    return full.select(kept, f"{len(kept)} of {len(full)} samples of {where} ({len(held)} held out for evaluation)")

@@ -179,3 +179,8 @@ def test_resumed_mid_epoch_run_on_shards_gives_the_same_losses(tmp_path, pipelin
     fit(tmp_path / "part", 3)  # stops mid-epoch 1
     fit(tmp_path / "part", 8)  # auto-resume: steps 4.. from the checkpoint
     assert _losses(tmp_path / "part") == _losses(tmp_path / "full")  # every loss, bit for bit
+    if pipeline == "pil":  # `ibot knn` of the run reads its shards: bank = training keys, queries = held-out keys
+        from ibot.eval.protocols import run_knn
+
+        res = run_knn(str(tmp_path / "full"), ks=(3,), log=str)
+        assert (res["dataset"], res["n_train"], res["n_test"]) == ("wds", 38, 2) and "hashed" in res["split"]

@@ -509,12 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sh = sub.add_parser(
         "shards",
-        help="write WebDataset .tar shards (and an index.json) from an image folder",
+        help="write WebDataset .tar shards (and an index.json) from an image folder or a Hugging Face dataset",
         description="Write OUT/shard-000000.tar ... of --shard-size samples (each image's bytes as KEY.EXT, its class "
         "index as KEY.cls for an ImageFolder) shuffled once (seeded), and OUT/index.json (class names and every "
         "sample's byte range). Train on them with `ibot pretrain data.path=OUT` (data.dataset=wds).",
     )
-    sh.add_argument("src", help="an ImageFolder (SRC/CLASS/*.jpg) or a folder of unlabelled images")
+    sh.add_argument(
+        "src",
+        help="an ImageFolder (SRC/CLASS/*.jpg), a folder of unlabelled images, or a Hugging Face save_to_disk / "
+        "Parquet folder",
+    )
     sh.add_argument("--out", required=True, help="output folder (new or without shards)")
     sh.add_argument("--shard-size", type=_positive_int, default=5000, help="samples per shard (default 5000)")
     sh.add_argument("--seed", type=int, default=0, help="seed of the one shuffle of the samples (default 0)")

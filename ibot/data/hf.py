@@ -26,7 +26,14 @@ log = logging.getLogger("ibot")
 IMAGE_NAMES = ("image", "img", "jpg", "png", "webp")
 LABEL_NAMES = ("label", "labels", "cls", "class")
 KEY_NAMES = ("__key__", "key", "id")
-MAGIC = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"GIF8", ".gif"))
+MAGIC = (
+    (b"\x89PNG", ".png"),
+    (b"\xff\xd8", ".jpg"),
+    (b"GIF8", ".gif"),
+    (b"BM", ".bmp"),
+    (b"II*\0", ".tif"),
+    (b"MM\0*", ".tif"),
+)
 
 
 def is_hf_path(path: str | Path) -> bool:

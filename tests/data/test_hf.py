@@ -92,3 +92,18 @@ def test_resumed_mid_epoch_run_on_hf_gives_the_same_losses(tmp_path):
     full = fit(tmp_path / "full", 8)
     fit(tmp_path / "part", 3)
     assert fit(tmp_path / "part", 8) == full and len(full) == 8
+
+
+def test_ibot_shards_from_a_saved_dataset(tmp_path):
+    from ibot.data.shard_writer import write_shards
+    from ibot.data.shards import ShardDataset
+
+    _table(10, bad={4}).save_to_disk(str(tmp_path / "saved"))
+    write_shards(tmp_path / "saved", tmp_path / "wds", shard_size=4, progress=False, log=str)
+    shards, rows = ShardDataset(tmp_path / "wds"), HFImageDataset(tmp_path / "saved")
+    assert shards.classes == rows.classes and len(shards) == 9  # row 4's bytes are no image: skipped
+    by_key = {int(k): i for i, k in enumerate(shards.keys)}  # keys are the row numbers
+    assert sorted(by_key) == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    for row in by_key:
+        data, name, label = shards.read_bytes(by_key[row])
+        assert (data, label) == rows.read_bytes(row)[::2] and name.endswith(".png")

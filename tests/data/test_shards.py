@@ -184,3 +184,12 @@ def test_resumed_mid_epoch_run_on_shards_gives_the_same_losses(tmp_path, pipelin
 
         res = run_knn(str(tmp_path / "full"), ks=(3,), log=str)
         assert (res["dataset"], res["n_train"], res["n_test"]) == ("wds", 38, 2) and "hashed" in res["split"]
+
+
+def test_cli_wrong_pattern_is_one_line(tmp_path, capsys):
+    from ibot.cli import main
+
+    _tar(tmp_path / "s-0.tar", [("k.png", _png((1, 2, 3)))])
+    code = main(["pretrain", "preset=smoke", f"data.path={tmp_path}/s-{{0..3}}.tar", f"run.output_dir={tmp_path}/r"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "names 4 files but 3 do not exist" in err[0] and "Traceback" not in err[0]

@@ -37,6 +37,7 @@ log = logging.getLogger("ibot")
 INDEX_FILE = "index.json"  # an ``ibot shards`` folder's index: the samples of every shard, and the class names
 INDEX_FORMAT = "ibot-shards-1"
 IMAGE_EXTS = tuple(e.lstrip(".") for e in IMG_EXTENSIONS)
+MAX_OPEN = 64  # open shard files per process (ulimit -n is often 1024; there may be thousands of shards)
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -274,9 +275,12 @@ class ShardDataset(torch.utils.data.Dataset):
     def read_bytes(self, i: int) -> tuple[bytes, str, int]:
         """The encoded image of sample ``i``, its name (``shard.tar:key.ext``) and its label."""
         si, off, size, label, name = self.samples[i]
-        fd = self._fds.get(si)
+        fd = self._fds.pop(si, None)
         if fd is None:
-            fd = self._fds[si] = os.open(self.shards[si], os.O_RDONLY)
+            fd = os.open(self.shards[si], os.O_RDONLY)
+            if len(self._fds) >= MAX_OPEN:  # a bounded number of open shards per process (the oldest closes)
+                os.close(self._fds.pop(next(iter(self._fds))))
+        self._fds[si] = fd  # most recently used last
         data = os.pread(fd, size, off)
         if len(data) != size:
             raise OSError(f"{name}: {len(data)} of {size} bytes (the shard changed or was truncated)")

@@ -142,6 +142,14 @@ def test_workers_and_ranks_read_each_sample_once(tmp_path):
     assert len(flat) == len(set(flat)) == 24
 
 
+def test_open_shard_files_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr("ibot.data.shards.MAX_OPEN", 2)
+    write_shards(_image_folder(tmp_path / "imgs", n=12), tmp_path / "wds", shard_size=2, progress=False, log=str)
+    ds = ShardDataset(tmp_path / "wds")
+    first = [ds.read_bytes(i)[0] for i in range(len(ds))]
+    assert len(ds._fds) == 2 and [ds.read_bytes(i)[0] for i in reversed(range(12))] == first[::-1]
+
+
 def test_data_path_of_shards_is_detected(tmp_path):
     from ibot.data_setup import folder_overrides
 

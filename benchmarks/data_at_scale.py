@@ -131,7 +131,7 @@ def pretrain(work: Path, steps: int, batch: int, workers: int) -> dict:
             "images_per_s": result.get("images_per_s"),
             "final_loss": result.get("final_loss"),
             "knn_top1": knn.get("top1"),
-            "knn_split": knn.get("split"),
+            "knn_split": (knn.get("split") or "").replace(str(work), "TMP"),
         }
     return out
 

@@ -481,6 +481,8 @@ def validate(cfg) -> None:
     problems += [f"{k}={v} is not a probability in [0, 1]" for k, v in probabilities.items() if not 0 <= v <= 1]
     if not 0 <= d.holdout < 1:
         problems.append(f"data.holdout={d.holdout} must be in [0, 1) (the share of each class held out for evaluation)")
+    if d.val_path and d.dataset not in ("wds", "hf"):
+        problems.append("data.val_path is for data.dataset=wds or hf; an imagefolder evaluates on its val/ folder")
     ranges = _range_problems(cfg)
     problems += ranges
     if ranges:  # the combination checks below assume values in range

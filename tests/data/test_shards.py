@@ -201,3 +201,10 @@ def test_cli_wrong_pattern_is_one_line(tmp_path, capsys):
     code = main(["pretrain", "preset=smoke", f"data.path={tmp_path}/s-{{0..3}}.tar", f"run.output_dir={tmp_path}/r"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "names 4 files but 3 do not exist" in err[0] and "Traceback" not in err[0]
+
+
+def test_val_path_is_refused_where_it_would_be_ignored():
+    from ibot.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="data.val_path is for data.dataset=wds or hf"):
+        build_config("smoke", ["data.dataset=imagefolder", "data.path=x", "data.val_path=y"])

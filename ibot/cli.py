@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   ibot finetune RUN --dataset imagefolder --data DIR    # a folder of class sub-folders (settings fitted to its size)
   ibot export runs/fmnist_tiny --out exported/          # timm-loadable safetensors
   ibot config preset=fmnist_tiny                        # print the resolved config
+  ibot shards /data/imagenet/train --out /data/in1k-wds # WebDataset shards; then pretrain data.path=DIR
   ibot config --explain                                 # every key with its meaning
   ibot pretrain --config runs/x/config.json optim.epochs=5 run.output_dir=runs/y   # a saved config as input
 """
@@ -376,6 +377,13 @@ def cmd_viz(args) -> int:
     return 0
 
 
+def cmd_shards(args) -> int:
+    from ibot.data.shard_writer import write_shards
+
+    write_shards(args.src, args.out, shard_size=args.shard_size, seed=args.seed, progress=not args.no_progress)
+    return 0
+
+
 def cmd_config(args) -> int:
     from omegaconf import OmegaConf
 
@@ -569,6 +577,24 @@ def build_parser() -> argparse.ArgumentParser:
     vz.add_argument("--allow-unsafe-pickle", action="store_true")
     device_arg(vz)
     vz.set_defaults(func=cmd_viz)
+
+    sh = sub.add_parser(
+        "shards",
+        help="write WebDataset .tar shards (and an index.json) from an image folder or a Hugging Face dataset",
+        description="Write OUT/shard-000000.tar ... of --shard-size samples (each image's bytes as KEY.EXT, its class "
+        "index as KEY.cls for an ImageFolder) shuffled once (seeded), and OUT/index.json (class names and every "
+        "sample's byte range). Train on them with `ibot pretrain data.path=OUT` (data.dataset=wds).",
+    )
+    sh.add_argument(
+        "src",
+        help="an ImageFolder (SRC/CLASS/*.jpg), a folder of unlabelled images, or a Hugging Face save_to_disk / "
+        "Parquet folder",
+    )
+    sh.add_argument("--out", required=True, help="output folder (new or without shards)")
+    sh.add_argument("--shard-size", type=_positive_int, default=5000, help="samples per shard (default 5000)")
+    sh.add_argument("--seed", type=int, default=0, help="seed of the one shuffle of the samples (default 0)")
+    sh.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sh.set_defaults(func=cmd_shards)
 
     cfg = sub.add_parser(
         "config",

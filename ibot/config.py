@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # data.dataset's allowed values; tests/test_config.py checks they are the names ibot.data.datasets builds
-DATASET_NAMES = ("imagefolder", "folder", "fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic")
+DATASET_NAMES = ("imagefolder", "folder", "fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic", "wds", "hf")
 
 
 @dataclass
@@ -79,8 +79,11 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "imagefolder"  # imagefolder | folder | fashion_mnist | mnist | cifar10 | cifar100 | synthetic
-    path: str | None = None  # image folder (imagefolder/folder) or where downloaded datasets live
+    dataset: str = "imagefolder"  # imagefolder | folder | fashion_mnist | mnist | cifar10/100 | synthetic | wds | hf
+    path: str | None = None  # image folder, .tar shards (wds: DIR or DIR/x-{000..127}.tar), or where downloads live
+    val_path: str | None = None  # wds/hf: the evaluation data (default: data.holdout of the keys, hashed, held out)
+    image_key: str | None = None  # hf: the image column (default: the first Image column)
+    label_key: str | None = None  # hf: the label column (default: the first ClassLabel column)
     # auto | pil | tensor (vectorised augmentation of in-memory datasets) | gpu (workers crop and flip,
     # the device jitters, blurs, solarizes, normalises); auto: tensor in memory, else gpu on CUDA, else pil
     pipeline: str = "auto"
@@ -95,7 +98,7 @@ class DataConfig:
     num_workers: int = 4  # DataLoader worker processes per training process
     synthetic_size: int = 256  # images of data.dataset=synthetic
     limit: int = 0  # use only the first N training images (0 = all)
-    holdout: float = 0.1  # imagefolder without val/: share of each class held out of training to evaluate on (0 = none)
+    holdout: float = 0.1  # share held out to evaluate on (0 = none): imagefolder w/o val/ per class, wds/hf by key hash
     max_skip_fraction: float = 0.05  # stop when more unreadable images than this were skipped
 
 
@@ -488,6 +491,8 @@ def validate(cfg) -> None:
     problems += [f"{k}={v} is not a probability in [0, 1]" for k, v in probabilities.items() if not 0 <= v <= 1]
     if not 0 <= d.holdout < 1:
         problems.append(f"data.holdout={d.holdout} must be in [0, 1) (the share of each class held out for evaluation)")
+    if d.val_path and d.dataset not in ("wds", "hf"):
+        problems.append("data.val_path is for data.dataset=wds or hf; an imagefolder evaluates on its val/ folder")
     ranges = _range_problems(cfg)
     problems += ranges
     if ranges:  # the combination checks below assume values in range

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ibot.data.datasets import IMG_EXTENSIONS, DatasetError, load_image, stratified_holdout
+from ibot.data.datasets import IMG_EXTENSIONS, DatasetError, image_files, load_image, stratified_holdout
+from ibot.data.hf import HFImageDataset, is_hf_path
+from ibot.data.shards import ShardDataset, is_shard_path
 from ibot.device import available_cores
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+def _images(folder: Path) -> list[str]:
+    return image_files(folder)  # scanned once, cached
 
 
 def inspect_folder(path: str | Path) -> dict | None:
@@ -55,7 +57,7 @@ def inspect_folder(path: str | Path) -> dict | None:
     }
 
 
-def _look(files: list[Path], sample: int = 64) -> tuple[int, int | None]:
+def _look(files: list[str], sample: int = 64) -> tuple[int, int | None]:
     """(channels of the first readable image, median short side of up to ``sample`` images spread over
     the list); headers only, except the first image, which is decoded for its mode."""
     from PIL import Image
@@ -119,6 +121,8 @@ def folder_overrides(preset: dict, user: dict) -> tuple[dict, str | None]:
     """
     if not user.get("data.path") or "data.dataset" in user:
         return {}, None
+    if is_shard_path(user["data.path"]) or is_hf_path(user["data.path"]):
+        return indexed_overrides(preset, user)
     check_has_images(user["data.path"])
     info = inspect_folder(user["data.path"])
     if info is None:
@@ -145,3 +149,29 @@ def folder_overrides(preset: dict, user: dict) -> tuple[dict, str | None]:
         add["optim.batch_size"] = batch = max(2, 1 << max(1, (n_train // 8).bit_length() - 1))
     changes = ", ".join(f"{k}={v}" for k, v in add.items()) or "nothing to change"
     return add, f"data.path={user['data.path']}: {describe_folder(info, holdout)}; set {changes}"
+
+
+def indexed_overrides(preset: dict, user: dict) -> tuple[dict, str]:
+    """:func:`folder_overrides` for WebDataset shards (a folder of ``.tar`` files or a brace pattern) and
+    Hugging Face datasets on disk (``save_to_disk`` or Parquet folders)."""
+    path = user["data.path"]
+    kind = "wds" if is_shard_path(path) else "hf"
+    if kind == "wds":
+        ds = ShardDataset(path)
+        found = f"{len(ds.shards)} WebDataset shard(s), {len(ds)} samples"
+    else:
+        ds = HFImageDataset(path, image_key=user.get("data.image_key"), label_key=user.get("data.label_key"))
+        found = f"a Hugging Face dataset of {len(ds)} rows (image column {ds.image_key!r}, labels {ds.label_key!r})"
+    add: dict = {"data.dataset": kind} if preset.get("data.dataset") != kind else {}
+    if preset.get("data.pipeline") == "tensor" and "data.pipeline" not in user:
+        add["data.pipeline"] = "auto"  # the tensor pipeline is for in-memory datasets
+    first = next((item for item in (ds[i] for i in range(min(len(ds), 8))) if item is not None), None)
+    channels = 1 if first is not None and first[0].mode == "L" else 3
+    if preset.get("model.in_chans") != channels and "model.in_chans" not in user:
+        add["model.in_chans"] = channels
+    batch = int(user.get("optim.batch_size", preset.get("optim.batch_size", 1)))
+    if "optim.batch_size" not in user and len(ds) < 8 * batch:
+        add["optim.batch_size"] = max(2, 1 << max(1, (len(ds) // 8).bit_length() - 1))
+    found += f", {len(ds.classes)} classes" if ds.classes else ", no labels (no k-NN evaluation)"
+    changes = ", ".join(f"{k}={v}" for k, v in add.items()) or "nothing to change"
+    return add, f"data.path={user['data.path']}: {found}; set {changes}"

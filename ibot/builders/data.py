@@ -30,6 +30,9 @@ def dataset_from_config(cfg, train: bool = True):
         in_chans=m.in_chans,
         seed=cfg.run.seed,
         holdout=d.holdout,
+        val_path=d.val_path,
+        image_key=d.image_key,
+        label_key=d.label_key,
     )
 
 

@@ -93,12 +93,14 @@ def _channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
 class DecodedImages(torch.utils.data.Dataset):
     """Items of an image-file dataset as ``(uint8 (C, H, W) tensor, label)``, decoded by torchvision.
 
-    JPEG, PNG, WebP and GIF go through ``torchvision.io.decode_image`` (libjpeg-turbo for JPEG);
-    other formats, and files torchvision cannot read, through the dataset's own PIL loader. An
-    unreadable file gives None (skipped and counted by the collate), as the PIL path.
+    JPEG, PNG, WebP and GIF (files, or the bytes of a shard's sample) go through
+    ``torchvision.io.decode_image`` (libjpeg-turbo for JPEG); other formats, and files torchvision
+    cannot read, through the dataset's own PIL loader. An unreadable file gives None (skipped and
+    counted by the collate), as the PIL path.
 
     Args:
-        dataset: a :class:`~ibot.data.datasets.FileImageDataset`, or a ``Subset`` of one.
+        dataset: a :class:`~ibot.data.datasets.FileImageDataset` or :class:`~ibot.data.shards.ShardDataset`
+            (its ``read_bytes``), or a ``Subset`` of one.
         in_chans: 3 (RGB) or 1 (grayscale).
     """
 
@@ -115,22 +117,30 @@ class DecodedImages(torch.utils.data.Dataset):
     @staticmethod
     def supports(dataset) -> bool:
         base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
-        return hasattr(base, "samples") and hasattr(base, "root")
+        return hasattr(base, "read_bytes") or (hasattr(base, "samples") and hasattr(base, "root"))
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.base)
 
     def __getitem__(self, i: int):
         j = self.indices[i] if self.indices is not None else i
-        path, label = self.base.samples[j]
-        if path.lower().endswith(self.TORCHVISION):
+        if hasattr(self.base, "read_bytes"):  # shards: the encoded bytes of the sample
+            try:
+                data, name, label = self.base.read_bytes(j)
+            except OSError:
+                return self.base[j]  # reports and skips it
+            source = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        else:
+            name, label = self.base.samples[j]
+            source = name
+        if name.lower().endswith(self.TORCHVISION):
             try:  # torchvision 0.29 deprecates its decoders: without them, PIL decodes
                 from torchvision.io import ImageReadMode, decode_image
 
                 mode = ImageReadMode.RGB if self.in_chans == 3 else ImageReadMode.GRAY
                 with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for TorchCodec)
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    x = decode_image(path, mode=mode)
+                    x = decode_image(source, mode=mode)
                 if x.dtype == torch.uint8:  # 16-bit PNGs: PIL's loader rescales them to 8 bits
                     return x, label
             except Exception:  # noqa: BLE001 - let PIL try (and report) what torchvision cannot read

@@ -87,6 +87,9 @@ def resolve_data(info: dict, dataset: str | None, data_path: str | None):
     if cfg:
         kw.update(synthetic_size=cfg["data"]["synthetic_size"], seed=cfg["run"]["seed"])
         kw.update(holdout=cfg["data"].get("holdout", 0.1))
+        if not data_path:  # the run's evaluation shards go with the run's data
+            kw.update(val_path=cfg["data"].get("val_path"))
+        kw.update(image_key=cfg["data"].get("image_key"), label_key=cfg["data"].get("label_key"))
     return build_dataset(name, path, train=True, **kw), build_dataset(name, path, train=False, **kw), name
 
 

@@ -144,7 +144,9 @@ def _torchrun(run, *ov):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     cmd += ["-m", "ibot", "pretrain", "preset=smoke", f"run.output_dir={run}", "run.progress=false"]
-    cmd += ["optim.batch_size=8", "optim.epochs=50", "run.knn_at_end=false", "run.threads=1", *ov]
+    # 512 images / (8 x 2 ranks): 32 steps per epoch, so a signal after a few steps lands mid-epoch
+    cmd += ["optim.batch_size=8", "optim.epochs=50", "data.synthetic_size=512", "run.knn_at_end=false"]
+    cmd += ["run.threads=1", *ov]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -172,7 +174,7 @@ def test_sigterm_to_the_torchrun_agent_saves_once_and_the_rerun_is_exact(tmp_pat
     run = tmp_path / "run"
     agent = _torchrun(run)
     try:
-        _wait_for_steps(run, 2, agent)  # 4 steps per epoch: the ranks agree to stop at step 10 (mid-epoch 3)
+        _wait_for_steps(run, 2, agent)  # the ranks agree on the next read step (smoke logs every step)
         agent.send_signal(signal.SIGTERM)
         _, err = agent.communicate(timeout=120)
     finally:
@@ -183,7 +185,7 @@ def test_sigterm_to_the_torchrun_agent_saves_once_and_the_rerun_is_exact(tmp_pat
     assert len(stopped) == 1, err[-3000:]  # every rank reports the same step boundary
     step = int(stopped.pop().split(" at step ")[1].split()[0])
     ckpt = load_safe(run / "checkpoint.pth")
-    assert ckpt["global_step"] == step and step % 4 and len(ckpt["rng_per_rank"]) == 2  # mid-epoch, both ranks
+    assert ckpt["global_step"] == step and step % 32 and len(ckpt["rng_per_rank"]) == 2  # mid-epoch, both ranks
     assert sorted(_losses(run)) == list(range(1, step + 1))  # no step after the checkpoint
     assert _processes_naming(str(run)) == []  # agent and workers are gone
     rerun = _torchrun(run, f"run.max_steps={step + 2}")  # auto-resume

@@ -144,11 +144,15 @@ def _model_fits(n_train: int, machine: Machine) -> list[Fit]:
     name = f"{dev}-{'large' if large else 'small'}"
     width, depth, heads, k, hidden, bottleneck = MODELS[name]
     why = f"{n_train} training images on {'a GPU' if dev == 'gpu' else f'{machine.cores} CPU cores'} -> {name} ViT"
+    k_why = f"{name}: {k} prototypes"
+    if k <= 512:  # a small set leaves most of 512 prototypes unused: about one per 4 images, 128 at least
+        k = max(128, min(k, 1 << max(0, (n_train // 4).bit_length() - 1)))
+        k_why = f"about one prototype per 4 of {n_train} images (128 to 512)"
     fits = [
         Fit("model.embed_dim", width, why),
         Fit("model.depth", depth, why),
         Fit("model.num_heads", heads, why),
-        Fit("model.out_dim", k, f"{name}: {k} prototypes"),
+        Fit("model.out_dim", k, k_why),
         Fit("model.patch_out_dim", k, "shared head: as many patch prototypes"),
         Fit("model.hidden_dim", hidden, f"{name} head"),
         Fit("model.bottleneck_dim", bottleneck, f"{name} head"),

@@ -69,6 +69,9 @@ def test_model_size_follows_the_images_and_the_device():
     widths = [f["model.embed_dim"] for f in (small_cpu, big_cpu, small_gpu, big_gpu)]
     assert widths == [128, 192, 192, 384]
     assert small_cpu["model.out_dim"] < big_gpu["model.out_dim"] == 8192
+    # few images, few prototypes: 420 training images -> 128, 2700 -> 512 (the small model's most)
+    assert (small_cpu["model.out_dim"], _fitted(_info(n=3000))["model.out_dim"]) == (128, 512)
+    assert small_cpu["model.patch_out_dim"] == small_cpu["model.out_dim"]
     assert big_gpu["model.arch"] == "vit_small_patch16_224" and big_gpu["model.norm_last_layer"] is False
     assert small_cpu["loss.koleo_weight"] == 2.0  # the measured small recipe
     assert small_cpu["model.in_chans"] == 1 and _fitted(_info(channels=3))["model.in_chans"] == 3

@@ -6,7 +6,7 @@ other key on this machine, then scores the run's teacher with ``ibot knn`` on *f
 same kind (a disjoint ``train/`` bank and a large ``val/`` query set, not the run's small hold-out),
 beside the untrained model of the same architecture and raw pixels on the same split.
 
-    python benchmarks/own_folder.py                       # the three default cases (about 45 min on 2 cores)
+    python benchmarks/own_folder.py                       # the three cases (about 40 min on 2 cores)
     python benchmarks/own_folder.py --case fmnist600      # one case
     python benchmarks/own_folder.py --build-only --out /tmp/folders   # just the folders
 
@@ -102,7 +102,8 @@ def run_case(name: str, out: Path) -> dict:
     t0 = time.time()
     res = _ibot("pretrain", f"data.path={train_dir}", f"run.output_dir={run}", "run.progress=false", log=log)
     minutes = (time.time() - t0) / 60
-    fitted = [line for line in res.stdout.splitlines() if line.startswith("  ") and "->" in line]
+    fitted = [line.strip() for line in res.stdout.splitlines() if line.startswith("  ") and " <- " in line]
+    stopped = [line for line in res.stdout.splitlines() if "time limit" in line]
     summary = json.loads((run / "summary.json").read_text())
     knn = _ibot("knn", str(run), "--data", str(eval_dir), "--json", "--no-progress", log=log)
     further = json.loads(knn.stdout.strip().splitlines()[-1])
@@ -111,6 +112,9 @@ def run_case(name: str, out: Path) -> dict:
         "spec": dict(zip(("dataset", "classes", "images", "size", "val"), CASES[name], strict=True)),
         "minutes": minutes,
         "fitted": fitted,
+        "images_per_s": summary.get("images_per_s"),
+        "train_minutes": summary.get("train_minutes"),
+        "time_limit_hit": bool(stopped),
         "holdout_knn": summary.get("knn"),
         "further_knn": further,
     }
@@ -123,9 +127,11 @@ def _line(r: dict) -> str:
     base = f.get("baselines") or {}
     for what in ("untrained", "pixels"):
         if what in base:
-            b = base[what]["knn"][k]["top1"]
+            b = base[what][k]["top1"]
             text += f" | {what} {b:.2f}% ({f['knn'][k]['top1'] - b:+.2f})"
-    return text + f" ({f['n_test']} queries, bank {f['n_train']})"
+    h = r["holdout_knn"] or {}
+    text += f" ({f['n_test']} queries, bank {f['n_train']}); own hold-out {h.get('top1', float('nan')):.1f}%"
+    return text + f"; {r['images_per_s']:.0f} img/s{', stopped by the time limit' if r['time_limit_hit'] else ''}"
 
 
 def main() -> None:

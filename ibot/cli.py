@@ -435,25 +435,42 @@ def _finetune_parser(sub, source_args) -> None:
     ft.set_defaults(func=cmd_finetune)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="ibot",
-        description="iBOT self-supervised pretraining of Vision Transformers: pretrain, evaluate, inspect.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def _device_arg(sp) -> None:
+    sp.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N; bf16 autocast on CUDA",
     )
-    p.add_argument("--version", action="version", version=f"ibot {__version__}")
-    p.add_argument("--debug", action="store_true", help="show the Python traceback of every error (also after COMMAND)")
 
-    def device_arg(sp):
-        sp.add_argument(
-            "--device",
-            default="auto",
-            help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N; bf16 autocast on CUDA",
-        )
 
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+def _source_args(sp) -> None:
+    sp.add_argument("source", help="run folder, ibot checkpoint, exported backbone, or official iBOT checkpoint")
+    sp.add_argument("--which", choices=("teacher", "student"), default="teacher", help="default teacher")
+    sp.add_argument("--dataset", help="dataset name (default: the run's)")
+    sp.add_argument("--data", help="dataset folder (default: the run's)")
+    sp.add_argument("--cache", help="feature cache file; reused only for the same weights and data")
+    sp.add_argument("--json", action="store_true", help="also print the result as JSON")
+    sp.add_argument(
+        "--allow-unsafe-pickle",
+        action="store_true",
+        help="load files that need arbitrary unpickling (only files you trust)",
+    )
+    _device_arg(sp)
 
+
+def _eval_loop_options(sp) -> None:
+    sp.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    sp.add_argument("--num-workers", type=int, default=0, help="image-decoding workers for folders (default 0)")
+    sp.add_argument("--limit", type=int, default=0, help="use N images spread over each split (default all)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sp.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="do not also score raw pixels and the untrained model (cached in the run folder's baselines.json)",
+    )
+
+
+def _pretrain_parser(sub) -> None:
     pre = sub.add_parser(
         "pretrain",
         help="pretrain a ViT with iBOT (or DINO) from a preset plus key=value overrides",
@@ -472,31 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.set_defaults(func=cmd_pretrain)
 
-    def source_args(sp):
-        sp.add_argument("source", help="run folder, ibot checkpoint, exported backbone, or official iBOT checkpoint")
-        sp.add_argument("--which", choices=("teacher", "student"), default="teacher", help="default teacher")
-        sp.add_argument("--dataset", help="dataset name (default: the run's)")
-        sp.add_argument("--data", help="dataset folder (default: the run's)")
-        sp.add_argument("--cache", help="feature cache file; reused only for the same weights and data")
-        sp.add_argument("--json", action="store_true", help="also print the result as JSON")
-        sp.add_argument(
-            "--allow-unsafe-pickle",
-            action="store_true",
-            help="load files that need arbitrary unpickling (only files you trust)",
-        )
-        device_arg(sp)
 
-    def eval_loop_args(sp):
-        sp.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
-        sp.add_argument("--num-workers", type=int, default=0, help="image-decoding workers for folders (default 0)")
-        sp.add_argument("--limit", type=int, default=0, help="use N images spread over each split (default all)")
-        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
-        sp.add_argument(
-            "--no-baselines",
-            action="store_true",
-            help="do not also score raw pixels and the untrained model (cached in the run folder's baselines.json)",
-        )
-
+def _knn_parser(sub) -> None:
     knn = sub.add_parser(
         "knn",
         help="k-NN accuracy of a backbone (DINO / iBOT protocol)",
@@ -504,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         "split is the memory bank, the held-out split the queries (test set, val/ folder, or the images an "
         "ImageFolder without val/ holds out: data.holdout of each class, seeded).",
     )
-    source_args(knn)
+    _source_args(knn)
     knn.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200])
     knn.add_argument("--temperature", type=float, default=0.07)
     knn.add_argument(
@@ -514,9 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="final-norm CLS (default), mean of patch tokens, or both concatenated",
     )
     knn.add_argument("--img-size", type=int, help="evaluation image size (default: the model's)")
-    eval_loop_args(knn)
+    _eval_loop_options(knn)
     knn.set_defaults(func=cmd_knn)
 
+
+def _linear_parser(sub) -> None:
     lin = sub.add_parser(
         "linear",
         help="linear probe on frozen features (lr sweep, picked on a validation split)",
@@ -524,16 +520,16 @@ def build_parser() -> argparse.ArgumentParser:
         "features of the train split minus a validation split; report the accuracy on the held-out split "
         "(as for knn) of the classifier that is best on validation.",
     )
-    source_args(lin)
+    _source_args(lin)
     lin.add_argument("--n-last-blocks", type=_positive_int, default=4)
     lin.add_argument("--avgpool", action="store_true", help="append the mean of the final patch tokens")
     lin.add_argument("--epochs", type=_positive_int, default=30)
     lin.add_argument("--val-fraction", type=_fraction, default=0.1)
-    eval_loop_args(lin)
+    _eval_loop_options(lin)
     lin.set_defaults(func=cmd_linear)
 
-    _finetune_parser(sub, source_args)
 
+def _export_parser(sub) -> None:
     exp = sub.add_parser(
         "export",
         help="export a backbone as a folder timm loads by itself (local-dir:OUT)",
@@ -550,9 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load the written file with plain timm on --device and compare its features with the backbone's",
     )
-    device_arg(exp)
+    _device_arg(exp)
     exp.set_defaults(func=cmd_export)
 
+
+def _viz_parser(sub) -> None:
     vz = sub.add_parser(
         "viz",
         help="pictures: attention maps, prototype patterns, correspondences, curves",
@@ -575,9 +573,11 @@ def build_parser() -> argparse.ArgumentParser:
     vz.add_argument("--show", type=_positive_int, default=8, help="patterns: how many prototypes")
     vz.add_argument("--window", type=_positive_int, default=3, help="patterns: context window in patches")
     vz.add_argument("--allow-unsafe-pickle", action="store_true")
-    device_arg(vz)
+    _device_arg(vz)
     vz.set_defaults(func=cmd_viz)
 
+
+def _shards_parser(sub) -> None:
     sh = sub.add_parser(
         "shards",
         help="write WebDataset .tar shards (and an index.json) from an image folder or a Hugging Face dataset",
@@ -596,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--no-progress", action="store_true", help="no progress bar")
     sh.set_defaults(func=cmd_shards)
 
+
+def _config_parser(sub) -> None:
     cfg = sub.add_parser(
         "config",
         help="print the resolved config of a preset with overrides (--explain: what each key means)",
@@ -606,6 +608,23 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--explain", action="store_true", help="one line per key: value and meaning")
     cfg.add_argument("--config", metavar="FILE", help="start from a JSON/YAML config file")
     cfg.set_defaults(func=cmd_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="ibot",
+        description="iBOT self-supervised pretraining of Vision Transformers: pretrain, evaluate, inspect.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"ibot {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of every error (also after COMMAND)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_pretrain_parser, _knn_parser, _linear_parser):
+        add(sub)
+    _finetune_parser(sub, _source_args)
+    for add in (_export_parser, _viz_parser, _shards_parser, _config_parser):
+        add(sub)
     return p
 
 

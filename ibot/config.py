@@ -460,12 +460,8 @@ def _known_arch(name: str) -> bool:
     return bool(re.fullmatch(r"[a-z0-9_]+", name)) and timm.is_model(name)
 
 
-def validate(cfg) -> None:
-    """Impossible values and combinations are errors before any heavy work.
-
-    Every value is checked against its allowed range; the error is one line naming each bad key,
-    its value and what is allowed.
-    """
+def _choice_problems(cfg) -> list[str]:
+    """Values outside their set of choices, probabilities, the hold-out share."""
     m, d, o, lo, mk = cfg.model, cfg.data, cfg.optim, cfg.loss, cfg.mask
     problems = []
     choices = {
@@ -493,10 +489,13 @@ def validate(cfg) -> None:
         problems.append(f"data.holdout={d.holdout} must be in [0, 1) (the share of each class held out for evaluation)")
     if d.val_path and d.dataset not in ("wds", "hf"):
         problems.append("data.val_path is for data.dataset=wds or hf; an imagefolder evaluates on its val/ folder")
-    ranges = _range_problems(cfg)
-    problems += ranges
-    if ranges:  # the combination checks below assume values in range
-        raise ConfigError("invalid config: " + "; ".join(problems))
+    return problems
+
+
+def _shape_problems(cfg) -> list[str]:
+    """Sizes that do not fit together: crops and patches, widths and heads, Swin-only keys."""
+    m, d = cfg.model, cfg.data
+    problems = []
     cell = mask_cell(cfg)
     if m.img_size % cell:
         what = "the Swin mask cell (model.patch_size x 8)" if cell != m.patch_size else "model.patch_size"
@@ -507,6 +506,18 @@ def validate(cfg) -> None:
         problems.append(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
     if m.depths and m.stage_heads and len(m.depths) != len(m.stage_heads):
         problems.append("model.depths and model.stage_heads need one value per stage (the same length)")
+    swin_only = {"model.window_size": m.window_size, "model.depths": m.depths, "model.stage_heads": m.stage_heads}
+    if not m.arch.startswith("swin"):
+        problems += [f"{k} applies to Swin backbones only (model.arch={m.arch!r})" for k, v in swin_only.items() if v]
+    elif m.depth is not None or m.num_heads is not None:
+        problems.append("a Swin backbone takes model.depths and model.stage_heads (lists), not model.depth/num_heads")
+    return problems
+
+
+def _combination_problems(cfg) -> list[str]:
+    """Options that exclude each other (FSDP, compile, efficient drop path) and impossible recipes."""
+    m, d, o, lo, mk = cfg.model, cfg.data, cfg.optim, cfg.loss, cfg.mask
+    problems = []
     for r, v in zip(
         mk.ratio, mk.ratio_var if len(mk.ratio_var) > 1 else list(mk.ratio_var) * len(mk.ratio), strict=False
     ):
@@ -514,11 +525,6 @@ def validate(cfg) -> None:
             problems.append(f"mask.ratio {r} +/- mask.ratio_var {v} leaves [0, 1]; lower mask.ratio_var")
     if lo.lambda1 == 0 and (lo.lambda2 == 0 or cfg.method == "dino"):
         problems.append("loss.lambda1 and loss.lambda2 are both 0: nothing to train")
-    swin_only = {"model.window_size": m.window_size, "model.depths": m.depths, "model.stage_heads": m.stage_heads}
-    if not m.arch.startswith("swin"):
-        problems += [f"{k} applies to Swin backbones only (model.arch={m.arch!r})" for k, v in swin_only.items() if v]
-    elif m.depth is not None or m.num_heads is not None:
-        problems.append("a Swin backbone takes model.depths and model.stage_heads (lists), not model.depth/num_heads")
     if cfg.run.fsdp and m.efficient_drop_path:
         problems.append("model.efficient_drop_path bypasses the FSDP2 block hooks; turn one of them off")
     if cfg.run.fsdp and m.head_norm == "bn":
@@ -550,6 +556,21 @@ def validate(cfg) -> None:
         problems.append("model.shared_head needs model.out_dim == model.patch_out_dim")
     if len(mk.ratio) != len(mk.ratio_var) and len(mk.ratio_var) != 1:
         problems.append("mask.ratio and mask.ratio_var must have the same length")
+    return problems
+
+
+def validate(cfg) -> None:
+    """Impossible values and combinations are errors before any heavy work.
+
+    Every value is checked against its allowed range; the error is one line naming each bad key,
+    its value and what is allowed.
+    """
+    problems = _choice_problems(cfg)
+    ranges = _range_problems(cfg)
+    problems += ranges
+    if ranges:  # the combination checks below assume values in range
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    problems += _shape_problems(cfg) + _combination_problems(cfg)
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 

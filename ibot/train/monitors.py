@@ -125,7 +125,8 @@ def collapse_warning(rec: dict, cfg=None) -> str | None:
 
 class CollapseWarnings:
     """:func:`collapse_warning` at most once per epoch, and "few prototypes" (a partial collapse that
-    some runs that learn also show) once per run: ``check(rec)`` returns the line to log, or None."""
+    some runs that learn also show) once per run, silent during the lr warm-up (``optim.warmup_epochs``):
+    ``check(rec)`` returns the line to log, or None. The end of the run checks the last record anyway."""
 
     def __init__(self, cfg=None) -> None:
         self.warned_epoch = -1
@@ -133,6 +134,9 @@ class CollapseWarnings:
         self.said_few = False
 
     def check(self, rec: dict) -> str | None:
+        warmup = float(self.cfg.optim.warmup_epochs) if self.cfg is not None else 0.0
+        if rec.get("epoch", 0) < warmup:  # the lr warm-up: the teacher is still forming (a long run's first epochs)
+            return None
         warn = collapse_warning(rec, self.cfg)
         if not warn or self.warned_epoch == rec["epoch"]:
             return None

@@ -59,3 +59,13 @@ def test_few_prototypes_is_said_once_per_run_one_prototype_once_per_epoch():
     assert "5 of 128" in warnings.check(_rec(1, 10, **few))
     assert warnings.check(_rec(2, 20, **few)) is None  # a partial collapse: once per run
     assert "collapse to one prototype" in warnings.check(_rec(3, 30, prototypes_used=1))
+
+
+def test_in_training_collapse_warnings_wait_for_the_end_of_the_lr_warm_up():
+    cfg = build_config("smoke", ["optim.epochs=60", "optim.warmup_epochs=6.7"])
+    warnings = CollapseWarnings(cfg)
+    low_rank = {"feature_rank": 2.0}
+    assert warnings.check(_rec(2, 30, **low_rank)) is None  # epoch 2 of a 6.7-epoch warm-up: still forming
+    assert warnings.check(_rec(6, 90, **low_rank)) is None
+    assert "span few directions" in warnings.check(_rec(7, 100, **low_rank))  # after the warm-up it is said
+    assert "span few directions" in collapse_warning(_rec(2, 30, **low_rank), cfg)  # the end-of-run check is not gated

@@ -172,6 +172,68 @@ def extract_features_distributed(encode, dataset, **kw) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
+def knn_neighbours(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    kmax: int,
+    device: torch.device | str | None = None,
+    max_chunk_elements: int = 2**25,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``kmax`` most similar bank rows of every query: similarities (M, k) and their labels (M, k),
+    most similar first; ``k = min(kmax, N)``. Computed in query chunks of at most ``max_chunk_elements``
+    similarities, on ``device`` (default: the bank's)."""
+    n = train_features.shape[0]
+    dev = torch.device(device) if device is not None else train_features.device
+    bank, bank_y = train_features.to(dev), train_labels.to(dev)
+    chunk = max(1, max_chunk_elements // max(n, 1))
+    sims, labels = [], []
+    for i in range(0, test_features.shape[0], chunk):
+        q = test_features[i : i + chunk].to(dev, non_blocking=True)
+        sim, idx = (q @ bank.t()).topk(min(kmax, n), dim=1)
+        sims.append(sim)
+        labels.append(bank_y[idx])
+    return torch.cat(sims), torch.cat(labels)
+
+
+def merge_neighbours(parts: list[tuple[torch.Tensor, torch.Tensor]], kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``kmax`` nearest of the union of several banks' neighbours (:func:`knn_neighbours` of each shard):
+    (M, sum k_i) candidates -> (M, min(kmax, sum k_i)), most similar first."""
+    sim = torch.cat([s for s, _ in parts], dim=1)
+    lab = torch.cat([y for _, y in parts], dim=1)
+    top, order = sim.topk(min(kmax, sim.shape[1]), dim=1)
+    return top, lab.gather(1, order)
+
+
+def knn_votes(
+    sim: torch.Tensor,
+    neighbour_labels: torch.Tensor,
+    test_labels: torch.Tensor,
+    ks: Sequence[int],
+    temperature: float,
+    num_classes: int,
+) -> dict[int, tuple[float, float]]:
+    """Weighted votes (``exp(sim / T)``) of the first k neighbours for each k -> ``{k: (top1, top5)}`` percent.
+
+    Args:
+        sim: (M, K) similarities of each query's neighbours, most similar first (K >= max(ks)).
+        neighbour_labels: (M, K) their labels.
+        test_labels: (M,) the queries' labels.
+    """
+    y = test_labels.to(sim.device)
+    weight = (sim / temperature).exp()
+    correct = torch.zeros(len(ks), 2, dtype=torch.long, device=sim.device)  # summed on the device, read once
+    for j, k in enumerate(ks):
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        votes.scatter_add_(1, neighbour_labels[:, :k], weight[:, :k])
+        top = votes.topk(min(5, num_classes), dim=1).indices
+        correct[j, 0] += (top[:, 0] == y).sum()
+        correct[j, 1] += (top == y.unsqueeze(1)).any(1).sum()
+    m = max(sim.shape[0], 1)
+    counts = correct.tolist()
+    return {k: (100.0 * counts[j][0] / m, 100.0 * counts[j][1] / m) for j, k in enumerate(ks)}
+
+
 def knn_classify(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -182,7 +244,8 @@ def knn_classify(
     num_classes: int | None = None,
     max_chunk_elements: int = 2**25,
     device: torch.device | str | None = None,
-) -> dict[int, tuple[float, float]]:
+    shard: tuple[int, int] | None = None,
+) -> dict[int, tuple[float, float]] | None:
     """Weighted k-NN accuracy (percent) for each k: ``{k: (top1, top5)}``.
 
     Args:
@@ -195,28 +258,34 @@ def knn_classify(
         num_classes: default max label + 1.
         max_chunk_elements: bound on the (chunk, N) similarity matrix.
         device: where the similarities and votes are computed (default: the features' device).
+        shard: ``(rank, world size)`` under torchrun: this rank searches its contiguous share of the bank
+            only, the ranks' top-k are all-gathered and merged (:func:`merge_neighbours`), and the main rank
+            returns the accuracies (None on the others).
     """
     if train_features.shape[0] == 0 or test_features.shape[0] == 0:
         raise ValueError("k-NN needs a non-empty memory bank and test set")
     c = int(num_classes or int(max(train_labels.max(), test_labels.max())) + 1)
     n = train_features.shape[0]
     ks = sorted({min(int(k), n) for k in ks})
-    kmax = ks[-1]
-    chunk = max(1, max_chunk_elements // n)
-    dev = torch.device(device) if device is not None else train_features.device
-    bank, bank_y = train_features.to(dev), train_labels.to(dev)
-    correct = torch.zeros(len(ks), 2, dtype=torch.long, device=dev)  # summed on the device, read once
-    for i in range(0, test_features.shape[0], chunk):
-        q = test_features[i : i + chunk].to(dev, non_blocking=True)
-        y = test_labels[i : i + chunk].to(dev, non_blocking=True)
-        sim, idx = (q @ bank.t()).topk(kmax, dim=1)
-        neigh = bank_y[idx]
-        weight = (sim / temperature).exp()
-        for j, k in enumerate(ks):
-            votes = torch.zeros(q.shape[0], c, device=dev).scatter_add_(1, neigh[:, :k], weight[:, :k])
-            top = votes.topk(min(5, c), dim=1).indices
-            correct[j, 0] += (top[:, 0] == y).sum()
-            correct[j, 1] += (top == y.unsqueeze(1)).any(1).sum()
-    m = test_features.shape[0]
-    counts = correct.tolist()
-    return {k: (100.0 * counts[j][0] / m, 100.0 * counts[j][1] / m) for j, k in enumerate(ks)}
+    if shard is None:
+        sim, lab = knn_neighbours(train_features, train_labels, test_features, ks[-1], device, max_chunk_elements)
+        return knn_votes(sim, lab, test_labels, ks, temperature, c)
+    rank, world = shard
+    per = -(-n // world)
+    part = slice(min(rank * per, n), min((rank + 1) * per, n))
+    sim, lab = knn_neighbours(train_features[part], train_labels[part], test_features, ks[-1], device)
+    sim, lab = _gather_neighbours(sim, lab, ks[-1], world)
+    return knn_votes(sim, lab, test_labels, ks, temperature, c) if rank == 0 else None
+
+
+def _gather_neighbours(sim: torch.Tensor, lab: torch.Tensor, kmax: int, world: int):
+    """Every rank's (M, <= kmax) neighbours, padded to kmax (similarity -inf), all-gathered and merged."""
+    import torch.distributed as dist
+
+    pad = kmax - sim.shape[1]
+    sim = F.pad(sim, (0, pad), value=float("-inf")).contiguous()
+    lab = F.pad(lab, (0, pad), value=0).contiguous()
+    sims, labs = [torch.empty_like(sim) for _ in range(world)], [torch.empty_like(lab) for _ in range(world)]
+    dist.all_gather(sims, sim)
+    dist.all_gather(labs, lab)
+    return merge_neighbours(list(zip(sims, labs, strict=True)), kmax)

@@ -261,10 +261,11 @@ def _pretrain_accuracy(encode, cfg, bank, test_set, *, device, autocast, extract
         te_f, te_y = extract(encode, test_set, **kw, desc="k-NN query features")
     ks = sorted({10, 20, 100, 200, cfg.run.knn_k})
     c = len(getattr(bank, "classes", [])) or None
-    # every rank searches on its own device (each holds every feature): none waits in a collective
-    # while the main rank searches
+    # under torchrun every rank searches its share of the bank on its own device and the top-k are merged:
+    # no rank waits in a collective while another searches the whole bank
+    shard = (D.rank(), D.world_size()) if D.is_dist() else None
     t = cfg.run.knn_temperature
-    acc = knn_classify(tr_f, tr_y, te_f, te_y, ks=ks, temperature=t, num_classes=c, device=device)
+    acc = knn_classify(tr_f, tr_y, te_f, te_y, ks=ks, temperature=t, num_classes=c, device=device, shard=shard)
     if not D.is_main():
         return None
     return acc, tr_f.shape[0], te_f.shape[0]
@@ -282,8 +283,8 @@ def pretrain_knn(
     context the features are extracted under, and the only one (``run.precision=fp32``: fp32, not the
     bf16 of ``ibot knn``). Returns ``k``, ``top1``, ``top5``, ``n_train``, ``n_test``, ``extra`` (e.g.
     epoch and step), ``all`` (every k), ``seconds`` and ``split`` on the main rank; None on the others,
-    and when there is nothing labelled to evaluate on (logged). Every rank runs the neighbour search
-    on its ``device``.
+    and when there is nothing labelled to evaluate on (logged). Under torchrun each rank searches its
+    share of the bank on its ``device`` and the ranks' top-k are merged.
     """
     sets = pretrain_split(cfg, bank_set, log)
     if sets is None:

@@ -213,20 +213,39 @@ def _torchrun_pretrain(run, *overrides):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-def test_two_process_resume_restores_each_ranks_rng(tmp_path):
-    """Drop-path draws differ per rank: a resumed 2-process run must continue both ranks' streams."""
+def _shard_data(folder):
+    """``data.*`` overrides for 64 RGB images in 4 WebDataset shards of 2 classes (4 steps per epoch on 2 ranks)."""
+    import numpy as np
+    from PIL import Image
+
+    from ibot.data.shard_writer import write_shards
+
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        cls = folder / "imgs" / f"c{i % 2}"
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(cls / f"{i}.png")
+    write_shards(folder / "imgs", folder / "wds", shard_size=16, progress=False, log=str)
+    return [f"data.path={folder / 'wds'}", "data.dataset=wds", "data.holdout=0", "data.num_workers=1"]
+
+
+@pytest.mark.parametrize("data", ["synthetic", "wds"])
+def test_two_process_resume_restores_each_ranks_rng(tmp_path, data):
+    """Drop-path draws differ per rank: a resumed 2-process run must continue both ranks' streams, on the
+    in-memory set and on WebDataset shards (stopped mid-epoch: step 2 of 4)."""
     import json
 
     from ibot.io import load_safe
 
-    _torchrun_pretrain(tmp_path / "full", "run.max_steps=4")
+    ov = _shard_data(tmp_path) if data == "wds" else []
+    _torchrun_pretrain(tmp_path / "full", "run.max_steps=4", *ov)
     full_ckpt = load_safe(tmp_path / "full" / "checkpoint.pth")
     assert len(full_ckpt["rng_per_rank"]) == 2
-    _torchrun_pretrain(tmp_path / "part", "run.max_steps=2")
+    _torchrun_pretrain(tmp_path / "part", "run.max_steps=2", *ov)
     ckpt = load_safe(tmp_path / "part" / "checkpoint.pth")
     per_rank = ckpt["rng_per_rank"]
     assert len(per_rank) == 2 and not torch.equal(per_rank[0]["torch"], per_rank[1]["torch"])
-    _torchrun_pretrain(tmp_path / "part", "run.max_steps=4")  # auto-resume in 2 processes
+    _torchrun_pretrain(tmp_path / "part", "run.max_steps=4", *ov)  # auto-resume in 2 processes
 
     def losses(run):
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -151,7 +151,7 @@ def main() -> None:
         results.append(r)
     if results:
         path = ROOT / "benchmarks" / "results" / f"own_folder-{datetime.date.today()}.json"
-        path.write_text(json.dumps(results, indent=2))
+        path.write_text(json.dumps(results, indent=2).replace(str(out), "OUT"))  # no machine paths
         print(f"wrote {path.relative_to(ROOT)}")
 
 

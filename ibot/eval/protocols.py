@@ -261,9 +261,11 @@ def _pretrain_accuracy(encode, cfg, bank, test_set, *, device, autocast, extract
         te_f, te_y = extract(encode, test_set, **kw, desc="k-NN query features")
     ks = sorted({10, 20, 100, 200, cfg.run.knn_k})
     c = len(getattr(bank, "classes", [])) or None
-    # under torchrun every rank searches its share of the bank on its own device and the top-k are merged:
-    # no rank waits in a collective while another searches the whole bank
-    shard = (D.rank(), D.world_size()) if D.is_dist() else None
+    # under torchrun (features extracted on every rank) each rank searches its share of the bank on its own
+    # device and the top-k are merged: no rank waits in a collective while another searches the whole bank;
+    # a main-rank-only call (the baselines: ``extract=extract_features``) searches the whole bank itself
+    every_rank = D.is_dist() and extract is extract_features_distributed
+    shard = (D.rank(), D.world_size()) if every_rank else None
     t = cfg.run.knn_temperature
     acc = knn_classify(tr_f, tr_y, te_f, te_y, ks=ks, temperature=t, num_classes=c, device=device, shard=shard)
     if not D.is_main():

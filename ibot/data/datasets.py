@@ -130,6 +130,20 @@ def _joined(root: Path, files: list[str]) -> list[str]:
     return [prefix + f for f in files]
 
 
+def decode_or_skip(read_bytes, i: int, name: str, what: str = "image"):
+    """``(PIL image, label)`` of encoded item ``i`` (``read_bytes(i) -> (bytes, name, label)``, as the shard
+    and Hugging Face datasets read them), or None, logged with its name, when it cannot be read or decoded
+    (the collate drops it and counts it, as for an unreadable file)."""
+    from io import BytesIO
+
+    try:
+        data, name, label = read_bytes(i)
+        return load_image(BytesIO(data)), label
+    except Exception as err:  # noqa: BLE001 - any read or decode error means "skip this item"
+        log.warning("skipping unreadable %s %s: %s", what, name, err)
+        return None
+
+
 class FileImageDataset(torch.utils.data.Dataset):
     """Images on disk: a labelled ``ImageFolder`` layout or an unlabelled folder (recursive)."""
 

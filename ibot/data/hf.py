@@ -12,16 +12,12 @@ resume are those of every map-style dataset; the held-out split is a hashed shar
 
 from __future__ import annotations
 
-import logging
-from io import BytesIO
 from pathlib import Path
 
 import torch
 
-from ibot.data.datasets import DatasetError, load_image
+from ibot.data.datasets import DatasetError, decode_or_skip
 from ibot.data.shards import hashed_split
-
-log = logging.getLogger("ibot")
 
 IMAGE_NAMES = ("image", "img", "jpg", "png", "webp")
 LABEL_NAMES = ("label", "labels", "cls", "class")
@@ -149,13 +145,7 @@ class HFImageDataset(torch.utils.data.Dataset):
         return data, f"{self.root}[{row}]{_ext(data)}", int(self.labels[i])
 
     def __getitem__(self, i: int):
-        name = f"{self.root}[{self.rows[i]}]"
-        try:
-            data, name, label = self.read_bytes(i)
-            return load_image(BytesIO(data)), label
-        except Exception as err:  # noqa: BLE001 - any read or decode error means "skip this row"
-            log.warning("skipping unreadable image %s: %s", name, err)
-            return None
+        return decode_or_skip(self.read_bytes, i, f"{self.root}[{self.rows[i]}]")
 
 
 def hf_dataset(path, train: bool, *, val_path=None, holdout: float = 0.1, image_key=None, label_key=None):

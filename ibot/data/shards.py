@@ -25,12 +25,11 @@ import logging
 import os
 import re
 import tarfile
-from io import BytesIO
 from pathlib import Path
 
 import torch
 
-from ibot.data.datasets import CACHE, IMG_EXTENSIONS, DatasetError, load_image
+from ibot.data.datasets import CACHE, IMG_EXTENSIONS, DatasetError, decode_or_skip
 
 log = logging.getLogger("ibot")
 
@@ -287,13 +286,7 @@ class ShardDataset(torch.utils.data.Dataset):
         return data, name, label
 
     def __getitem__(self, i: int):
-        name = self.samples[i][4]
-        try:
-            data, name, label = self.read_bytes(i)
-            return load_image(BytesIO(data)), label
-        except Exception as err:  # noqa: BLE001 - any read or decode error means "skip this sample"
-            log.warning("skipping unreadable sample %s: %s", name, err)
-            return None
+        return decode_or_skip(self.read_bytes, i, self.samples[i][4], what="sample")
 
 
 def _report_skipped(shards: list[Path], entries: list[dict]) -> None:

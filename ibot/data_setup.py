@@ -123,9 +123,9 @@ def folder_overrides(preset: dict, user: dict) -> tuple[dict, str | None]:
         return {}, None
     if is_shard_path(user["data.path"]) or is_hf_path(user["data.path"]):
         return indexed_overrides(preset, user)
-    check_has_images(user["data.path"])
     info = inspect_folder(user["data.path"])
     if info is None:
+        check_has_images(user["data.path"])  # a one-line error unless it holds a built-in data set's files
         return {}, None
     add: dict = {}
     if preset.get("data.dataset") != info["dataset"]:

@@ -101,6 +101,7 @@ def images_per_second(fl: dict, in_chans: int, machine: Machine) -> float:
 RECIPE_KEYS = (  # what a folder run takes from its base preset; sizes and schedules are fitted below
     "model.arch",  # the timm template; width, depth and heads are fitted
     "model.drop_path",
+    "model.efficient_drop_path",
     "model.shared_head",
     "model.norm_last_layer",
     "mask.shape",

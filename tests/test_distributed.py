@@ -184,6 +184,59 @@ def test_fsdp2_two_processes_equal_one_process_with_double_batch(tmp_path):
             torch.testing.assert_close(got["optim"]["state"][i][k], s[k], rtol=1e-4, atol=1e-6)
 
 
+def _edp_model():
+    torch.manual_seed(0)
+    model = tiny_ibot(drop_path_rate=0.5)
+    model.student["backbone"].efficient_drop_path = True
+    return model
+
+
+def _fsdp_edp_worker(rank, world, port, out_path):
+    from ibot.train.fsdp import full_model_state, shard_model
+    from ibot.train.step import TrainStep
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = shard_model(_edp_model())
+    step = TrainStep(model, clip_grad=0.5)
+    step.set_hyperparameters(lr=1e-3, weight_decay=0.04)
+    glob, loc, masks = _inputs()
+    torch.manual_seed(1)  # every rank: the same images and the same kept samples
+    out = step(_batch(glob, loc, masks, list(range(B))), step_values(model, 0, 0.9))
+    state = full_model_state(model)
+    if rank == 0:
+        torch.save({"loss": out.loss.detach(), "state": state}, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fsdp2_runs_the_efficient_drop_path_through_the_block_hooks(tmp_path):
+    """``model.efficient_drop_path`` replaces each block's own ``forward``, so FSDP2's hooks (which gather
+    the block's shards on the module call) still run: 2 sharded ranks fed the same images and the same
+    seed end one step where one unsharded process does (the kept samples included)."""
+    from ibot.train.step import TrainStep
+
+    out_path = tmp_path / "fsdp_edp.pt"
+    mp.spawn(_fsdp_edp_worker, args=(2, _free_port(), str(out_path)), nprocs=2, join=True)
+    got = torch.load(out_path)
+    model = _edp_model()
+    step = TrainStep(model, clip_grad=0.5)
+    step.set_hyperparameters(lr=1e-3, weight_decay=0.04)
+    glob, loc, masks = _inputs()
+    torch.manual_seed(1)
+    out = step(_batch(glob, loc, masks, list(range(B))), step_values(model, 0, 0.9))
+    torch.testing.assert_close(got["loss"], out.loss.detach(), rtol=1e-5, atol=1e-5)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(got["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    torch.manual_seed(1)  # the efficient path did run: the standard drop path draws other samples
+    other = _edp_model()
+    other.student["backbone"].efficient_drop_path = False
+    again = TrainStep(other, clip_grad=0.5)
+    again.set_hyperparameters(lr=1e-3, weight_decay=0.04)
+    assert not torch.allclose(again(_batch(glob, loc, masks, list(range(B))), step_values(other, 0, 0.9)).loss, out.loss)
+
+
 def _ddp_flags_worker(rank, world, port, out_path):
     from ibot.distributed import wrap_ddp
 

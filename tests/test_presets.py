@@ -47,3 +47,13 @@ def test_swin_in1k_presets_resolve_to_their_former_explicit_values(window, batch
         else:
             assert resolved[section] == expected[section], section
     assert resolved == expected
+
+
+def test_efficient_drop_path_is_on_where_no_parity_test_pins_the_drop_path_stream():
+    """Issue 27 item 2: the ViT ImageNet recipe runs its residual branches on the kept samples only; the
+    golden curve's smoke preset keeps timm's per-sample drop path (its stream is pinned), Swin has no
+    efficient path, and ``model.efficient_drop_path=false`` gives the official stream back."""
+    assert build_config("vit_small_in1k").model.efficient_drop_path is True
+    assert build_config("vit_small_in1k", ["model.efficient_drop_path=false"]).model.efficient_drop_path is False
+    for name in ("smoke", "fmnist_tiny", "swin_tiny_w7_in1k", "swin_tiny_w14_in1k"):
+        assert build_config(name).model.efficient_drop_path is False, name

@@ -12,6 +12,10 @@ Implementations:
   ibot_masked  DINOv2 choice: patch center over masked tokens, so the teacher head runs on CLS +
                masked tokens only.
   ibot_ckpt    ibot with activation checkpointing of the student blocks (memory for compute).
+  ibot_edp     ibot with ``model.efficient_drop_path`` (residual branches on the kept samples only).
+  ibot_cblocks ibot with ``run.compile=true`` (each block through torch.compile, inductor); the first
+               step, compile included, is timed in the plugin and reported as ``compile_first_step_s``.
+  ibot_cfull   ibot with ``run.compile_mode=full`` (the whole forward as one fullgraph, masks padded).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _build(cfg, inp, args, patch_center="all", checkpointing=False):
+def _build(cfg, inp, args, patch_center="all", checkpointing=False, efficient=False, compile_mode=None):
     import peer_step  # the harness module (the plugin is loaded by it)
     import torch
 
@@ -55,10 +59,24 @@ def _build(cfg, inp, args, patch_center="all", checkpointing=False):
     )
     if checkpointing:
         model.student["backbone"].vit.set_grad_checkpointing(True)
-    step = TrainStep(model, precision="fp32", device_type="cpu", clip_grad=cfg.clip, clip_mode="param")
+    model.student["backbone"].efficient_drop_path = efficient
+    module = None
+    if compile_mode == "blocks":  # what ibot.train.parallelize does for run.compile=true
+        for bb in (model.student["backbone"], model.teacher["backbone"]):
+            for blk in bb.blocks:
+                blk.compile()
+    elif compile_mode == "full":
+        from ibot.train.compiled import compile_forward
+
+        module = compile_forward(model)
+    step = TrainStep(model, module=module, precision="fp32", device_type="cpu", clip_grad=cfg.clip, clip_mode="param")
     # epoch 1: the prototypes train (official freeze_last_layer=1 froze them in epoch 0 only)
     values = StepValues(1, 1, 5e-4 * cfg.batch / 256.0, 0.04, cfg.ema_momentum, *model.teacher_temperatures(1), False)
     masks = MaskBatch.from_masks(list(inp.masks))  # the collate's job in the real pipeline (not timed)
+    if compile_mode == "full":
+        from ibot.train.compiled import pad_mask_batch
+
+        masks = pad_mask_batch(masks, 0.5)  # the harness's block masks: ratio at most 0.5
     batch = Batch(
         torch.cat(inp.globals_),
         torch.cat(inp.locals_) if inp.locals_ else None,
@@ -73,6 +91,14 @@ def _build(cfg, inp, args, patch_center="all", checkpointing=False):
         out = step(batch, values)
         return float(out.loss.detach())
 
+    first_step_s = None
+    if compile_mode is not None:  # compile happens in the first call: timed here, apart from the steps
+        import time
+
+        t0 = time.perf_counter()
+        run()
+        first_step_s = round(time.perf_counter() - t0, 2)
+
     notes = {
         "source": "ibot (this repository): ibot.train.step.TrainStep, as `ibot pretrain` runs it",
         "vit": "timm VisionTransformer (fused SDPA attention) wrapped by ibot.models.MaskedViT",
@@ -86,6 +112,9 @@ def _build(cfg, inp, args, patch_center="all", checkpointing=False):
         "clip": "per-parameter (official semantics) with torch._foreach_norm / _foreach_mul_, no host sync",
         "ema": "torch._foreach_mul_ / _foreach_add_",
         "activation_checkpointing": checkpointing,
+        "efficient_drop_path": efficient,
+        "compile": compile_mode,
+        "compile_first_step_s": first_step_s,
         "masks": "external block masks (same tensors as the peers); flat indices precomputed as in the collate",
         "threads": os.environ.get("OMP_NUM_THREADS"),
     }
@@ -110,4 +139,23 @@ def build_ibot_ckpt(cfg, inp, args):
     return _build(cfg, inp, args, checkpointing=True)
 
 
-IMPLS = {"ibot": build_ibot, "ibot_masked": build_ibot_masked, "ibot_ckpt": build_ibot_ckpt}
+def build_ibot_edp(cfg, inp, args):
+    return _build(cfg, inp, args, efficient=True)
+
+
+def build_ibot_cblocks(cfg, inp, args):
+    return _build(cfg, inp, args, compile_mode="blocks")
+
+
+def build_ibot_cfull(cfg, inp, args):
+    return _build(cfg, inp, args, compile_mode="full")
+
+
+IMPLS = {
+    "ibot": build_ibot,
+    "ibot_masked": build_ibot_masked,
+    "ibot_ckpt": build_ibot_ckpt,
+    "ibot_edp": build_ibot_edp,
+    "ibot_cblocks": build_ibot_cblocks,
+    "ibot_cfull": build_ibot_cfull,
+}

@@ -12,6 +12,9 @@ Implementations:
   ibot_masked  DINOv2 choice: patch center over masked tokens, so the teacher head runs on CLS +
                masked tokens only.
   ibot_ckpt    ibot with activation checkpointing of the student blocks (memory for compute).
+  ibot_full, ibot_masked_full
+               ibot and ibot_masked with ``skip_unread_tokens=False``: every token through the last
+               block (the before of the last-block skip, timed side by side).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _build(cfg, inp, args, patch_center="all", checkpointing=False):
+def _build(cfg, inp, args, patch_center="all", checkpointing=False, skip_unread_tokens=True):
     import peer_step  # the harness module (the plugin is loaded by it)
     import torch
 
@@ -52,6 +55,7 @@ def _build(cfg, inp, args, patch_center="all", checkpointing=False):
         norm_last_layer=False,
         patch_center=patch_center,
         temperature_teacher=0.07,
+        skip_unread_tokens=skip_unread_tokens,
     )
     if checkpointing:
         model.student["backbone"].vit.set_grad_checkpointing(True)
@@ -86,6 +90,9 @@ def _build(cfg, inp, args, patch_center="all", checkpointing=False):
         "clip": "per-parameter (official semantics) with torch._foreach_norm / _foreach_mul_, no host sync",
         "ema": "torch._foreach_mul_ / _foreach_add_",
         "activation_checkpointing": checkpointing,
+        "last_block": "computes the tokens the losses read only (skip_unread_tokens)"
+        if skip_unread_tokens
+        else "every token (skip_unread_tokens=False)",
         "masks": "external block masks (same tensors as the peers); flat indices precomputed as in the collate",
         "threads": os.environ.get("OMP_NUM_THREADS"),
     }
@@ -110,4 +117,18 @@ def build_ibot_ckpt(cfg, inp, args):
     return _build(cfg, inp, args, checkpointing=True)
 
 
-IMPLS = {"ibot": build_ibot, "ibot_masked": build_ibot_masked, "ibot_ckpt": build_ibot_ckpt}
+def build_ibot_full(cfg, inp, args):
+    return _build(cfg, inp, args, skip_unread_tokens=False)
+
+
+def build_ibot_masked_full(cfg, inp, args):
+    return _build(cfg, inp, args, patch_center="masked", skip_unread_tokens=False)
+
+
+IMPLS = {
+    "ibot": build_ibot,
+    "ibot_masked": build_ibot_masked,
+    "ibot_ckpt": build_ibot_ckpt,
+    "ibot_full": build_ibot_full,
+    "ibot_masked_full": build_ibot_masked_full,
+}

@@ -6,16 +6,22 @@ runs) on the harness's configs, inputs and block masks:
     python ../shared/bench/peer_step.py --plugin benchmarks/peer_plugin.py \\
         --impls official,lightly,ibot,ibot_masked --configs S,S0,T
 
-Implementations:
+Implementations (the harness's drop path 0.1 as timm's per-sample DropPath unless "edp"):
   ibot         faithful default: official all-token patch center (the teacher head runs on every
-               global patch token, no grad), student head on CLS + masked tokens only.
+               global patch token, no grad), student head on CLS + masked tokens only; the last
+               block computes only the tokens the losses read (``skip_unread_tokens``).
+  ibot_edp     ibot with ``model.efficient_drop_path`` (residual branches on the kept samples only):
+               the vit_small_in1k preset's default.
+  ibot_full    ibot with every token through the last block (``skip_unread_tokens=False``): the
+               step before issue 27.
   ibot_masked  DINOv2 choice: patch center over masked tokens, so the teacher head runs on CLS +
-               masked tokens only.
+               masked tokens only (last-block skip in student and teacher).
+  ibot_masked_edp, ibot_masked_full
+               ibot_masked with the efficient drop path / with every token through the last block.
   ibot_ckpt    ibot with activation checkpointing of the student blocks (memory for compute).
-  ibot_edp     ibot with ``model.efficient_drop_path`` (residual branches on the kept samples only).
-  ibot_cblocks ibot with ``run.compile=true`` (each block through torch.compile, inductor); the first
-               step, compile included, is timed in the plugin and reported as ``compile_first_step_s``.
-  ibot_cfull   ibot with ``run.compile_mode=full`` (the whole forward as one fullgraph, masks padded).
+  ibot_cblocks ibot_edp with ``run.compile=true`` (each block through torch.compile, inductor); the
+               first step, compile included, is timed in the plugin (``compile_first_step_s``).
+  ibot_cfull   ibot_edp with ``run.compile_mode=full`` (the whole forward as one fullgraph, masks padded).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _build(cfg, inp, args, patch_center="all", checkpointing=False, efficient=False, compile_mode=None):
+def _build(
+    cfg, inp, args, patch_center="all", checkpointing=False, efficient=False, compile_mode=None, skip_unread_tokens=True
+):
     import peer_step  # the harness module (the plugin is loaded by it)
     import torch
 
@@ -56,6 +64,7 @@ def _build(cfg, inp, args, patch_center="all", checkpointing=False, efficient=Fa
         norm_last_layer=False,
         patch_center=patch_center,
         temperature_teacher=0.07,
+        skip_unread_tokens=skip_unread_tokens,
     )
     if checkpointing:
         model.student["backbone"].vit.set_grad_checkpointing(True)
@@ -115,6 +124,9 @@ def _build(cfg, inp, args, patch_center="all", checkpointing=False, efficient=Fa
         "efficient_drop_path": efficient,
         "compile": compile_mode,
         "compile_first_step_s": first_step_s,
+        "last_block": "computes the tokens the losses read only (skip_unread_tokens)"
+        if skip_unread_tokens
+        else "every token (skip_unread_tokens=False)",
         "masks": "external block masks (same tensors as the peers); flat indices precomputed as in the collate",
         "threads": os.environ.get("OMP_NUM_THREADS"),
     }
@@ -143,12 +155,24 @@ def build_ibot_edp(cfg, inp, args):
     return _build(cfg, inp, args, efficient=True)
 
 
+def build_ibot_full(cfg, inp, args):
+    return _build(cfg, inp, args, skip_unread_tokens=False)
+
+
+def build_ibot_masked_edp(cfg, inp, args):
+    return _build(cfg, inp, args, patch_center="masked", efficient=True)
+
+
+def build_ibot_masked_full(cfg, inp, args):
+    return _build(cfg, inp, args, patch_center="masked", skip_unread_tokens=False)
+
+
 def build_ibot_cblocks(cfg, inp, args):
-    return _build(cfg, inp, args, compile_mode="blocks")
+    return _build(cfg, inp, args, efficient=True, compile_mode="blocks")
 
 
 def build_ibot_cfull(cfg, inp, args):
-    return _build(cfg, inp, args, compile_mode="full")
+    return _build(cfg, inp, args, efficient=True, compile_mode="full")
 
 
 IMPLS = {
@@ -156,6 +180,9 @@ IMPLS = {
     "ibot_masked": build_ibot_masked,
     "ibot_ckpt": build_ibot_ckpt,
     "ibot_edp": build_ibot_edp,
+    "ibot_full": build_ibot_full,
+    "ibot_masked_edp": build_ibot_masked_edp,
+    "ibot_masked_full": build_ibot_masked_full,
     "ibot_cblocks": build_ibot_cblocks,
     "ibot_cfull": build_ibot_cfull,
 }

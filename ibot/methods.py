@@ -4,6 +4,11 @@ One training step, as the official code computes it but without its wasted work:
 
 * teacher (EMA, never masked, no drop-path) on all global crops in one backbone pass;
 * student on the masked global crops in one pass and on all local crops in one pass;
+* the last transformer block computes only the output tokens the losses read (:meth:`iBOT.reads`):
+  the class tokens and the masked patch tokens of the student's global crops, the class tokens of
+  its local crops, the teacher's class tokens and, unless the official patch center or a BatchNorm
+  head reads every token, its masked patch tokens (``MaskedViT.forward(..., rows=)``; keys and
+  values still come from every token);
 * the head MLP runs once on the rows that matter: student CLS of every view plus the student's
   *masked* patch tokens (local patch tokens are never projected); the teacher projects its CLS
   tokens and either every patch token (``patch_center="all"``, needed for the official patch
@@ -30,7 +35,7 @@ import torch.nn as nn
 from ibot.data.loader import Batch
 from ibot.data.masking import MaskBatch, MaskGenerator, sample_masks
 from ibot.losses import Center, TeacherTemperatures, ibot_criterion, sinkhorn_knopp
-from ibot.models.backbone import create_vit, make_teacher_backbone, wrap_backbone
+from ibot.models.backbone import MaskedViT, create_vit, make_teacher_backbone, wrap_backbone
 from ibot.models.head import iBOTHead
 
 
@@ -197,6 +202,9 @@ class iBOT(nn.Module):  # noqa: N801
             when a call brings none (``ibot.builders.model.build_model`` passes the collate's); None
             builds one from ``mask_shape``, ``mask_ratio`` ... Masks that come with the call (from
             the collate) are always used as they are.
+        skip_unread_tokens: the last block of a ViT backbone computes only the tokens the losses
+            read (:meth:`reads`); same loss and gradients as ``False`` (every token through every
+            block), fewer FLOPs. Also an attribute, to switch at any time.
     """
 
     def __init__(
@@ -238,6 +246,7 @@ class iBOT(nn.Module):  # noqa: N801
         koleo_loss_weight: float = 0.0,
         masked_im_modeling: bool = True,
         mask_generator: MaskGenerator | None = None,
+        skip_unread_tokens: bool = True,
     ) -> None:
         super().__init__()
         if centering not in ("center", "sinkhorn"):
@@ -304,6 +313,7 @@ class iBOT(nn.Module):  # noqa: N801
             warmup_epochs_temperature_teacher,
             mask_generator.start_epoch,
         )
+        self.skip_unread_tokens = bool(skip_unread_tokens)
         self._ema_pairs = self._pair_parameters()
 
     # ------------------------------------------------------------------ schedules and EMA
@@ -501,9 +511,12 @@ class iBOT(nn.Module):  # noqa: N801
         official_center = self.centering == "center" and self.patch_center == "all"
         bn = self.student["head"].batch_norm
         all_patches = bn or official_center
-        features, tokens = self.teacher["backbone"](global_crops)
+        rows = self.reads("teacher", masks)
+        features, tokens = self.teacher["backbone"](global_crops, **({} if rows is None else {"rows": rows}))
         patch_rows = None
-        if (bn or patch) and tokens is not None:  # a pooled (CNN) backbone has no patch tokens
+        if rows is not None:  # the backbone gave the masked rows only (none without the patch loss)
+            patch_rows = tokens if patch else None
+        elif (bn or patch) and tokens is not None:  # a pooled (CNN) backbone has no patch tokens
             flat = tokens.reshape(-1, tokens.shape[-1])
             patch_rows = flat if all_patches else flat[masks.index]
         z = t_head.project(features if patch_rows is None else torch.cat([features, patch_rows]))
@@ -537,9 +550,16 @@ class iBOT(nn.Module):  # noqa: N801
         s_head: iBOTHead = self.student["head"]
         n_cls = global_crops.shape[0]
         patch = self._patch_loss(masks)
-        cls_g, patch_g = self.student["backbone"](global_crops, mask=None if masks is None else masks.masks)
+        backbone = self.student["backbone"]
+        rows = self.reads("student", masks)
+        if rows is not None:  # the backbone computes the rows read only: CLS + masked tokens, local CLS
+            cls_g, masked = backbone(global_crops, mask=None if masks is None else masks.masks, rows=rows)
+            cls_l = None if local_crops is None else backbone(local_crops, rows=rows[:0])[0]
+            z = s_head.project(torch.cat([cls_g] + ([] if cls_l is None else [cls_l]) + ([masked] if patch else [])))
+            return self._student_logits(s_head, z, n_cls + (0 if cls_l is None else cls_l.shape[0]), patch, cls_g)
+        cls_g, patch_g = backbone(global_crops, mask=None if masks is None else masks.masks)
         flat = None if patch_g is None else patch_g.reshape(-1, patch_g.shape[-1])
-        local = None if local_crops is None else self.student["backbone"](local_crops)
+        local = None if local_crops is None else backbone(local_crops)
         n_rows = n_cls + (0 if local is None else local[0].shape[0])
         if s_head.batch_norm:
             z_g = s_head.project(cls_g if flat is None else torch.cat([cls_g, flat]))
@@ -553,11 +573,40 @@ class iBOT(nn.Module):  # noqa: N801
         else:
             rows = [cls_g] + ([] if local is None else [local[0]]) + ([flat[masks.index]] if patch else [])
             z = s_head.project(torch.cat(rows))
+        return self._student_logits(s_head, z, n_rows, patch, cls_g)
+
+    @staticmethod
+    def _student_logits(
+        s_head: iBOTHead, z: torch.Tensor, n_rows: int, patch: bool, cls_g: torch.Tensor
+    ) -> StudentOutputs:
+        """Prototype logits of the projected rows ``z``: ``n_rows`` CLS rows, then the masked tokens."""
         if s_head.shared_head:
             logits = s_head.last_layer(z)
             return StudentOutputs(logits[:n_rows], logits[n_rows:] if patch else None, cls_g)
         patch_logits = s_head.last_layer2(z[n_rows:]) if patch else None
         return StudentOutputs(s_head.last_layer(z[:n_rows]), patch_logits, cls_g)
+
+    def reads(self, branch: str, masks: MaskBatch | None) -> torch.Tensor | None:
+        """The patch rows the losses read from ``branch``'s ("student" / "teacher") global crops, as
+        ``MaskedViT.forward(rows=)`` takes them, or None when its backbone must give every token.
+
+        The masked tokens (``masks.index``) with the patch loss, else none (an empty tensor: the class
+        tokens only; the student's local crops read their class tokens only). None: with
+        :attr:`skip_unread_tokens` off, for a backbone other than a ViT (a Swin's class token pools
+        every final token, a CNN has no tokens), for a BatchNorm head (official statistics over every
+        token), and for the teacher with the official patch center (``patch_center="all"`` with
+        ``centering="center"``: its mean over every patch token).
+        """
+        if not self.skip_unread_tokens or not isinstance(getattr(self, branch)["backbone"], MaskedViT):
+            return None
+        if self.student["head"].batch_norm:
+            return None
+        patch = self._patch_loss(masks)
+        if branch == "teacher" and patch and self.centering == "center" and self.patch_center == "all":
+            return None
+        if patch:
+            return masks.index
+        return torch.empty(0, dtype=torch.long) if masks is None else masks.index[:0]
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -600,6 +649,7 @@ class DINO(iBOT):
         centering: str = "center",
         sinkhorn_iterations: int = 3,
         koleo_loss_weight: float = 0.0,
+        skip_unread_tokens: bool = True,
     ) -> None:
         super().__init__(
             encoder_name,
@@ -629,5 +679,6 @@ class DINO(iBOT):
             sinkhorn_iterations=sinkhorn_iterations,
             center_momentum=center_momentum,
             koleo_loss_weight=koleo_loss_weight,
+            skip_unread_tokens=skip_unread_tokens,
         )
         self.n_prototypes = n_prototypes

@@ -357,3 +357,84 @@ def test_masked_student_without_patch_loss_is_official_lambda2_zero():
     assert not torch.allclose(out.loss_cls, unmasked.loss_cls, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="needs masked student crops"):
         tiny_ibot(patch_loss_weight=1.0, masked_im_modeling=False)
+
+
+SKIP_CASES = {
+    "center_all_separate": dict(),
+    "center_all_shared": dict(shared_head=True),
+    "center_masked": dict(patch_center="masked"),
+    "center_masked_shared": dict(patch_center="masked", shared_head=True),
+    "sinkhorn": dict(centering="sinkhorn"),
+    "lambda2_zero": dict(patch_loss_weight=0.0),
+    "koleo": dict(koleo_loss_weight=0.3),
+    "bn_head": dict(head_norm="bn"),
+    "efficient_drop_path": dict(efficient=True),
+    "no_masked_token": dict(empty_masks=True),
+    "dino": dict(cls=DINO),
+}
+
+
+def _skip_step(kind, skip, seed=5):
+    """One ``iBOT.step`` (loss, backward) of a model in training mode with drop path, ``skip_unread_tokens``
+    on or off: the loss, the teacher targets, the student gradients and the step's FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kw = dict(SKIP_CASES[kind])
+    cls, efficient, empty = kw.pop("cls", None), kw.pop("efficient", False), kw.pop("empty_masks", False)
+    torch.manual_seed(0)
+    model = tiny_ibot(cls, drop_path_rate=0.4, skip_unread_tokens=skip, **kw).train()
+    model.student["backbone"].efficient_drop_path = efficient
+    with torch.no_grad():  # a teacher different from the student, non-zero centers
+        model.cls_center.center.normal_(0, 0.1)
+        model.patch_center_ema.center.normal_(0, 0.1)
+        for p in model.teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    g, loc, masks = _views()
+    batch = model._views_batch(g, loc, None if cls is DINO else masks & ~empty, epoch=1)
+    torch.manual_seed(seed)  # the drop-path draws
+    with FlopCounterMode(display=False) as fc:
+        out = model.step(batch, (0.05, 0.06))
+        out.loss.backward()
+    grads = {n: p.grad for n, p in model.student.named_parameters() if p.grad is not None}
+    return out, grads, fc.get_total_flops()
+
+
+@pytest.mark.parametrize("kind", list(SKIP_CASES))
+def test_skipping_unread_tokens_keeps_the_step_loss_and_gradients(kind):
+    """Issue 27 item 1: the last block computes only the tokens the losses read (``skip_unread_tokens``,
+    the default); the step's loss, targets and gradients are those of the full computation."""
+    out, grads, flops = _skip_step(kind, True)
+    ref, ref_grads, ref_flops = _skip_step(kind, False)
+    for k in ("loss", "loss_cls", "loss_patch", "loss_koleo", "teacher_probs", "student_logits"):
+        if ref.get(k) is None:
+            assert out.get(k) is None, k
+        else:
+            torch.testing.assert_close(out[k].detach(), ref[k].detach(), rtol=1e-5, atol=1e-6, msg=k)
+    t, rt = out.targets, ref.targets
+    for k in ("patch_probs", "patch_mean_logits"):
+        a, b = getattr(t, k), getattr(rt, k)
+        assert (a is None) == (b is None), k
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    assert set(grads) == set(ref_grads) and grads
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    if kind == "bn_head":  # the head's statistics read every token: nothing is skipped
+        assert flops == ref_flops
+    else:
+        assert flops < 0.97 * ref_flops, (flops, ref_flops)
+
+
+def test_what_each_branch_reads():
+    g, loc, masks = _views()
+    model = tiny_ibot()
+    mb = MaskBatch.from_masks(masks, 2)
+    assert model.reads("teacher", mb) is None  # the official patch center: every token
+    assert torch.equal(model.reads("student", mb), mb.index)
+    model.patch_center = "masked"
+    assert torch.equal(model.reads("teacher", mb), mb.index)
+    model.skip_unread_tokens = False
+    assert model.reads("student", mb) is None and model.reads("teacher", mb) is None
+    dino = tiny_ibot(DINO)
+    assert dino.reads("student", None).numel() == 0 and dino.reads("teacher", None).numel() == 0
+    assert tiny_ibot(head_norm="bn").reads("student", mb) is None

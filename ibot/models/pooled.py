@@ -15,6 +15,9 @@ import torch.nn as nn
 class PooledBackbone(nn.Module):
     """A timm model with ``num_classes=0``: (B, C, H, W) -> pooled (B, D) features, no patch tokens.
 
+    The last-block skip of :class:`ibot.models.MaskedViT` (``forward(rows=)``) does not apply: the
+    pooled features read every final activation (:meth:`ibot.iBOT.reads` gives None).
+
     Args:
         model: a timm model built with ``num_classes=0`` (its forward returns pooled features), or
             any module that maps (B, 3, H, W) images to (B, D) features (or (B, N, D) tokens).

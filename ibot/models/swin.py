@@ -80,6 +80,10 @@ class MaskedSwin(nn.Module):
     ``patch_size`` is the patch-embedding size (as :class:`ibot.models.MaskedViT`'s); ``mask_cell`` the
     pixels per mask position, a final-stage cell (``patch_size * 2 ** (stages - 1)``).
 
+    The last-block skip of :class:`ibot.models.MaskedViT` (``forward(rows=)``) does not apply: the
+    "CLS" pools every final token, so every token of the last block is read (:meth:`ibot.iBOT.reads`
+    gives None for a Swin and its forward takes no ``rows``).
+
     Args:
         swin: a timm SwinTransformer (build it with ``strict_img_size=False`` for multi-crop).
         masked_im_modeling: create the learnable ``masked_embed`` token (students only).

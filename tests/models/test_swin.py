@@ -1,5 +1,6 @@
 """Swin backbone: coarse-grid masking, official window order, shapes, gradients/EMA, interop, CLI."""
 
+import inspect
 import json
 import re
 import subprocess
@@ -164,6 +165,9 @@ def test_swin_gradients_reach_every_student_parameter_and_ema_is_exact():
     masks[0, 0, 0] = True
     out = model(global_views=g, local_views=loc, masks=masks)
     assert torch.isfinite(out.loss) and out.loss_patch is not None
+    # the "CLS" pools every final token: no last-block skip (issue 27 item 1), the forward takes no rows
+    assert model.reads("student", None) is None and model.reads("teacher", None) is None
+    assert "rows" not in inspect.signature(MaskedSwin.forward).parameters
     out.loss.backward()
     missing = [n for n, p in model.student.named_parameters() if p.requires_grad and not p.grad.abs().sum() > 0]
     assert not missing and model.student["backbone"].masked_embed.grad.abs().sum() > 0

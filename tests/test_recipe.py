@@ -166,3 +166,17 @@ def test_shards_and_hugging_face_datasets_get_the_folder_recipe(tmp_path):
     assert fitted[0]["data.holdout"] == 0.3 and fitted[0]["model.in_chans"] == 1 and fitted[0]["model.img_size"] == 32
     assert all(f == fitted[0] for f in fitted[1:]) and all(r == reasons[0] for r in reasons[1:])
     assert resolve_pretrain_config(None, [f"data.path={tmp_path}/wds"], CPU2)[0].data.dataset == "wds"
+
+
+def test_a_dataset_dicts_validation_split_evaluates(tmp_path):
+    datasets = pytest.importorskip("datasets")
+
+    folder = _folder(tmp_path / "imgs", 10, side=40)
+    files = sorted(folder.glob("*/*.png"))
+    rows = {"image": [{"bytes": f.read_bytes(), "path": None} for f in files], "label": [0] * 10 + [1] * 10}
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    part = datasets.Dataset.from_dict(rows, features=feats)
+    datasets.DatasetDict({"train": part, "validation": part.select(range(0, 20, 4))}).save_to_disk(str(tmp_path / "d"))
+    cfg, lines = resolve_pretrain_config(None, [f"data.path={tmp_path}/d"], CPU2)
+    assert cfg.data.val_path == "split:validation" and "data.val_path evaluates" in lines[0]
+    assert not any("data.holdout=" in x for x in lines) and "20 training images" in "\n".join(lines)

@@ -7,7 +7,8 @@ class (none: unlabelled). Images are read as their encoded bytes and decoded by 
 torchvision on ``data.pipeline=gpu``), so an undecodable row is skipped, named (``PATH[row]``) and
 counted as for image files. Rows are addressed by index, so sampling, rank splits and mid-epoch
 resume are those of every map-style dataset; the held-out split is a hashed share of the row keys
-(the ``__key__`` / ``key`` / ``id`` column, else the row number), as for shards.
+(the ``__key__`` / ``key`` / ``id`` column, else the row number), as for shards. A set too big to map
+streams instead (``data.streaming=true``, :mod:`ibot.data.hf_stream`), with the same columns and holdout.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def is_hf_path(path: str | Path) -> bool:
     return any((root / m).is_file() for m in marks) or any(root.glob("*.parquet")) or any(root.glob("data/*.parquet"))
 
 
-def _load(path: str | Path, split: str | None):
+def load_table(path: str | Path, split: str | None):
     """The ``datasets.Dataset`` at ``path`` (a DatasetDict's ``split``, else its train split)."""
     try:
         import datasets
@@ -115,7 +116,7 @@ class HFImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, path, split: str | None = None, image_key: str | None = None, label_key: str | None = None):
-        self._setup(_load(path, split), str(path), image_key, label_key)
+        self._setup(load_table(path, split), str(path), image_key, label_key)
 
     @classmethod
     def from_table(cls, table, root: str, image_key: str | None = None, label_key: str | None = None):

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from ibot.data.datasets import DatasetError, decode_or_skip
-from ibot.data.hf import HFImageDataset, _load, columns, image_bytes, is_hf_path
+from ibot.data.hf import HFImageDataset, columns, image_bytes, is_hf_path, load_table
 from ibot.data.loader import mix_seed, seeded_crops
 from ibot.data.shards import key_share
 
@@ -74,7 +74,7 @@ def _disk(path: str, split: str | None):
     import datasets
 
     if (path, split) not in _DISK:
-        ds = _load(path, split)
+        ds = load_table(path, split)
         images = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
         for c in images:
             ds = ds.cast_column(c, datasets.Image(decode=False))

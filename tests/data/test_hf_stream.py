@@ -1,6 +1,7 @@
 """Streamed Hugging Face datasets (data.dataset=hf data.streaming=true): the split over ranks and workers,
 the seeded order, the holdout, the epoch length, one-line errors, and exact mid-epoch resume."""
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -106,6 +107,23 @@ def test_a_stream_without_a_row_count_needs_steps_per_epoch(tmp_path, monkeypatc
     assert epoch_steps(source, 4, 1, 0.1, steps_per_epoch=3) == 3
     ids = sorted(i for b in _rank_order(source, 0, world=1, workers=0, niter=4) for i in b)
     assert ids == sorted(row_id(f"img-{i}") for i in range(16))
+    from ibot.recipe import Machine, resolve_pretrain_config
+
+    with pytest.raises(DatasetError, match="streams without a row count, so no recipe can be fitted"):
+        resolve_pretrain_config(None, ["data.path=someone/images", "data.streaming=true"], Machine("cpu", 2))
+    _table(6, keys=False).to_parquet(str(tmp_path / "nokey.parquet"))  # no key column, no row numbers
+    hub = datasets.load_dataset("parquet", data_files=str(tmp_path / "nokey.parquet"), streaming=True)
+    monkeypatch.setattr("ibot.data.hf_stream._open_hub", lambda name, split: hub["train"])
+    rows = list(StreamSource("someone/keyless").rows().iter(batch_size=10))[0]
+    assert rows["key"] == [hashlib.blake2b(b, digest_size=16).hexdigest() for b in rows["image"]]
+
+
+def test_a_slot_that_runs_out_reads_its_rows_again_in_another_order(tmp_path):
+    _table(16).save_to_disk(str(tmp_path / "ds"))
+    order = [i for b in _rank_order(StreamSource(tmp_path / "ds"), 0, world=1, workers=0, niter=6) for i in b]
+    first, again = order[:16], order[16:]  # 6 steps of 4 from 16 rows: a second pass gives the last 8
+    assert sorted(first) == sorted(row_id(f"img-{i}") for i in range(16)) and set(again) <= set(first)
+    assert again != first[:8]
 
 
 def test_missing_paths_and_wrong_columns_are_one_line_errors(tmp_path, capsys):
@@ -130,6 +148,10 @@ def test_missing_paths_and_wrong_columns_are_one_line_errors(tmp_path, capsys):
         build_config("smoke", ["data.dataset=wds", "data.path=x", "data.streaming=true"])
     with pytest.raises(ConfigError, match="data.steps_per_epoch is for data.streaming=true"):
         build_config("smoke", ["data.dataset=hf", "data.path=x", "data.steps_per_epoch=5"])
+    from ibot.builders.data import make_dataloader
+
+    with pytest.raises(DatasetError, match="data.streaming=true trains with `ibot pretrain`"):
+        make_dataloader(build_config("smoke", ["data.dataset=hf", f"data.path={tmp_path}/ds", "data.streaming=true"]))
 
 
 def _losses(run: Path):

@@ -84,6 +84,9 @@ class DataConfig:
     val_path: str | None = None  # wds/hf: the evaluation data (default: data.holdout of the keys, hashed, held out)
     image_key: str | None = None  # hf: the image column (default: the first Image column)
     label_key: str | None = None  # hf: the label column (default: the first ClassLabel column)
+    streaming: bool = False  # hf: stream the rows (an IterableDataset: a set too big to map, or a hub name)
+    steps_per_epoch: int = 0  # streaming: steps of an epoch (0 = the rows the dataset declares / total batch)
+    shuffle_buffer: int = 1000  # streaming: rows in each worker's shuffle buffer
     # auto | pil | tensor (vectorised augmentation of in-memory datasets) | gpu (workers crop and flip,
     # the device jitters, blurs, solarizes, normalises); auto: tensor in memory, else gpu on CUDA, else pil
     pipeline: str = "auto"
@@ -433,7 +436,8 @@ def _range_problems(cfg) -> list[str]:
     need("data.global_crops_scale", scale, "[min, max] with 0 < min <= max <= 1")
     need("data.local_crops_scale", scale, "[min, max] with 0 < min <= max <= 1")
     at_least("data.global_crops_number data.local_crop_size data.synthetic_size", 1)
-    at_least("data.local_crops_number data.num_workers data.limit", 0)
+    at_least("data.local_crops_number data.num_workers data.limit data.steps_per_epoch", 0)
+    at_least("data.shuffle_buffer", 1)
     at_least("data.blur_scale", 0, integer=False)
     need("data.max_skip_fraction", unit, "a fraction in [0, 1]")
     at_least("optim.epochs optim.batch_size", 1)
@@ -492,6 +496,12 @@ def _choice_problems(cfg) -> list[str]:
         problems.append(f"data.holdout={d.holdout} must be in [0, 1) (the share of each class held out for evaluation)")
     if d.val_path and d.dataset not in ("wds", "hf"):
         problems.append("data.val_path is for data.dataset=wds or hf; an imagefolder evaluates on its val/ folder")
+    if d.streaming and d.dataset != "hf":
+        problems.append(f"data.streaming is for data.dataset=hf, not {d.dataset}; set data.streaming=false")
+    if d.streaming and d.limit:
+        problems.append("data.limit is for map-style data; a stream's epoch length is data.steps_per_epoch")
+    if d.steps_per_epoch and not d.streaming:
+        problems.append("data.steps_per_epoch is for data.streaming=true; other datasets' epochs are their images")
     return problems
 
 

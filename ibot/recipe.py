@@ -1,10 +1,11 @@
 """``ibot pretrain data.path=DIR`` with no preset: a recipe fitted to the folder and to the machine.
 
 A folder of a few hundred 300-px photos on a 2-core CPU and 100k images on a GPU need different
-runs. :func:`fit_recipe` reads what :func:`ibot.data_setup.inspect_folder` found (images, classes,
-median short side, channels) and the :class:`Machine`, and returns one :class:`Fit` per key (its
-value and why). :func:`resolve_pretrain_config` is the one code path of ``ibot pretrain`` and
-``ibot config``: preset, folder fit, then the user's keys, which always win.
+runs. :func:`fit_recipe` reads what :func:`ibot.data_setup.inspect_data` found (images, classes,
+median short side, channels; the same for an image folder, WebDataset shards or a Hugging Face
+dataset) and the :class:`Machine`, and returns one :class:`Fit` per key (its value and why).
+:func:`resolve_pretrain_config` is the one code path of ``ibot pretrain`` and ``ibot config``:
+preset, folder fit, then the user's keys, which always win.
 
 The small (CPU) recipe is the ``fmnist_tiny`` recipe that was measured on Fashion-MNIST (KoLeo 2.0,
 patch loss 2x, sharp constant teacher temperatures; benchmarks/README.md), at the folder's
@@ -187,16 +188,22 @@ MIN_HELD_OUT = 200  # held-out images below which a folder without val/ holds ou
 
 
 def _holdout_fits(info: dict, user: dict) -> tuple[list[Fit], int]:
-    """(the hold-out fit, training images): a small folder holds out enough to make its score mean something."""
+    """(the hold-out fit, training images): a small labelled set holds out enough to make its score mean
+    something (per class for a folder, a hashed share of the keys for shards and Hugging Face datasets);
+    a Hugging Face DatasetDict's validation / test split evaluates instead when it has one."""
     n = info["n_images"]
-    if info["dataset"] != "imagefolder" or info["has_val"]:
+    if info.get("val_split") and "data.val_path" not in user:
+        name = info["val_split"]
+        return [Fit("data.val_path", f"split:{name}", f"the dataset's {name!r} split evaluates")], n
+    if not info.get("labelled", info["dataset"] == "imagefolder") or info["has_val"]:
         return [], n
     from ibot.data.datasets import default_holdout
 
     share = float(user.get("data.holdout", default_holdout(n, min_held=MIN_HELD_OUT)))
     held = round(share * n)
     se = 100 * math.sqrt(0.25 / max(held, 1))  # the binomial standard error at 50%, the worst case
-    why = f"{n} images, no val/: {held} held out for evaluation (k-NN standard error up to {se:.1f} points)"
+    where = "no val/" if info["dataset"] == "imagefolder" else "no data.val_path"
+    why = f"{n} images, {where}: {held} held out for evaluation (k-NN standard error up to {se:.1f} points)"
     return [Fit("data.holdout", round(share, 3), why)], n - held
 
 
@@ -238,12 +245,14 @@ def fit_recipe(info: dict, machine: Machine, user: dict | None = None) -> list[F
     """Every key a folder run fits, with its value and why (the user's keys are applied on top by the caller).
 
     Args:
-        info: :func:`ibot.data_setup.inspect_folder` of the folder.
+        info: :func:`ibot.data_setup.inspect_data` of ``data.path`` (a folder, shards, a Hugging Face dataset).
         machine: where the run trains.
         user: the user's flattened overrides (read for the budget, epochs and hold-out they set).
     """
     user = user or {}
-    fits = [Fit("data.dataset", info["dataset"], "class sub-folders" if info["classes"] else "no class sub-folders")]
+    what = {"wds": "WebDataset shards", "hf": "a Hugging Face dataset"}.get(info["dataset"])
+    what = what or ("class sub-folders" if info["classes"] else "no class sub-folders")
+    fits = [Fit("data.dataset", info["dataset"], what)]
     fits.append(Fit("data.pipeline", "auto", "pil on the CPU, gpu on CUDA"))
     holdout, n_train = _holdout_fits(info, user)
     fits += holdout + _model_fits(n_train, machine) + _resolution_fits(info, machine, user)
@@ -273,20 +282,27 @@ def resolve_pretrain_config(preset: str | None, overrides: list[str], machine: M
         ``(config, lines)``.
     """
     from ibot.config import build_config, flatten, parse_override, to_dict
-    from ibot.data_setup import describe_folder, folder_overrides, inspect_folder
+    from ibot.data.datasets import DatasetError
+    from ibot.data_setup import describe_folder, folder_overrides, inspect_data
 
     user = dict(parse_override(o) for o in overrides)
-    info = inspect_folder(user["data.path"]) if user.get("data.path") and "data.dataset" not in user else None
+    info = inspect_data(user["data.path"], user) if user.get("data.path") and "data.dataset" not in user else None
+    if preset is None and info is not None and info["n_images"] is None:
+        raise DatasetError(
+            f"data.path={user['data.path']} streams without a row count, so no recipe can be fitted to it; "
+            "name a preset and set data.steps_per_epoch=N"
+        )
     if preset is None and info is not None:
         machine = machine or Machine.detect(str(user.get("run.device", "auto")))
         fits = fit_recipe(info, machine, user)
         cfg = build_config(None, {**{f.key: f.value for f in fits}, **user})
         where = f"{machine.cores} CPU cores" if machine.device == "cpu" else f"{machine.processes} GPU process(es)"
+        what = "folder" if info["dataset"] in ("imagefolder", "folder") else "data"
         head = (
-            f"data.path={user['data.path']}: {describe_folder(info, cfg.data.holdout)}; recipe fitted to the folder "
+            f"data.path={user['data.path']}: {describe_folder(info, cfg.data.holdout)}; recipe fitted to the {what} "
             f"and this machine ({where}); a preset or any key you set wins:"
         )
         return cfg, [head, *format_fits(fits, user)]
     base = flatten(to_dict(build_config(preset or "fmnist_tiny")))
-    found, message = folder_overrides(base, user)
+    found, message = folder_overrides(base, user, info)
     return build_config(preset or "fmnist_tiny", {**found, **user}), [message] if message else []

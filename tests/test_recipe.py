@@ -8,7 +8,7 @@ import yaml
 from PIL import Image
 
 from ibot.cli import main
-from ibot.config import flatten
+from ibot.config import flatten, to_dict
 from ibot.recipe import (
     MIN_HELD_OUT,
     Machine,
@@ -140,3 +140,43 @@ def test_a_folder_without_images_is_a_one_line_error(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and "holds no images" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()  # nothing trained on a fall-back data set
+
+
+def test_shards_and_hugging_face_datasets_get_the_folder_recipe(tmp_path):
+    """The same images as a folder, as shards (`ibot shards`) and as a Hugging Face dataset (mapped and
+    streamed) give the same fitted config and reasons: only the data source keys differ."""
+    datasets = pytest.importorskip("datasets")
+    from ibot.data.shard_writer import write_shards
+
+    folder = _folder(tmp_path / "imgs", 30, side=40, classes=("a", "b", "c"))
+    write_shards(folder, tmp_path / "wds", shard_size=16, progress=False, log=str)
+    files = sorted(folder.glob("*/*.png"))
+    rows = {"image": [{"bytes": f.read_bytes(), "path": None} for f in files], "label": [f.parent.name for f in files]}
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    rows["label"] = [feats["label"].str2int(x) for x in rows["label"]]
+    datasets.Dataset.from_dict(rows, features=feats).save_to_disk(str(tmp_path / "hf"))
+    sources = [[folder], [tmp_path / "wds"], [tmp_path / "hf"], [tmp_path / "hf", "data.streaming=true"]]
+    source_keys = {"data.path", "data.dataset", "data.streaming"}
+    fitted, reasons = [], []
+    for path, *extra in sources:
+        cfg, lines = resolve_pretrain_config(None, [f"data.path={path}", *extra], CPU2)
+        fitted.append({k: v for k, v in flatten(to_dict(cfg)).items() if k not in source_keys})
+        reasons.append([x for x in lines[1:] if "data.dataset=" not in x and "data.holdout=" not in x])
+        assert "90 images" in lines[1 + next(i for i, x in enumerate(lines[1:]) if "data.holdout=" in x)]
+    assert fitted[0]["data.holdout"] == 0.3 and fitted[0]["model.in_chans"] == 1 and fitted[0]["model.img_size"] == 32
+    assert all(f == fitted[0] for f in fitted[1:]) and all(r == reasons[0] for r in reasons[1:])
+    assert resolve_pretrain_config(None, [f"data.path={tmp_path}/wds"], CPU2)[0].data.dataset == "wds"
+
+
+def test_a_dataset_dicts_validation_split_evaluates(tmp_path):
+    datasets = pytest.importorskip("datasets")
+
+    folder = _folder(tmp_path / "imgs", 10, side=40)
+    files = sorted(folder.glob("*/*.png"))
+    rows = {"image": [{"bytes": f.read_bytes(), "path": None} for f in files], "label": [0] * 10 + [1] * 10}
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    part = datasets.Dataset.from_dict(rows, features=feats)
+    datasets.DatasetDict({"train": part, "validation": part.select(range(0, 20, 4))}).save_to_disk(str(tmp_path / "d"))
+    cfg, lines = resolve_pretrain_config(None, [f"data.path={tmp_path}/d"], CPU2)
+    assert cfg.data.val_path == "split:validation" and "data.val_path evaluates" in lines[0]
+    assert not any("data.holdout=" in x for x in lines) and "20 training images" in "\n".join(lines)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ibot.config import mask_cell, student_masked
-from ibot.data.datasets import build_dataset
+from ibot.data.datasets import DatasetError, build_dataset
 from ibot.data.device_augment import CropFlip, DecodedImages, DeviceAugment
 from ibot.data.loader import EpochSampler, MultiCropCollate, MultiCropDataset
 from ibot.data.masking import MaskGenerator
@@ -33,7 +33,21 @@ def dataset_from_config(cfg, train: bool = True):
         val_path=d.val_path,
         image_key=d.image_key,
         label_key=d.label_key,
+        streaming=d.streaming,
     )
+
+
+def stream_from_config(cfg, transform, rank: int = 0, world: int = 1):
+    """``data.streaming=true``: this rank's :class:`ibot.data.hf_stream.HFStream` of the training rows, with
+    ``transform`` (the pipeline's crops); its epoch length from :func:`ibot.data.hf_stream.epoch_steps`."""
+    from ibot.data.hf_stream import HFStream, StreamSource, epoch_steps
+
+    d, b = cfg.data, cfg.optim.batch_size
+    source = StreamSource(d.path, image_key=d.image_key, label_key=d.label_key)
+    holdout = 0.0 if d.val_path else d.holdout  # a separate evaluation set: every row trains
+    niter = epoch_steps(source, b, world, holdout, d.steps_per_epoch)
+    kw = dict(batch_size=b, niter=niter, seed=cfg.run.seed, rank=rank, world=world, holdout=holdout)
+    return HFStream(source, transform, buffer_size=d.shuffle_buffer, **kw)
 
 
 def mask_generator_from_config(cfg) -> MaskGenerator | None:
@@ -99,6 +113,11 @@ def make_dataloader(cfg, num_workers: int | None = None, shuffle: bool = True):
     """
     import torch
 
+    if cfg.data.streaming:
+        raise DatasetError(
+            "data.streaming=true trains with `ibot pretrain` (its loader resumes the stream); "
+            "this DataLoader reads map-style data: set data.streaming=false"
+        )
     ds = MultiCropDataset(dataset_from_config(cfg), pil_transform_from_config(cfg), seed=cfg.run.seed)
     sampler = EpochSampler(len(ds), cfg.optim.batch_size, cfg.run.seed, 0, shuffle=shuffle, with_epoch=True)
     return torch.utils.data.DataLoader(

@@ -431,6 +431,7 @@ def build_dataset(
     val_path: str | None = None,
     image_key: str | None = None,
     label_key: str | None = None,
+    streaming: bool = False,
 ):
     """Dataset by name (see ``DATASETS``). ``path`` is the folder for image datasets, or where to look first.
 
@@ -439,14 +440,18 @@ def build_dataset(
     is :func:`stratified_holdout` with a fixed seed, so it depends only on the folder).
     ``wds``: WebDataset shards (:mod:`ibot.data.shards`); ``val_path`` names the evaluation shards, else
     ``holdout`` is the share of keys (hashed) held out. ``hf``: a Hugging Face dataset on disk
-    (:mod:`ibot.data.hf`; ``image_key`` / ``label_key`` name its columns), split as ``wds``.
+    (:mod:`ibot.data.hf`; ``image_key`` / ``label_key`` name its columns), split as ``wds``; with
+    ``streaming``, its evaluation sets read from the stream (:func:`ibot.data.hf_stream.stream_eval_set`: the
+    k-NN bank for ``train=True``; the training rows themselves stream through :class:`~ibot.data.hf_stream.HFStream`).
     """
     if name == "hf":
         from ibot.data.hf import hf_dataset
+        from ibot.data.hf_stream import stream_eval_set
 
         if not path:
             raise DatasetError("data.dataset=hf needs data.path=DIR (a save_to_disk folder or a folder of .parquet)")
-        return hf_dataset(path, train, val_path=val_path, holdout=holdout, image_key=image_key, label_key=label_key)
+        kw = dict(val_path=val_path, holdout=holdout, image_key=image_key, label_key=label_key)
+        return (stream_eval_set if streaming else hf_dataset)(path, train, **kw)
     if name == "wds":
         from ibot.data.shards import shard_dataset
 

@@ -7,7 +7,8 @@ class (none: unlabelled). Images are read as their encoded bytes and decoded by 
 torchvision on ``data.pipeline=gpu``), so an undecodable row is skipped, named (``PATH[row]``) and
 counted as for image files. Rows are addressed by index, so sampling, rank splits and mid-epoch
 resume are those of every map-style dataset; the held-out split is a hashed share of the row keys
-(the ``__key__`` / ``key`` / ``id`` column, else the row number), as for shards.
+(the ``__key__`` / ``key`` / ``id`` column, else the row number), as for shards. A set too big to map
+streams instead (``data.streaming=true``, :mod:`ibot.data.hf_stream`), with the same columns and holdout.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def is_hf_path(path: str | Path) -> bool:
     return any((root / m).is_file() for m in marks) or any(root.glob("*.parquet")) or any(root.glob("data/*.parquet"))
 
 
-def _load(path: str | Path, split: str | None):
+def load_table(path: str | Path, split: str | None):
     """The ``datasets.Dataset`` at ``path`` (a DatasetDict's ``split``, else its train split)."""
     try:
         import datasets
@@ -85,6 +86,28 @@ def _ext(data: bytes) -> str:
     return ".webp" if data[8:12] == b"WEBP" else ""
 
 
+def columns(ds, image_key: str | None, label_key: str | None, where) -> tuple[str, str | None, str | None]:
+    """``(image, label, key)`` columns of a ``Dataset`` or ``IterableDataset``: the image column (given, else
+    detected; none is a one-line error naming ``data.image_key``), the label column (None: unlabelled) and
+    the key column the holdout hashes (``__key__`` / ``key`` / ``id``; None: the row number)."""
+    if not ds.column_names or ds.features is None:
+        raise DatasetError(f"{where} does not declare its columns; set data.image_key=COLUMN and data.label_key=COLUMN")
+    image = _column(ds, image_key, "Image", IMAGE_NAMES, "data.image_key")
+    if image is None:
+        raise DatasetError(f"{where} has no image column ({', '.join(ds.column_names)}); set data.image_key=COLUMN")
+    label = _column(ds, label_key, "ClassLabel", LABEL_NAMES, "data.label_key")
+    return image, label, next((c for c in KEY_NAMES if c in ds.column_names), None)
+
+
+def image_bytes(value, column: str) -> bytes:
+    """The encoded image in a cell: ``Image(decode=False)``'s ``{"bytes", "path"}`` or raw bytes (OSError otherwise)."""
+    if isinstance(value, dict):
+        return value.get("bytes") or Path(value["path"]).read_bytes()
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    raise OSError(f"column {column!r} holds {type(value).__name__}, not an encoded image")
+
+
 class HFImageDataset(torch.utils.data.Dataset):
     """Rows of a Hugging Face dataset as ``(PIL image, label)`` (None when the image does not decode).
 
@@ -93,14 +116,20 @@ class HFImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, path, split: str | None = None, image_key: str | None = None, label_key: str | None = None):
+        self._setup(load_table(path, split), str(path), image_key, label_key)
+
+    @classmethod
+    def from_table(cls, table, root: str, image_key: str | None = None, label_key: str | None = None):
+        """The rows of an in-memory ``datasets.Dataset`` (a streamed evaluation set), named ``root[row]``."""
+        self = cls.__new__(cls)
+        self._setup(table, root, image_key, label_key)
+        return self
+
+    def _setup(self, ds, root: str, image_key: str | None, label_key: str | None) -> None:
         import datasets
 
-        self.root = str(path)
-        ds = _load(path, split)
-        self.image_key = _column(ds, image_key, "Image", IMAGE_NAMES, "data.image_key")
-        if self.image_key is None:
-            raise DatasetError(f"{path} has no image column ({', '.join(ds.column_names)}); set data.image_key=COLUMN")
-        self.label_key = _column(ds, label_key, "ClassLabel", LABEL_NAMES, "data.label_key")
+        self.root = root
+        self.image_key, self.label_key, key_col = columns(ds, image_key, label_key, root)
         if isinstance(ds.features[self.image_key], datasets.Image):  # the bytes: ibot decodes (and skips)
             ds = ds.cast_column(self.image_key, datasets.Image(decode=False))
         self.table = ds
@@ -111,12 +140,11 @@ class HFImageDataset(torch.utils.data.Dataset):
         names = list(getattr(feature, "names", None) or [])
         labelled = bool((self.labels >= 0).any())
         self.classes = names or ([str(c) for c in range(int(self.labels.max()) + 1)] if labelled else [])
-        key_col = next((c for c in KEY_NAMES if c in ds.column_names), None)
         self.keys = [str(k) for k in ds[key_col]] if key_col else [str(i) for i in range(n)]
         self.rows = list(range(n))
-        self.split = f"all {n} rows of {path}"
+        self.split = f"all {n} rows of {root}"
         if not n:
-            raise DatasetError(f"the Hugging Face dataset at {path} has no rows")
+            raise DatasetError(f"the Hugging Face dataset at {root} has no rows")
 
     def select(self, indices, split: str) -> HFImageDataset:
         """A copy holding only the rows at ``indices`` (in that order), described by ``split``."""
@@ -135,13 +163,7 @@ class HFImageDataset(torch.utils.data.Dataset):
     def read_bytes(self, i: int) -> tuple[bytes, str, int]:
         """The encoded image of item ``i``, its name (``PATH[row].ext``) and its label."""
         row = self.rows[i]
-        value = self.table[row][self.image_key]
-        if isinstance(value, dict):  # Image(decode=False): {"bytes", "path"}
-            data = value.get("bytes") or Path(value["path"]).read_bytes()
-        elif isinstance(value, bytes | bytearray):
-            data = bytes(value)
-        else:
-            raise OSError(f"column {self.image_key!r} holds {type(value).__name__}, not an encoded image")
+        data = image_bytes(self.table[row][self.image_key], self.image_key)
         return data, f"{self.root}[{row}]{_ext(data)}", int(self.labels[i])
 
     def __getitem__(self, i: int):

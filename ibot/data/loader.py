@@ -155,16 +155,22 @@ class MultiCropDataset(torch.utils.data.Dataset):
         if item is None:
             return None
         img, label = item
-        s = mix_seed(self.seed, epoch, i)
-        state = random.getstate()
-        # only the CPU generator: torch.manual_seed would also reset the CUDA generators (drop path's,
-        # when the workers are the main process) to this image's seed
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(s)
-            random.seed(s)
-            crops = self.transform(img)
-        random.setstate(state)
-        return crops, label, i, epoch
+        return seeded_crops(self.transform, img, self.seed, epoch, i), label, i, epoch
+
+
+def seeded_crops(transform, img, seed: int, epoch: int, i: int):
+    """``transform(img)`` with Python's and torch's CPU generators seeded by ``(seed, epoch, i)`` (``i``: the
+    image's index, or a streamed row's id), the callers' generators left as they were."""
+    s = mix_seed(seed, epoch, i)
+    state = random.getstate()
+    # only the CPU generator: torch.manual_seed would also reset the CUDA generators (drop path's,
+    # when the workers are the main process) to this image's seed
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(s)
+        random.seed(s)
+        crops = transform(img)
+    random.setstate(state)
+    return crops
 
 
 def stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:

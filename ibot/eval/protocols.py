@@ -90,6 +90,7 @@ def resolve_data(info: dict, dataset: str | None, data_path: str | None):
         if not data_path:  # the run's evaluation shards go with the run's data
             kw.update(val_path=cfg["data"].get("val_path"))
         kw.update(image_key=cfg["data"].get("image_key"), label_key=cfg["data"].get("label_key"))
+        kw.update(streaming=bool(cfg["data"].get("streaming")) and name == "hf")  # a streamed run's k-NN sets
     return build_dataset(name, path, train=True, **kw), build_dataset(name, path, train=False, **kw), name
 
 

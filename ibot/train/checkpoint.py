@@ -100,6 +100,7 @@ class Checkpointer:
             "optimizer": optim_sd,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             **{k: counters[k] for k in COUNTERS},
+            "data_position": counters.get("data_position"),  # a stream's: every rank's and worker's rows read
             "config": to_dict(self.cfg),
             "world_size": D.world_size(),
             "rng": rng[0],
@@ -150,8 +151,8 @@ class Checkpointer:
 
     def load(self, path: str | Path, ckpt: dict | None = None) -> dict:
         """Restore model, optimizer, scaler and this rank's RNG from ``path`` (``ckpt``: its content,
-        when already read); returns the counters to continue from (``COUNTERS``), the position
-        converted to this run's total batch."""
+        when already read); returns the counters to continue from (``COUNTERS``, and ``data_position``: where
+        a stream stood, or None), the position converted to this run's total batch."""
         ckpt = load_safe(path) if ckpt is None else ckpt
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             raise CheckpointError(
@@ -193,6 +194,7 @@ class Checkpointer:
         counters["attempted_images"] = ckpt.get(
             "attempted_images", counters["skipped_images"] + counters["seen_images"] // D.world_size()
         )
+        counters["data_position"] = ckpt.get("data_position")
         old_world = ckpt.get("world_size", 1)
         counters["step_in_epoch"] = self.convert_position(
             counters["step_in_epoch"], old.get("optim.batch_size", self.cfg.optim.batch_size) * old_world

@@ -101,6 +101,9 @@ class Trainer:
         counters = self.checkpointer.resume(resume)
         if counters:
             self._set_counters(counters)
+            note = self.data.check_position(counters.get("data_position"), self.epoch, self.step_in_epoch)
+            if note:
+                self.log(f"warning: {note}")
         self.metrics = self._open_run_folder()
 
     # ------------------------------------------------------------------ setup
@@ -218,7 +221,7 @@ class Trainer:
     def _log_start(self) -> None:
         cfg = self.cfg
         self.log(
-            f"ibot: {cfg.method} on {cfg.data.dataset} ({len(self.data.train_set)} images), {self._architecture()} "
+            f"ibot: {cfg.method} on {cfg.data.dataset} ({self.data.n_images} images), {self._architecture()} "
             f"-> {self.run_dir} | {self.data.niter} steps/epoch x {cfg.optim.epochs} epochs, batch "
             f"{cfg.optim.batch_size}x{D.world_size()}, {self.device} {self.precision}, "
             f"data.pipeline={self.data.pipeline}"
@@ -482,7 +485,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _counters(self) -> dict:
-        return {k: getattr(self, k) for k in COUNTERS}
+        counters = {k: getattr(self, k) for k in COUNTERS}
+        return {**counters, "data_position": self.data.position(self.epoch, self.step_in_epoch)}
 
     def _set_counters(self, counters: dict) -> None:
         for k in COUNTERS:

@@ -127,14 +127,19 @@ def test_every_trainable_student_parameter_gets_a_gradient_teacher_none():
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
 
 
-def test_ema_update_is_exact():
+def _moved_student():
+    """A tiny iBOT whose student has moved away from its teacher; the teacher's weights before the EMA."""
     torch.manual_seed(0)
     model = tiny_ibot()
     with torch.no_grad():
         for p in model.student.parameters():
             p.add_(torch.randn_like(p))
     before_t = {n: p.clone() for n, p in model.teacher.named_parameters()}
-    student = dict(model.student.named_parameters())
+    return model, before_t, dict(model.student.named_parameters())
+
+
+def test_ema_update_is_exact():
+    model, before_t, student = _moved_student()
     model.update_teacher(0.9)
     for n, p in model.teacher.named_parameters():
         torch.testing.assert_close(p, 0.9 * before_t[n] + 0.1 * student[n])
@@ -166,13 +171,7 @@ def _storages(tree) -> set:
 def test_gated_ema_is_in_place_and_equals_the_formula(apply):
     """Issue 25: the device-gated EMA (what the training step runs) made a student-sized temporary
     (``_foreach_mul(student, w)``); it now updates the teacher in place with the same values."""
-    torch.manual_seed(0)
-    model = tiny_ibot()
-    with torch.no_grad():
-        for p in model.student.parameters():
-            p.add_(torch.randn_like(p))
-    before_t = {n: p.clone() for n, p in model.teacher.named_parameters()}
-    student = dict(model.student.named_parameters())
+    model, before_t, student = _moved_student()
     with _Outputs() as rec:
         model.update_teacher(0.9, torch.tensor(apply))
     assert rec.sizes and max(rec.sizes) <= 1, rec.sizes  # only the 0-d momentum / weight
